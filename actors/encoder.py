@@ -1,0 +1,106 @@
+"""VisionEncoder: runs the Qwen2-VL vision tower over packed, variable-resolution batches of tubes.
+
+Used two ways with the same code: as a Ray Data actor pool (`map_batches(VisionEncoder, compute=ActorPoolStrategy(...))`,
+rows = segments) for archive jobs, and as a plain object inside the live indexer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints import model_id as checkpoint_model_id
+from pipeline.checkpoints import pixel_norm
+from pipeline.packing import gather_batch, pack_tubes, split_tokens
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EncodeStats:
+    batches: int = 0
+    tubes: int = 0
+    patches: int = 0
+    fill_sum: float = 0.0        # sum of per-batch fill ratios (packed patches / budget)
+    seconds: float = 0.0
+
+    @property
+    def mean_fill(self) -> float:
+        return self.fill_sum / self.batches if self.batches else 0.0
+
+
+class VisionEncoder:
+    def __init__(self, model_path: str, token_budget: int = 16384, dtype: str = "float32", device: str | None = None,
+                 on_batch=None):
+        import qwen2vl
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _DTYPES[dtype]
+        self.token_budget = int(token_budget)
+        model = qwen2vl.load_pretrained(model_path, dtype=self.dtype, device=self.device)
+        self.visual = model.visual.eval()          # the decoder is not needed here; let it be collected
+        vcfg = model.config.vision
+        del model
+        self.merge = vcfg.spatial_merge_size ** 2
+        self.model_id = checkpoint_model_id(model_path)
+        mean, std = pixel_norm(model_path)
+        per_channel = vcfg.patch_dim // len(mean)
+        # uint8 rows are normalised here, per column: row layout is (channel, tp, py, px), QWEN2VL_SPEC 1.2
+        std_t = torch.tensor(std, dtype=torch.float32).repeat_interleave(per_channel)
+        mean_t = torch.tensor(mean, dtype=torch.float32).repeat_interleave(per_channel)
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)          # (1176,)
+        self._shift = (-mean_t / std_t).to(self.device)                  # (1176,)
+        self.stats = EncodeStats()
+        self.on_batch = on_batch                                         # callback(fill_ratio, seconds, patches)
+
+    def _rows_to_input(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.device)
+        if rows.dtype == torch.uint8:
+            rows = torch.addcmul(self._shift, rows.float(), self._scale)
+        return rows.to(self.dtype)
+
+    @torch.inference_mode()
+    def encode(self, rows: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Merged visual tokens (fp16, on CPU) for each item: rows[i] (patches, 1176) with grid grids[i] = (t, h, w)."""
+        for r, (t, h, w) in zip(rows, grids):
+            if r.shape[0] != t * h * w:
+                raise ValueError(f"pixel rows {tuple(r.shape)} do not match grid {(t, h, w)}")
+        pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in rows]
+        for batch in pack_tubes(grids, self.token_budget):
+            t0 = time.perf_counter()
+            pixel_rows, grid_thw = gather_batch(batch, rows)
+            tokens = self.visual(self._rows_to_input(pixel_rows), grid_thw.to(self.device))
+            tokens = tokens.to("cpu", torch.float16)
+            for ref, tok in split_tokens(batch, tokens, self.merge):
+                pieces[ref.item].append((ref.tube, tok))
+            dt = time.perf_counter() - t0
+            fill = batch.fill_ratio(self.token_budget)
+            self.stats.batches += 1
+            self.stats.tubes += len(batch.tubes)
+            self.stats.patches += batch.patches
+            self.stats.fill_sum += fill
+            self.stats.seconds += dt
+            if self.on_batch is not None:
+                self.on_batch(fill, dt, batch.patches)
+        return [torch.cat([tok for _, tok in sorted(p, key=lambda x: x[0])]) for p in pieces]
+
+    # ---- Ray Data adapter: a batch of segment rows (numpy format) -> the same rows plus tokens ----------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["segment_id"])
+        ok = [i for i in range(n) if not batch["error"][i]]
+        rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
+        grids = [tuple(int(x) for x in batch["grid_thw"][i]) for i in ok]
+        tokens = self.encode(rows, grids) if ok else []
+        out_tokens = [b""] * n
+        dims = [0] * n
+        for i, tok in zip(ok, tokens):
+            out_tokens[i] = tok.numpy().tobytes()
+            dims[i] = tok.shape[1]
+        result = {k: v for k, v in batch.items() if k != "pixel_rows"}
+        result["tokens"] = np.array(out_tokens, dtype=object)
+        result["token_dim"] = np.array(dims, dtype=np.int64)
+        result["model_id"] = np.array([self.model_id] * n, dtype=object)
+        return result

@@ -1,0 +1,383 @@
+"""Live feeds on Ray: the feed registry in Redis, one FeedReader actor per feed, and the FeedSupervisor.
+
+Registry: hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}. The id is the
+source_id of the feed's segments. add_feed / list_feeds / get_feed / remove_feed work on a redis.Redis client
+or a redis:// URL.
+
+FeedReader: a threaded Ray actor (small CPU claim, so several fit on 2 CPUs beside Ray Data tasks) around one
+StreamSampler (actors/stream_sampler.py). Its reading thread never blocks a call: the live indexer pulls
+segments with next_segments() while status() stays answerable.
+
+FeedSupervisor: a plain class, not an actor. The process that serves the app owns it and calls reconcile()
+periodically (or run() in a thread); readers() hands the reader handles to the live indexer in the same
+process. Readers are named actors ("tubescope-feed-<id>" in namespace "tubescope"), so a new supervisor adopts
+readers that are still alive, and starts the others: after a service restart every registered feed resumes.
+With detached=True the readers outlive the supervisor's process (a Ray cluster that keeps running); by default
+they die with it, and the next supervisor starts them afresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import redis as redis_lib
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.stream_sampler import ALLOWED_SCHEMES, SamplerConfig, StreamSampler, local_file_path, validate_feed_url
+from pipeline.records import Segment
+from pipeline.settings import Settings, load_settings, redact_url
+
+log = logging.getLogger(__name__)
+
+FEEDS_KEY = "tubescope:feeds"
+READER_NAME_PREFIX = "tubescope-feed-"
+NAMESPACE = "tubescope"
+READER_CPUS = 0.25                  # a reader decodes one stream; 2 CPUs hold several beside Ray Data tasks
+READER_CONCURRENCY = 4              # threaded actor: pulls and status calls never wait for the reading thread
+_FEED_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_FPS = 30.0
+
+
+# ---------------------------------------------------------------- registry
+
+def _client(redis: Any) -> redis_lib.Redis:
+    if isinstance(redis, redis_lib.Redis):
+        return redis
+    if isinstance(redis, str) and "://" in redis:
+        return redis_lib.Redis.from_url(redis, socket_connect_timeout=2.0, socket_timeout=5.0)
+    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {redis!r}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_file(url: str, file_roots: list | None) -> None:
+    path = local_file_path(url)
+    if path is None or file_roots is None:
+        return
+    resolved = Path(path).expanduser().resolve()
+    roots = [Path(r).expanduser().resolve() for r in file_roots]
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise ValueError(f"local file {path!r} is outside the allowed roots "
+                         f"({', '.join(map(str, roots)) or 'none configured'})")
+
+
+def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = None,
+             max_pixels: int | None = None, *, feed_id: str | None = None,
+             schemes: tuple[str, ...] | list[str] = ALLOWED_SCHEMES, file_roots: list | None = None,
+             settings: Settings | None = None) -> dict:
+    """Register a feed and return its record. Raises ValueError for bad input (nothing is stored then).
+
+    schemes: the URL schemes accepted (the REST API passes settings.feed_schemes). file_roots: when given,
+    local files must lie under one of them (the REST API passes settings.file_roots); None (trusted Python
+    callers) accepts any local path. fps and max_pixels override the settings for this feed (None: use them);
+    they are checked against `settings` (default: load_settings()).
+    """
+    settings = settings or load_settings()
+    url = validate_feed_url(url, schemes)
+    _check_file(url, file_roots)
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
+        raise ValueError(f"name must be a non-empty string of at most 200 characters, got {name!r}")
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+            raise ValueError(f"fps must be a number in (0, {MAX_FPS:g}], got {fps!r}")
+        frames = fps * settings.segment_seconds
+        if abs(frames - round(frames)) > 1e-6 or round(frames) < 2 or round(frames) % 2:
+            raise ValueError(f"fps * segment_seconds must be an even whole number of frames, got "
+                             f"{fps} * {settings.segment_seconds} = {frames:g}")
+        fps = float(fps)
+    if max_pixels is not None:
+        budget_px = settings.encoder_token_budget * 14 * 14
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not 28 * 28 <= max_pixels <= budget_px:
+            raise ValueError(f"max_pixels must be an int in [784, {budget_px}] (one frame must fit the encoder "
+                             f"token budget), got {max_pixels!r}")
+    if feed_id is None:
+        feed_id = uuid.uuid4().hex[:12]
+    elif not isinstance(feed_id, str) or not _FEED_ID.match(feed_id):
+        raise ValueError(f"feed_id must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
+                         f"got {feed_id!r}")
+    record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
+              "max_pixels": max_pixels, "created": time.time()}
+    if not _client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
+        raise ValueError(f"a feed with id {feed_id!r} already exists")
+    return record
+
+
+def list_feeds(redis: Any) -> list[dict]:
+    """Every registered feed, oldest first."""
+    feeds = [json.loads(_text(v)) for v in _client(redis).hvals(FEEDS_KEY)]
+    return sorted(feeds, key=lambda f: (f.get("created", 0), f["id"]))
+
+
+def get_feed(redis: Any, feed_id: str) -> dict:
+    """The feed's record; KeyError for an unknown id."""
+    raw = _client(redis).hget(FEEDS_KEY, feed_id)
+    if raw is None:
+        raise KeyError(f"no feed with id {feed_id!r}")
+    return json.loads(_text(raw))
+
+
+def remove_feed(redis: Any, feed_id: str) -> dict:
+    """Unregister a feed and return its record; KeyError for an unknown id. A supervisor stops its reader."""
+    client = _client(redis)
+    raw = client.hget(FEEDS_KEY, feed_id)
+    if raw is None or not client.hdel(FEEDS_KEY, feed_id):
+        raise KeyError(f"no feed with id {feed_id!r}")
+    return json.loads(_text(raw))
+
+
+# ---------------------------------------------------------------- the reader actor
+
+def sampler_config(feed: dict, settings: Settings | None = None, **overrides: Any) -> SamplerConfig:
+    """The StreamSampler config of a registry record: settings, then the feed's fps/max_pixels, then overrides."""
+    settings = settings or load_settings()
+    per_feed = {"fps": feed.get("fps"), "max_pixels": feed.get("max_pixels")}
+    if per_feed["max_pixels"] is not None:          # a small per-feed cap lowers the floor with it
+        per_feed["min_pixels"] = min(settings.min_pixels, per_feed["max_pixels"])
+    return SamplerConfig.from_settings(feed["id"], feed["url"], settings, **{**per_feed, **overrides})
+
+
+class _FeedReader:
+    """One feed: start(), stop(), status(), next_segments(). Wrapped by ray.remote as FeedReader below.
+
+    Reading starts in the constructor (autostart), so a status() call can never overtake start() on the
+    threaded actor and see a reader that merely has not started yet.
+    """
+
+    def __init__(self, feed: dict, settings: Settings | None = None, sampler_options: dict | None = None,
+                 events_redis_url: str | None = None, autostart: bool = True):
+        self.feed = dict(feed)
+        settings = settings or load_settings()
+        self.sampler = StreamSampler(sampler_config(self.feed, settings, **(sampler_options or {})),
+                                     on_event=self._on_event)
+        self.sink = None
+        if events_redis_url:                         # failures go to tubescope:errors (DESIGN 6)
+            from pipeline.events import EventSink
+            self.sink = EventSink(events_redis_url, settings.outbox_dir / "feeds" / self.feed["id"],
+                                  maxlen=settings.stream_maxlen)
+        if autostart:
+            self.sampler.start()
+
+    def start(self) -> dict:
+        self.sampler.start()
+        return self.status()
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        stopped = self.sampler.stop(timeout_s)
+        if self.sink is not None:
+            self.sink.close()
+        return stopped
+
+    def status(self) -> dict:
+        return {**self.sampler.status(), "feed_id": self.feed["id"], "name": self.feed.get("name"),
+                "pid": os.getpid()}
+
+    def next_segments(self, max_n: int = 8, timeout_s: float = 1.0) -> list[Segment]:
+        return self.sampler.next_segments(max_n, timeout_s)
+
+    def get_feed(self) -> dict:
+        return self.feed
+
+    def _on_event(self, kind: str, fields: dict) -> None:
+        if self.sink is None or kind not in ("disconnected", "open_failed"):
+            return
+        error = fields.get("reason") or fields.get("error")
+        from pipeline.events import ERRORS_STREAM
+        self.sink.emit(ERRORS_STREAM, {"kind": f"feed_{kind}", "source_id": self.feed["id"],
+                                       "url": redact_url(self.feed["url"]), "error": error, "time": time.time()})
+
+
+FeedReader = ray.remote(num_cpus=READER_CPUS, max_concurrency=READER_CONCURRENCY)(_FeedReader)
+
+
+def reader_name(feed_id: str) -> str:
+    return READER_NAME_PREFIX + feed_id
+
+
+# ---------------------------------------------------------------- the supervisor
+
+class FeedSupervisor:
+    """Keeps one running FeedReader per registered feed: reconcile() starts new ones, stops removed ones and
+    restarts dead or stuck ones; run() repeats it. Not thread-safe: call reconcile() from one thread at a time.
+    """
+
+    def __init__(self, redis: Any, settings: Settings | None = None, *, namespace: str = NAMESPACE,
+                 detached: bool = False, reader_cpus: float = READER_CPUS, sampler_options: dict | None = None,
+                 call_timeout_s: float = 10.0, max_unresponsive: int = 3, events: bool = True):
+        self.redis = _client(redis)
+        self.settings = settings or load_settings()
+        self.namespace, self.detached = namespace, detached
+        self.reader_cpus = reader_cpus
+        self.sampler_options = dict(sampler_options or {})
+        self.call_timeout_s, self.max_unresponsive = call_timeout_s, max_unresponsive
+        url = redis if isinstance(redis, str) else self.settings.redis_url
+        self.events_redis_url = url if events else None
+        self._readers: dict[str, Any] = {}
+        self._feeds: dict[str, dict] = {}
+        self._unresponsive: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    # ---- reconcile ------------------------------------------------------------------------------------------
+    def reconcile(self) -> dict[str, list[str]]:
+        """Make the running readers equal to the registry; returns the feed ids started/adopted/stopped/restarted."""
+        feeds = {f["id"]: f for f in list_feeds(self.redis)}
+        done: dict[str, list[str]] = {"started": [], "adopted": [], "stopped": [], "restarted": []}
+        for fid in [f for f in self._readers if f not in feeds or feeds[f] != self._feeds[f]]:
+            self._stop_reader(fid)
+            done["stopped"].append(fid)
+        for fid in self._unhealthy():
+            self._stop_reader(fid)
+            if self._start_reader(feeds[fid], fresh=True):
+                self.restarts[fid] = self.restarts.get(fid, 0) + 1
+                done["restarted"].append(fid)
+        for fid, feed in feeds.items():
+            if fid not in self._readers:
+                how = self._start_reader(feed)
+                if how:
+                    done[how].append(fid)
+        if any(done.values()):
+            log.info("feeds reconciled: %s", {k: v for k, v in done.items() if v})
+        return done
+
+    def run(self, interval_s: float = 5.0, stop_event: threading.Event | None = None) -> None:
+        """reconcile() every interval_s until stop() (or stop_event) is set; errors are logged, not fatal."""
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        stop_event = stop_event or self._stop
+        while not stop_event.is_set():
+            try:
+                self.reconcile()
+            except Exception:                          # Redis down, Ray hiccup: keep the readers, try again later
+                log.exception("feed reconcile failed; retrying in %s s", interval_s)
+            stop_event.wait(interval_s)
+
+    def stop(self) -> None:
+        """End run(); the readers keep running (use stop_all() to stop them too)."""
+        self._stop.set()
+
+    def stop_all(self) -> None:
+        """Stop run() and every reader this supervisor holds (service shutdown)."""
+        self.stop()
+        for fid in list(self._readers):
+            self._stop_reader(fid)
+
+    # ---- views ----------------------------------------------------------------------------------------------
+    def readers(self) -> dict[str, Any]:
+        """feed id -> FeedReader actor handle, for the live indexer to pull segments from."""
+        return dict(self._readers)
+
+    def statuses(self, timeout_s: float | None = None) -> dict[str, dict]:
+        """feed id -> the reader's status (plus restarts), or {"error": ...} for a reader that did not answer."""
+        refs = {fid: h.status.remote() for fid, h in self._readers.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s or self.call_timeout_s)
+        out = {}
+        for fid, ref in refs.items():
+            try:
+                out[fid] = {**ray.get(ref, timeout=0), "restarts": self.restarts.get(fid, 0)}
+            except (RayActorError, GetTimeoutError) as e:
+                out[fid] = {"feed_id": fid, "running": False, "error": f"{type(e).__name__}: {e}"[:500],
+                            "restarts": self.restarts.get(fid, 0)}
+        return out
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _unhealthy(self) -> list[str]:
+        """Readers whose actor died, whose reading thread ended, or that missed max_unresponsive status calls."""
+        refs = {fid: h.status.remote() for fid, h in self._readers.items()}
+        if not refs:
+            return []
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.call_timeout_s)
+        bad = []
+        for fid, ref in refs.items():
+            try:
+                st = ray.get(ref, timeout=0)
+            except RayActorError:
+                log.warning("feed %s: reader actor died; restarting it", fid)
+                bad.append(fid)
+                continue
+            except GetTimeoutError:
+                self._unresponsive[fid] = self._unresponsive.get(fid, 0) + 1
+                if self._unresponsive[fid] >= self.max_unresponsive:
+                    log.warning("feed %s: reader missed %d status calls; restarting it", fid, self._unresponsive[fid])
+                    bad.append(fid)
+                continue
+            self._unresponsive[fid] = 0
+            if not st["running"]:
+                log.warning("feed %s: reader thread ended (%s); restarting it", fid, st.get("last_error"))
+                bad.append(fid)
+        return bad
+
+    def _start_reader(self, feed: dict, fresh: bool = False) -> str | None:
+        """Create this feed's reader, or adopt its live named actor: "started", "adopted" or None (not now)."""
+        fid = feed["id"]
+        handle, adopted = None, False
+        if not fresh:
+            try:
+                handle = ray.get_actor(reader_name(fid), namespace=self.namespace)
+                if ray.get(handle.get_feed.remote(), timeout=self.call_timeout_s) != feed:
+                    self._kill(handle)                 # same id, different registration: replace it
+                    handle = None
+                else:
+                    adopted = True
+            except ValueError:                         # no actor by that name
+                handle = None
+            except (RayActorError, GetTimeoutError):
+                self._kill(handle)
+                handle = None
+        if handle is None:
+            options = dict(name=reader_name(fid), namespace=self.namespace, num_cpus=self.reader_cpus,
+                           max_concurrency=READER_CONCURRENCY, scheduling_strategy="SPREAD")
+            if self.detached:
+                options["lifetime"] = "detached"
+            try:
+                handle = FeedReader.options(**options).remote(feed, self.settings, self.sampler_options,
+                                                              self.events_redis_url)
+            except ValueError as e:                    # the name of a just-killed actor is not free yet
+                log.warning("feed %s: cannot create its reader yet (%s); next reconcile retries", fid, e)
+                return None
+        self._readers[fid], self._feeds[fid] = handle, feed
+        self._unresponsive[fid] = 0
+        return "adopted" if adopted else "started"
+
+    def _stop_reader(self, fid: str) -> None:
+        handle = self._readers.pop(fid, None)
+        self._feeds.pop(fid, None)
+        self._unresponsive.pop(fid, None)
+        if handle is None:
+            return
+        try:
+            ray.get(handle.stop.remote(5.0), timeout=self.call_timeout_s)
+        except Exception:                              # already dead or stuck: the kill below settles it
+            pass
+        self._kill(handle)
+
+    def _kill(self, handle) -> None:
+        """Kill an actor and wait until Ray has released its name (so it can be created again)."""
+        if handle is None:
+            return
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            return
+        deadline = time.monotonic() + self.call_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(handle.get_feed.remote(), timeout=1.0)
+            except RayActorError:
+                return
+            except GetTimeoutError:
+                pass
+            time.sleep(0.05)
+
+
+__all__ = ["FEEDS_KEY", "FeedReader", "FeedSupervisor", "NAMESPACE", "READER_CPUS", "add_feed", "get_feed",
+           "list_feeds", "reader_name", "remove_feed", "sampler_config"]

@@ -1,0 +1,426 @@
+"""SegmentIndex: the footage index, an Arrow/Parquet dataset partitioned by source (DESIGN.md sections 3 and 6).
+
+Layout under `root` (a local path or any pyarrow.fs URI):
+
+    source=<percent-escaped source_id>/seg-<h(segment_id)>-<h(model_id)>.parquet   one segment per file
+    source=<...>/_manifest-<time_ns>-<uuid>.parquet                                metadata rows of many files
+    source=<...>/.tmp-<uuid>.parquet                                               a write in progress (ignored)
+
+Why this shape:
+- One file per (segment_id, model_id) with a name derived from both: re-adding is a name check (idempotent),
+  two writers adding different segments never touch the same file, and two writers adding the same segment
+  write identical content under one name. Deletion is an unlink.
+- Every file is written to a hidden temp name and renamed into place, so a crash leaves no partial visible file.
+- Manifests hold the metadata columns (no token bytes) of many data files, so listing a source reads one or a few
+  small files instead of thousands. They are only a cache: a listing trusts the directory for which data files
+  exist, takes their rows from manifests where covered and reads the metadata columns of the rest directly.
+  Manifests have unique names and are compacted by whoever writes, so concurrent writers never lose rows.
+- Hive-style `source=` folders with URI escaping: `pyarrow.dataset.dataset(root, partitioning="hive")` reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, unquote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.records import IndexedSegment, source_of
+
+SOURCE_PREFIX = "source="
+DATA_PREFIX = "seg-"
+MANIFEST_PREFIX = "_manifest-"
+TMP_PREFIX = ".tmp-"
+SUFFIX = ".parquet"
+MAX_ESCAPED_SOURCE = 200          # folder names must stay under common 255-byte limits
+COMPACT_AFTER = 32                # data files not covered by a manifest before a writer compacts
+MAX_MANIFESTS = 4                 # concurrent compactions can leave several; a writer merges them past this
+STALE_TMP_S = 3600.0              # temp files older than this are crash leftovers; sweep removes them
+
+META_SCHEMA = pa.schema([
+    ("segment_id", pa.string()),
+    ("source_id", pa.string()),
+    ("t0", pa.float64()),
+    ("t1", pa.float64()),
+    ("grid_thw", pa.list_(pa.int32(), 3)),
+    ("tube_ts", pa.list_(pa.float64())),
+    ("model_id", pa.string()),
+    ("n_tokens", pa.int64()),
+    ("token_dim", pa.int64()),
+    ("indexed_at", pa.float64()),   # epoch seconds when written: retention ages by this (t0 may be media time)
+])
+META_COLUMNS = META_SCHEMA.names
+DATA_SCHEMA = META_SCHEMA.append(pa.field("tokens", pa.binary()))      # little-endian fp16, n_tokens*token_dim
+MANIFEST_SCHEMA = META_SCHEMA.append(pa.field("file", pa.string()))     # data file name inside the source folder
+
+
+def _h(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_file_name(segment_id: str, model_id: str) -> str:
+    """The one file name a (segment_id, model_id) pair is stored under."""
+    return f"{DATA_PREFIX}{_h(segment_id)}-{_h(model_id)}{SUFFIX}"
+
+
+def escape_source(source_id: str) -> str:
+    """Folder name for a source: every byte outside [A-Za-z0-9_.-~] percent-escaped (slashes too)."""
+    if not isinstance(source_id, str) or not source_id:
+        raise ValueError(f"source_id must be a non-empty str, got {source_id!r}")
+    escaped = quote(source_id, safe="")
+    if len(escaped) > MAX_ESCAPED_SOURCE:
+        raise ValueError(f"source_id is too long for a folder name ({len(escaped)} escaped chars, at most "
+                         f"{MAX_ESCAPED_SOURCE}): {source_id[:60]!r}...")
+    return SOURCE_PREFIX + escaped
+
+
+def _check_number(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number of seconds or None, got {value!r}")
+    return float(value)
+
+
+class SegmentIndex:
+    """Visual tokens of indexed segments, one Parquet file per (segment_id, model_id), partitioned by source."""
+
+    def __init__(self, root: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+        if filesystem is not None:
+            self.fs, self.root = filesystem, str(root).rstrip("/")
+        elif isinstance(root, (str, os.PathLike)) and "://" in str(root):
+            try:
+                self.fs, path = pafs.FileSystem.from_uri(str(root))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"index root {str(root)!r} is not a usable pyarrow.fs URI: {e}") from e
+            self.root = path.rstrip("/")
+        elif isinstance(root, (str, os.PathLike)) and str(root):
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(str(root))
+        else:
+            raise ValueError(f"index root must be a local path or a pyarrow.fs URI, got {root!r}")
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def __repr__(self) -> str:
+        return f"SegmentIndex({self.root!r}, fs={self.fs.type_name})"
+
+    # ---- paths and raw file operations --------------------------------------------------------------------------
+    def _dir(self, source_id: str) -> str:
+        return f"{self.root}/{escape_source(source_id)}"
+
+    def _ls(self, folder: str) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
+        return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+    def _write_atomic(self, folder: str, name: str, table: pa.Table) -> None:
+        """Write to a hidden temp name, then rename: readers see the whole file or nothing."""
+        sink = pa.BufferOutputStream()
+        # fp16 tokens barely compress and min/max statistics of them would store each value twice more;
+        # the Arrow schema blob is dropped because our readers pass the schema
+        small = [c for c in table.column_names if c != "tokens"]
+        pq.write_table(table, sink, compression={c: ("snappy" if c in small else "none") for c in table.column_names},
+                       write_statistics=small, use_dictionary=False, store_schema=False)
+        payload = sink.getvalue()
+        tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}{SUFFIX}"
+        final = f"{folder}/{name}"
+        try:
+            if self._local:
+                os.makedirs(folder, exist_ok=True)
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())       # the rename must never expose a file whose bytes are not on disk
+                os.replace(tmp, final)
+            else:
+                self.fs.create_dir(folder, recursive=True)
+                with self.fs.open_output_stream(tmp) as out:
+                    out.write(payload)
+                self.fs.move(tmp, final)
+        except BaseException:
+            self._remove(tmp)
+            raise
+
+    def _remove_dir_if_empty(self, folder: str) -> None:
+        """Never a recursive delete: a writer may have just added a file."""
+        try:
+            if self._local:
+                os.rmdir(folder)
+            elif not self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+                self.fs.delete_dir(folder)
+        except OSError:
+            pass
+
+    def _source_dirs(self) -> list[tuple[str, str]]:
+        """(source_id, folder) of every source folder, empty ones included."""
+        sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
+        return sorted((unquote(d.base_name[len(SOURCE_PREFIX):]), d.path) for d in self.fs.get_file_info(sel)
+                      if d.type == pafs.FileType.Directory and d.base_name.startswith(SOURCE_PREFIX))
+
+    def _remove(self, path: str) -> bool:
+        try:
+            self.fs.delete_file(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    # ---- metadata --------------------------------------------------------------------------------------------------
+    def _meta_table(self, source_id: str) -> tuple[pa.Table, dict[str, pafs.FileInfo], list[str]]:
+        """Metadata rows (+ `file`, `bytes`) of every data file present; also the data files and manifests seen."""
+        folder = self._dir(source_id)
+        for _attempt in range(5):                          # a manifest may vanish under a concurrent compaction
+            infos = self._ls(folder)
+            data = {i.base_name: i for i in infos if i.base_name.startswith(DATA_PREFIX)
+                    and i.base_name.endswith(SUFFIX)}
+            manifests = sorted(i.path for i in infos if i.base_name.startswith(MANIFEST_PREFIX))
+            try:
+                parts = [pq.read_table(m, filesystem=self.fs, schema=MANIFEST_SCHEMA) for m in manifests]
+            except FileNotFoundError:
+                continue
+            break
+        else:
+            raise RuntimeError(f"could not read a stable set of manifests under {folder!r}")
+        covered = set()
+        for p in parts:
+            covered.update(p.column("file").to_pylist())
+        for name in sorted(set(data) - covered):
+            try:
+                t = pq.read_table(data[name].path, filesystem=self.fs, columns=META_COLUMNS, schema=DATA_SCHEMA)
+            except FileNotFoundError:                     # deleted since the listing
+                continue
+            parts.append(t.append_column("file", pa.array([name] * t.num_rows, pa.string())))
+        table = pa.concat_tables(parts) if parts else MANIFEST_SCHEMA.empty_table()
+        rows_files = table.column("file").to_pylist()
+        keep, seen = [], set()
+        for i, name in enumerate(rows_files):             # drop rows of deleted files and repeats across manifests
+            if name in data and name not in seen:
+                seen.add(name)
+                keep.append(i)
+        table = table.take(pa.array(keep, pa.int64()))
+        table = table.append_column("bytes", pa.array([data[n].size for n in table.column("file").to_pylist()],
+                                                      pa.int64()))
+        return table, data, manifests
+
+    def _compact(self, source_id: str) -> None:
+        """Write one manifest covering every data file present, then drop the manifests it replaces."""
+        table, _, manifests = self._meta_table(source_id)
+        if table.num_rows:
+            self._write_atomic(self._dir(source_id), f"{MANIFEST_PREFIX}{time.time_ns():020d}-"
+                                                     f"{uuid.uuid4().hex[:8]}{SUFFIX}",
+                               table.select(MANIFEST_SCHEMA.names))
+        for m in manifests:                               # all of their live rows are in the new one
+            self._remove(m)
+
+    def _needs_compaction(self, source_id: str) -> bool:
+        folder = self._dir(source_id)
+        infos = self._ls(folder)
+        data = {i.base_name for i in infos if i.base_name.startswith(DATA_PREFIX)}
+        manifests = [i for i in infos if i.base_name.startswith(MANIFEST_PREFIX)]
+        if len(manifests) > MAX_MANIFESTS:
+            return True
+        covered = set()
+        for i in manifests:
+            try:
+                covered.update(pq.read_table(i.path, filesystem=self.fs, columns=["file"],
+                                             schema=MANIFEST_SCHEMA).column(0).to_pylist())
+            except FileNotFoundError:
+                pass
+        return len(data - covered) >= COMPACT_AFTER
+
+    # ---- writing ---------------------------------------------------------------------------------------------------
+    def add(self, segments: Iterable[IndexedSegment], indexed_at: float | None = None) -> int:
+        """Store segments; returns how many were newly written. A (segment_id, model_id) already stored is skipped."""
+        segments = list(segments)
+        for s in segments:
+            if not isinstance(s, IndexedSegment):
+                raise ValueError(f"add() takes IndexedSegment records, got {type(s).__name__}")
+        stamp = _check_number("indexed_at", indexed_at)
+        stamp = time.time() if stamp is None else stamp
+        by_source: dict[str, list[IndexedSegment]] = {}
+        for s in segments:
+            by_source.setdefault(s.source_id, []).append(s)
+        written = 0
+        for source_id, group in by_source.items():
+            folder = self._dir(source_id)
+            present = {i.base_name for i in self._ls(folder)}
+            for s in group:
+                name = data_file_name(s.segment_id, s.model_id)
+                if name in present:
+                    continue
+                row = {**s.to_row(), "indexed_at": stamp}
+                table = pa.Table.from_pylist([row], schema=DATA_SCHEMA)
+                self._write_atomic(folder, name, table)
+                present.add(name)
+                written += 1
+            if self._needs_compaction(source_id):
+                self._compact(source_id)
+        return written
+
+    # ---- reading ---------------------------------------------------------------------------------------------------
+    def list(self, source_id: str, start: float | None = None, end: float | None = None,
+             model_id: str | None = None) -> list[dict]:
+        """Metadata rows (no token bytes) of a source's segments that overlap [start, end), sorted by t0.
+
+        A segment [t0, t1) is listed when t1 > start and t0 < end (None = unbounded); a point window
+        (start == end) lists the segments with t0 <= start < t1. Rows: segment_id, source_id, t0, t1,
+        grid_thw (tuple), tube_ts, model_id, n_tokens, token_dim, indexed_at, bytes.
+        """
+        start, end = _check_number("start", start), _check_number("end", end)
+        if start is not None and end is not None and end < start:
+            raise ValueError(f"window end ({end}) must be >= start ({start})")
+        if model_id is not None and (not isinstance(model_id, str) or not model_id):
+            raise ValueError(f"model_id must be a non-empty str or None, got {model_id!r}")
+        table, _, _ = self._meta_table(source_id)
+        out = []
+        for r in table.to_pylist():
+            if model_id is not None and r["model_id"] != model_id:
+                continue
+            if start is not None and end is not None and start == end:
+                if not (r["t0"] <= start < r["t1"]):
+                    continue
+            elif (start is not None and r["t1"] <= start) or (end is not None and r["t0"] >= end):
+                continue
+            del r["file"]
+            r["grid_thw"] = tuple(r["grid_thw"])
+            out.append(r)
+        out.sort(key=lambda r: (r["t0"], r["model_id"]))
+        return out
+
+    def _data_path(self, segment_id: str, model_id: str | None) -> str:
+        """The file of a segment; without model_id the segment must be stored under exactly one model."""
+        source_id = source_of(segment_id)
+        folder = self._dir(source_id)
+        if model_id is not None:
+            path = f"{folder}/{data_file_name(segment_id, model_id)}"
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                raise KeyError(f"segment {segment_id!r} is not indexed under model {model_id!r}")
+            return path
+        prefix = f"{DATA_PREFIX}{_h(segment_id)}-"
+        matches = sorted(i.path for i in self._ls(folder) if i.base_name.startswith(prefix))
+        if not matches:
+            raise KeyError(f"segment {segment_id!r} is not in the index")
+        if len(matches) > 1:
+            models = [pq.read_table(m, filesystem=self.fs, columns=["model_id"], schema=DATA_SCHEMA)
+                      .column(0)[0].as_py() for m in matches]
+            raise ValueError(f"segment {segment_id!r} is indexed under several models {models}; pass model_id")
+        return matches[0]
+
+    def get(self, segment_id: str, model_id: str | None = None) -> IndexedSegment:
+        """The full record of one segment, tokens included. KeyError when absent."""
+        path = self._data_path(segment_id, model_id)
+        try:
+            row = pq.read_table(path, filesystem=self.fs, schema=DATA_SCHEMA).to_pylist()[0]
+        except FileNotFoundError:
+            raise KeyError(f"segment {segment_id!r} was deleted while being read") from None
+        return IndexedSegment.from_row(row)
+
+    def tokens(self, segment_id: str, model_id: str | None = None, as_numpy: bool = False):
+        """Visual tokens of one segment: torch fp16 tensor [n_tokens, D] (numpy with as_numpy=True)."""
+        path = self._data_path(segment_id, model_id)
+        try:
+            t = pq.read_table(path, filesystem=self.fs, columns=["tokens", "n_tokens", "token_dim"],
+                              schema=DATA_SCHEMA)
+        except FileNotFoundError:
+            raise KeyError(f"segment {segment_id!r} was deleted while being read") from None
+        raw = t.column("tokens")[0].as_py()
+        n, d = t.column("n_tokens")[0].as_py(), t.column("token_dim")[0].as_py()
+        arr = np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(n, d)   # astype copies: writable
+        if as_numpy:
+            return arr
+        import torch
+        return torch.from_numpy(arr)
+
+    def sources(self) -> list[dict]:
+        """Every source with its number of stored segments (per model) and data bytes, sorted by source_id."""
+        out = []
+        for source_id, folder in self._source_dirs():
+            files = [i for i in self._ls(folder) if i.base_name.startswith(DATA_PREFIX)]
+            if files:
+                out.append({"source_id": source_id, "segments": len(files), "bytes": sum(i.size for i in files)})
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        """Data bytes per source."""
+        return {r["source_id"]: r["bytes"] for r in self.sources()}
+
+    def stats(self) -> dict:
+        src = self.sources()
+        return {"sources": len(src), "segments": sum(r["segments"] for r in src),
+                "bytes": sum(r["bytes"] for r in src)}
+
+    # ---- deleting and retention ------------------------------------------------------------------------------------
+    def delete(self, source_id: str, before: float | None = None) -> int:
+        """Delete a source's segments: all of them, or those that end at or before `before` (t1 <= before)."""
+        before = _check_number("before", before)
+        folder = self._dir(source_id)
+        if before is None:
+            infos = self._ls(folder)
+            n = sum(self._remove(i.path) for i in infos if i.base_name.startswith(DATA_PREFIX))
+            for i in infos:
+                if not i.base_name.startswith(DATA_PREFIX):
+                    self._remove(i.path)
+            self._remove_dir_if_empty(folder)
+            return n
+        table, _, _ = self._meta_table(source_id)
+        doomed = [r["file"] for r in table.select(["t1", "file"]).to_pylist() if r["t1"] <= before]
+        return self._delete_files(source_id, doomed)
+
+    def _delete_files(self, source_id: str, names: list[str]) -> int:
+        folder = self._dir(source_id)
+        n = sum(self._remove(f"{folder}/{name}") for name in names)
+        if n:
+            self._compact(source_id)                      # keep manifests free of dead rows
+        return n
+
+    def sweep(self, max_age_s: float | Mapping[str, float] | None = None, max_bytes: int | None = None,
+              now: float | None = None) -> int:
+        """Retention: delete segments indexed more than max_age_s ago (one age for all sources, or a mapping
+        source_id -> age; unmapped sources keep everything), then the oldest-indexed segments across all sources
+        until the data bytes fit in max_bytes. Also removes crash leftovers (temp files). Returns segments deleted."""
+        now = _check_number("now", now)
+        now = time.time() if now is None else now
+        if isinstance(max_age_s, Mapping):
+            ages = {str(k): _check_number("max_age_s", v) for k, v in max_age_s.items()}
+            default_age = None
+        else:
+            ages, default_age = {}, _check_number("max_age_s", max_age_s)
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
+                                      or max_bytes < 0):
+            raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
+        deleted = 0
+        live = []                                         # (indexed_at, t0, source_id, file, bytes)
+        for sid, _ in self._source_dirs():
+            self._clean_tmp(sid, now)
+            table, _, _ = self._meta_table(sid)
+            age = ages.get(sid, default_age)
+            doomed = []
+            for r in table.select(["indexed_at", "t0", "file", "bytes"]).to_pylist():
+                if age is not None and r["indexed_at"] < now - age:
+                    doomed.append(r["file"])
+                else:
+                    live.append((r["indexed_at"], r["t0"], sid, r["file"], r["bytes"]))
+            deleted += self._delete_files(sid, doomed)
+        if max_bytes is not None:
+            total = sum(x[4] for x in live)
+            doomed_by_source: dict[str, list[str]] = {}
+            for _, _, sid, name, size in sorted(live):
+                if total <= max_bytes:
+                    break
+                doomed_by_source.setdefault(sid, []).append(name)
+                total -= size
+            for sid, names in doomed_by_source.items():
+                deleted += self._delete_files(sid, names)
+        return deleted
+
+    def _clean_tmp(self, source_id: str, now: float) -> None:
+        for i in self._ls(self._dir(source_id)):
+            if i.base_name.startswith(TMP_PREFIX) and i.mtime is not None \
+                    and i.mtime.timestamp() < now - STALE_TMP_S:
+                self._remove(i.path)

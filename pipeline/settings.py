@@ -1,0 +1,233 @@
+"""The one settings object of tubescope.
+
+Values come from, highest priority first: keyword arguments, environment variables (prefix TUBESCOPE_, e.g.
+TUBESCOPE_FPS=2; Redis also from the conventional REDIS_URL), an optional settings file (TOML, YAML or JSON, named by
+TUBESCOPE_CONFIG or `load_settings(config_file=...)`, top-level keys = field names), then the defaults below.
+Every field is documented in README.md ("Configuration"); keep the two in step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
+
+ENV_PREFIX = "TUBESCOPE_"
+CONFIG_FILE_ENV = "TUBESCOPE_CONFIG"
+PATCH_AREA = 14 * 14            # pixels per spatial patch (QWEN2VL_SPEC 1.1)
+MERGE_AREA = 28 * 28            # pixels per merged visual token: the smart_resize factor squared
+TINY_MODEL_DIRNAME = "tiny-qwen2vl"
+
+# load_settings(config_file=...) hands the file to the source hook below (a classmethod with a fixed signature).
+_config_file: ContextVar[Path | None] = ContextVar("tubescope_config_file", default=None)
+
+
+class ApiKey(BaseModel):
+    """One bearer key of the REST API: its role, and optionally the only sources/feeds it may touch."""
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=16)
+    role: Literal["admin", "reader"]
+    sources: list[str] | None = None      # None: every source
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True,
+                                      validate_default=True)
+
+    # ---- storage ------------------------------------------------------------------------------------------------
+    data_dir: Path = Path("./tubescope-data")   # resolved to an absolute path (Ray workers may run elsewhere)
+    index_dir: str | None = None                # None: <data_dir>/index; a pyarrow.fs URI (s3://...) also works
+    model_path: Path | None = None              # None: the tiny random model under <data_dir>/models/
+    redis_url: str | None = Field(                # None: tubescope starts and owns an embedded Redis
+        default=None, validation_alias=AliasChoices("TUBESCOPE_REDIS_URL", "REDIS_URL"))
+    stream_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of every Redis stream
+    outbox_max_events: int = Field(10_000, ge=1)  # events kept on disk while Redis is unreachable
+
+    # ---- sampling (QWEN2VL_SPEC 2.3 video budget) -------------------------------------------------------------
+    fps: float = Field(2.0, gt=0)
+    segment_seconds: float = Field(8.0, gt=0)
+    min_pixels: int = Field(128 * MERGE_AREA, ge=MERGE_AREA)   # per frame, 100,352
+    max_pixels: int = Field(768 * MERGE_AREA, ge=MERGE_AREA)   # per frame, 602,112
+
+    # ---- vision encoder actors ----------------------------------------------------------------------------------
+    encoder_token_budget: int = Field(16_384, ge=1)   # patches (pre-merge) per packed encoder batch
+    num_encoder_actors: int = Field(1, ge=1)
+    encoder_cpus: float = Field(0.5, gt=0)    # per actor; a whole CPU each starves Ray Data's read tasks on 2 cores
+    gpus_per_encoder: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    encoder_batch_segments: int = Field(8, ge=1)  # segments handed to one encoder call by Ray Data
+    segments_per_task: int = Field(8, ge=1)       # segments decoded by one archive read task
+
+    # ---- live feeds -------------------------------------------------------------------------------------------
+    feed_queue_segments: int = Field(4, ge=1)     # bounded per-feed queue; the oldest segment is dropped when full
+    feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
+    feed_schemes: list[str] = ["rtsp", "rtsps", "http", "https", "udp", "srt"]
+    file_roots: list[Path] = []                   # local files the REST API may read (feeds and jobs); none by default
+
+    # ---- serving ----------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[ApiKey] = []                   # JSON list in the environment: [{"key": ..., "role": "admin"}]
+    ask_token_budget: int = Field(16_384, ge=1)   # visual tokens per question; more footage is narrowed by search
+    max_gap_seconds: float = Field(60.0, gt=0)    # longer gaps between selected segments are shortened to this (M-RoPE)
+
+    # ---- retention --------------------------------------------------------------------------------------------
+    retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
+    retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    @field_validator("data_dir", "model_path", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
+
+    @field_validator("file_roots", mode="after")
+    @classmethod
+    def _absolute_roots(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in v]
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None             # REDIS_URL= (empty) means "not set": use the embedded server
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
+
+    @field_validator("feed_schemes", mode="after")
+    @classmethod
+    def _lower_schemes(cls, v: list[str]) -> list[str]:
+        return [s.lower().rstrip(":/") for s in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        frames = self.fps * self.segment_seconds
+        if abs(frames - round(frames)) > 1e-6 or round(frames) < 2 or round(frames) % 2:
+            raise ValueError(
+                f"fps * segment_seconds must be an even whole number of frames (two frames per tube), "
+                f"got {self.fps} * {self.segment_seconds} = {frames:g}")
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
+        one_tube = self.max_pixels // PATCH_AREA
+        if self.encoder_token_budget < one_tube:
+            raise ValueError(
+                f"encoder_token_budget ({self.encoder_token_budget} patches) must hold one tube at max_pixels "
+                f"({self.max_pixels} px = {one_tube} patches)")
+        return self
+
+    # ---- derived values -----------------------------------------------------------------------------------------
+    @property
+    def frames_per_segment(self) -> int:
+        return round(self.fps * self.segment_seconds)
+
+    @property
+    def tubes_per_segment(self) -> int:
+        return self.frames_per_segment // 2
+
+    @property
+    def index_root(self) -> Path | str:
+        """Where the SegmentIndex lives: a local Path, or the pyarrow.fs URI string as given."""
+        if self.index_dir is None:
+            return self.data_dir / "index"
+        if "://" in self.index_dir:
+            return self.index_dir
+        return Path(self.index_dir).expanduser().resolve()
+
+    @property
+    def tiny_model_path(self) -> Path:
+        return self.data_dir / "models" / TINY_MODEL_DIRNAME
+
+    @property
+    def uses_tiny_model(self) -> bool:
+        return self.model_path is None
+
+    def resolved_model_path(self) -> Path:
+        """The checkpoint folder to load: model_path, or the tiny random model's folder (which may not exist yet)."""
+        return self.model_path if self.model_path is not None else self.tiny_model_path
+
+    @property
+    def redis_dir(self) -> Path:
+        """Working folder of the embedded Redis server (its log, and its dump when persisted)."""
+        return self.data_dir / "redis"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """JSON-ready values with secrets hidden: API keys and any Redis password."""
+        d = self.model_dump(mode="json")
+        d["redis_url"] = redact_url(self.redis_url)
+        d["api_keys"] = [{**k, "key": k["key"][:4] + "..."} for k in d["api_keys"]]
+        d["index_root"] = str(self.index_root)
+        d["resolved_model_path"] = str(self.resolved_model_path())
+        return d
+
+    # ---- sources ------------------------------------------------------------------------------------------------
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        path = _config_file.get()
+        if path is None and os.environ.get(CONFIG_FILE_ENV):
+            path = Path(os.environ[CONFIG_FILE_ENV])
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if path is not None:
+            sources += (_file_source(settings_cls, path),)
+        return sources
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"settings file {str(path)!r} does not exist (named by {CONFIG_FILE_ENV} or config_file)")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise ValueError(f"settings file {str(path)!r}: unknown format {suffix!r}, expected .toml, .yaml, .yml or .json")
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the effective Settings. `config_file` wins over $TUBESCOPE_CONFIG; `overrides` win over everything.
+
+    Raises ValueError (pydantic's ValidationError is one) naming the bad field and what was expected.
+    """
+    token = _config_file.set(Path(config_file) if config_file is not None else None)
+    try:
+        return Settings(**overrides)
+    finally:
+        _config_file.reset(token)
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with its password replaced by ***, for printing."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def settings_json(settings: Settings) -> str:
+    return json.dumps(settings.to_public_dict(), indent=2, sort_keys=True)
+
+
+__all__ = ["ApiKey", "Settings", "load_settings", "redact_url", "settings_json", "ENV_PREFIX", "CONFIG_FILE_ENV"]

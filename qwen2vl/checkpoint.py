@@ -1,0 +1,237 @@
+"""Checkpoints in the Hugging Face layout: load (names, shards, ties, dtypes; QWEN2VL_SPEC 5) and write tiny random ones."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen2VLConfig, TextConfig, VisionConfig
+from .model import GenerationDefaults, Qwen2VL
+from .vision import VisionTransformer
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Newer transformers in-memory names -> original checkpoint names (the inverse of its load-time renames, spec 5.2).
+_NEW_TO_ORIGINAL = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Qwen2VL:
+    """A Qwen2VL from a local HF-layout folder (config.json + model.safetensors or shards + index), in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    config = Qwen2VLConfig.from_json(config_file)
+
+    # Text weights are allocated by the load itself (meta first); the vision tower is built for real so that its
+    # non-persistent buffers (rotary tables) exist, then its parameters are replaced by the loaded ones.
+    with torch.device("meta"):
+        model = Qwen2VL(config)
+    with torch.device(device):
+        model.visual = VisionTransformer(config.vision)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    tied = config.text.tie_word_embeddings
+    state = _read_state_dict(path, expected, tied, dtype, device)
+    if tied:   # no lm_head tensor in tied files (spec 5.1): share the embedding
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.generation_config = read_generation_config(path, config)
+    return model.eval().requires_grad_(False)
+
+
+def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, device) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for stored_name in f.keys():
+                name = original_name(stored_name)
+                if tied and name == "lm_head.weight":
+                    continue                      # some tied files carry a copy; the tie wins
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor {stored_name} in {file.name}: not a Qwen2-VL weight "
+                                     "for this config.json")
+                if name in state:
+                    raise ValueError(f"tensor {name} appears twice (again as {stored_name} in {file.name})")
+                tensor = f.get_tensor(stored_name)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise ValueError(f"shape mismatch for {stored_name} in {file.name}: file has "
+                                     f"{tuple(tensor.shape)}, config.json implies {tuple(expected[name])}")
+                state[name] = tensor.to(device=device, dtype=dtype)
+    missing = [n for n in expected if n not in state and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint {path} is missing tensors: {', '.join(missing[:5])}{more}")
+    return state
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file.name} listed in {INDEX_FILE} is missing from {path}")
+        return files
+    single = path / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
+
+
+def original_name(name: str) -> str:
+    """Map either naming scheme to the original one (`visual.*`, `model.*`, `lm_head.*`)."""
+    for pattern, replacement in _NEW_TO_ORIGINAL:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def read_generation_config(path: Path, config: Qwen2VLConfig) -> GenerationDefaults:
+    """Stop ids from generation_config.json; config.json's eos_token_id when the file is absent."""
+    file = Path(path) / "generation_config.json"
+    data = json.loads(file.read_text()) if file.is_file() else {}
+    eos = data.get("eos_token_id", config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return GenerationDefaults(eos_token_id=eos, pad_token_id=data.get("pad_token_id"))
+
+
+# ---- writing tiny random checkpoints ---------------------------------------------------------------------------
+
+# Small enough for tests on two CPU cores; vocab exceeds 151656 so the real Qwen special ids are valid rows.
+TINY_TEXT = dict(vocab_size=151680, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=[2, 3, 3], rope_theta=1e6, rms_norm_eps=1e-6)
+TINY_VISION = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=4.0)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def tiny_config(tie_word_embeddings: bool = False, **overrides) -> Qwen2VLConfig:
+    """Tiny Qwen2VLConfig. Overrides: TextConfig field names, `vision_config={...}` (VisionConfig fields), and
+    top-level Qwen2VLConfig fields (token ids)."""
+    text_kw = {**TINY_TEXT, "tie_word_embeddings": tie_word_embeddings}
+    vision_kw = dict(TINY_VISION)
+    top_kw = {}
+    for key, value in overrides.items():
+        if key == "vision_config":
+            unknown = set(value) - set(VisionConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown vision_config fields {sorted(unknown)}")
+            vision_kw.update(value)
+        elif key in TextConfig.__dataclass_fields__:
+            text_kw[key] = value
+        elif key in Qwen2VLConfig.__dataclass_fields__ and key not in ("text", "vision"):
+            top_kw[key] = value
+        else:
+            raise ValueError(f"unknown config override {key!r} (expected a TextConfig field, vision_config=, "
+                             "or a Qwen2VLConfig token id field)")
+    vision_kw.setdefault("hidden_size", text_kw["hidden_size"])    # merger output = LLM width
+    return Qwen2VLConfig(vision=VisionConfig(**vision_kw), text=TextConfig(**text_kw), **top_kw)
+
+
+def write_tiny_checkpoint(directory: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                          tie_word_embeddings: bool = False, shards: int = 1, naming: str = "original",
+                          **config_overrides) -> Path:
+    """Write a tiny random Qwen2-VL checkpoint in the HF layout with OUR model; returns the folder.
+
+    Files: config.json, model.safetensors (or `shards` files + index), generation_config.json, tokenizer files,
+    preprocessor_config.json. Weights are random with nonzero biases and non-unit norm weights.
+    """
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
+    if naming not in ("original", "new"):
+        raise ValueError(f"naming must be 'original' or 'new', got {naming!r}")
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be a positive int, got {shards!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(tie_word_embeddings=tie_word_embeddings, **config_overrides)
+    config.torch_dtype = _DTYPE_NAMES[dtype]
+
+    model = Qwen2VL(config)
+    randomize_(model, seed)
+    state = {name: t.detach().to(dtype).contiguous() for name, t in model.state_dict().items()}
+    if tie_word_embeddings:
+        del state["lm_head.weight"]
+    if naming == "new":
+        state = {new_name(name): t for name, t in state.items()}
+    _save_shards(state, directory, shards)
+
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    pad = config.bos_token_id          # <|endoftext|>: Qwen's pad and second stop id (spec 4.1)
+    stops = [i for i in ([config.eos_token_id] if isinstance(config.eos_token_id, int) else config.eos_token_id or [])]
+    if pad is not None and pad not in stops:
+        stops.append(pad)
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.bos_token_id, "eos_token_id": stops, "pad_token_id": pad, "do_sample": False}, indent=2))
+    _write_processing_files(directory)
+    return directory
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Random weights that exercise every term: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norms 1 + N(0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if param.ndim >= 2:
+                fan_in = param[0].numel()
+                value = noise * (0.5 if "embed_tokens" in name else fan_in ** -0.5)
+            elif name.endswith("bias"):
+                value = noise * 0.1
+            else:                                   # norm weights
+                value = 1.0 + noise * 0.1
+            param.copy_(value)
+
+
+def new_name(name: str) -> str:
+    """Original name -> the newer transformers scheme (`model.visual.*`, `model.language_model.*`)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def _save_shards(state: dict[str, torch.Tensor], directory: Path, shards: int) -> None:
+    names = list(state)
+    if shards == 1:
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    if shards > len(names):
+        raise ValueError(f"shards={shards} exceeds the number of tensors ({len(names)})")
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    filled, g = 0, 0
+    for i, name in enumerate(names):
+        # Move to the next shard once this one holds its share, leaving at least one tensor per remaining shard.
+        if groups[g] and g < shards - 1 and (filled >= total * (g + 1) / shards or len(names) - i == shards - 1 - g):
+            g += 1
+        groups[g].append(name)
+        filled += state[name].numel() * state[name].element_size()
+    weight_map = {}
+    for k, group in enumerate(groups, start=1):
+        file = f"model-{k:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in group}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in group})
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2))
+
+
+def _write_processing_files(directory: Path) -> None:
+    # Lazy: the tokenizer/processor modules are only needed when writing a checkpoint.
+    from .processor import write_preprocessor_config
+    from .tokenizer import write_tiny_tokenizer
+    write_tiny_tokenizer(directory)
+    write_preprocessor_config(directory)

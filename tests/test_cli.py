@@ -1,0 +1,106 @@
+"""The `tubescope` command line: help, stubs that say plainly what is missing, config, model init-tiny, demo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from deploy.cli import DEMO_STREAM, STUB_EXIT, STUBS, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("demo", "index", "segments", "ask", "search", "serve", "feeds", "bench", "model", "config")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUBESCOPE_") and k != "REDIS_URL"}
+    env.update(TUBESCOPE_DATA_DIR=str(tmp_path / "data"), **extra)
+    return env
+
+
+def test_help_lists_every_command_through_the_real_entry_point():
+    out = subprocess.run([sys.executable, "-m", "deploy", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(COMMANDS)
+
+
+def test_console_script_points_at_main():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"tubescope": "deploy.cli:main"}
+    from deploy.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+
+
+@pytest.mark.parametrize("name", sorted(STUBS))
+def test_stubs_exit_2_and_say_which_issue(name):
+    issue, _ = STUBS[name]
+    result = CliRunner().invoke(cli, [name, "some", "--args", "x"])
+    assert result.exit_code == STUB_EXIT == 2
+    assert result.stdout == ""                                    # no fake results
+    assert result.stderr.startswith(f"not implemented yet: lands with issue {issue} (")
+
+
+def test_config_prints_effective_settings_as_json(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("segment_seconds: 4\n")
+    env = _env(tmp_path, REDIS_URL="redis://:secret@127.0.0.1:7777/0", TUBESCOPE_FPS="1")
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "config"], env=env)
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["data_dir"] == str(tmp_path / "data")
+    assert (d["fps"], d["segment_seconds"]) == (1.0, 4.0)
+    assert d["redis_url"] == "redis://:***@127.0.0.1:7777/0"
+
+
+def test_config_with_a_bad_value_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["config"], env=_env(tmp_path, TUBESCOPE_SEGMENT_SECONDS="7.5"))
+    assert result.exit_code == 2
+    assert "even whole number of frames" in result.stderr
+
+
+def test_model_init_tiny(tmp_path):
+    import qwen2vl
+
+    result = CliRunner().invoke(cli, ["model", "init-tiny", str(tmp_path / "tiny")])
+    if hasattr(qwen2vl, "write_tiny_checkpoint"):
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "tiny" / "config.json").is_file()
+        assert list((tmp_path / "tiny").glob("*.safetensors"))
+    else:                                                          # issue 3 not landed: the stub says so
+        assert result.exit_code == 2 and "lands with issue 3" in result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_demo_with_redis_url_writes_an_event_and_exits_0(tmp_path, redis_server):
+    out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(tmp_path, REDIS_URL=redis_server.url), timeout=220)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"using REDIS_URL {redis_server.url}" in out.stdout
+    assert "not there yet" in out.stdout and "issue 4" in out.stdout and "issue 5" in out.stdout
+    entries = redis_server.client(decode_responses=True).xrange(DEMO_STREAM)
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert Path(fields["clip"]).is_file() and int(fields["frames_sampled"]) == 8     # 4 s at 2 fps
+    assert entries[0][0] in out.stdout                               # it printed where the result went
+
+
+@pytest.mark.timeout(240)
+def test_demo_with_embedded_redis(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=220)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "embedded redis-server started, listening on redis://127.0.0.1:" in out.stdout
+    dump = tmp_path / "data" / "redis" / "dump.rdb"
+    assert dump.is_file()                                            # the event outlives the demo
+    from pipeline.redis_server import RedisServer
+    with RedisServer(dump.parent, persist=True) as server:
+        assert server.client().xlen(DEMO_STREAM) == 1

@@ -1,0 +1,182 @@
+"""Feed registry in a real Redis, and FeedReader / FeedSupervisor on a real local Ray."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import ray
+
+from actors.feeds import (FEEDS_KEY, NAMESPACE, FeedReader, FeedSupervisor, add_feed, get_feed, list_feeds,
+                          reader_name, remove_feed, sampler_config)
+from pipeline.settings import load_settings
+from streams import free_tcp_port, make_stream_video, wait_for
+
+SMALL_FEEDS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784,
+                   backoff_initial_s=0.2, backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(data_dir=tmp_path / "data")
+
+
+# ---------------------------------------------------------------- registry
+
+@pytest.mark.timeout(30)
+def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
+    r = redis_server.client()
+    cam = add_feed(r, "rtsp://admin:pw@10.0.0.5:554/stream1", name="Lobby", settings=settings)
+    assert set(cam) == {"id", "url", "name", "fps", "max_pixels", "created"}
+    assert cam["name"] == "Lobby" and cam["fps"] is None and len(cam["id"]) == 12
+    demo = add_feed(redis_server.url, str(tmp_path / "demo.mp4"), fps=1.0, max_pixels=50_000, feed_id="demo",
+                    settings=settings)                     # a redis:// URL works as well as a client
+    assert demo["id"] == "demo" and demo["name"] == "demo" and demo["fps"] == 1.0
+    assert [f["id"] for f in list_feeds(r)] == [cam["id"], "demo"]                 # oldest first
+    assert get_feed(r, cam["id"]) == cam
+    assert json.loads(r.hget(FEEDS_KEY, "demo")) == demo                            # the documented layout
+
+    bad = [(dict(url="ftp://h/x.mp4"), "scheme 'ftp'"), (dict(url="rtmp://h/live"), "scheme 'rtmp'"),
+           (dict(url=""), "non-empty"), (dict(url="rtsp://h/x", fps=0), "fps"),
+           (dict(url="rtsp://h/x", fps=0.125), "even whole number"),     # 1 frame per 8-s segment
+           (dict(url="rtsp://h/x", max_pixels=100), "max_pixels"),
+           (dict(url="rtsp://h/x", max_pixels=2.5), "max_pixels"),
+           (dict(url="rtsp://h/x", feed_id="a:b"), "feed_id"),
+           (dict(url="rtsp://h/x", feed_id="demo"), "already exists"),
+           (dict(url="rtsp://h/x", name=""), "name"),
+           (dict(url="/etc/passwd", file_roots=[tmp_path]), "outside the allowed roots"),
+           (dict(url="file:///tmp/x.mp4", schemes=["rtsp", "http"]), "scheme 'file'")]
+    for kwargs, words in bad:
+        with pytest.raises(ValueError, match=words):
+            add_feed(r, settings=settings, **kwargs)
+    assert len(list_feeds(r)) == 2                                                   # nothing half-stored
+    ok = add_feed(r, f"file://{tmp_path}/sub/a.mp4", file_roots=[tmp_path], settings=settings)
+    assert remove_feed(r, ok["id"]) == ok
+
+    assert remove_feed(r, cam["id"]) == cam
+    assert [f["id"] for f in list_feeds(r)] == ["demo"]
+    with pytest.raises(KeyError):
+        remove_feed(r, cam["id"])
+    with pytest.raises(KeyError):
+        get_feed(r, "nope")
+    with pytest.raises(ValueError, match="redis"):
+        list_feeds("not-a-url")
+
+
+def test_sampler_config_from_a_feed(settings):
+    cfg = sampler_config({"id": "cam", "url": "udp://:5600", "fps": 1.0, "max_pixels": 50_000}, settings)
+    assert (cfg.fps, cfg.max_pixels, cfg.min_pixels) == (1.0, 50_000, 50_000)     # floor lowered with the cap
+    assert cfg.segment_seconds == settings.segment_seconds and cfg.queue_size == settings.feed_queue_segments
+    assert cfg.backoff_max_s == settings.feed_reconnect_max_seconds
+    cfg = sampler_config({"id": "cam", "url": "udp://:5600", "fps": None, "max_pixels": None}, settings,
+                         queue_size=9)
+    assert (cfg.fps, cfg.max_pixels, cfg.queue_size) == (settings.fps, settings.max_pixels, 9)
+
+
+# ---------------------------------------------------------------- readers and the supervisor on Ray
+
+def pull(handle, at_least: int, timeout_s: float) -> list:
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"got {len(got)} of {at_least} segments; status={ray.get(handle.status.remote())}")
+        got += ray.get(handle.next_segments.remote(8, 0.5), timeout=30)
+    return got
+
+
+@pytest.mark.timeout(120)
+def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_server, settings, tmp_path):
+    r = redis_server.client()
+    video = make_stream_video(tmp_path / "lobby.mp4", seconds=3.0)
+    add_feed(r, str(video), name="lobby", feed_id="lobby", settings=settings)
+    add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)
+    sup = FeedSupervisor(redis_server.url, settings, sampler_options=SMALL_FEEDS)
+    try:
+        assert sup.reconcile() == {"started": ["lobby", "dead"], "adopted": [], "stopped": [], "restarted": []}
+        lobby = sup.readers()["lobby"]
+        segs = pull(lobby, 2, 60)
+        assert all(s.source_id == "lobby" and s.segment_id.startswith("lobby:") for s in segs)
+        assert segs[0].frames.shape[0] == 2 and segs[0].t0 > time.time() - 60          # epoch-stamped
+        st = sup.statuses()
+        # a refused feed reports why and keeps retrying; the other feed is unaffected
+        assert "Connection refused" in st["dead"]["last_error"] and st["dead"]["open_failures"] >= 1
+        assert st["dead"]["running"] and st["lobby"]["connected"] and st["lobby"]["last_error"] is None
+        errors = wait_for(lambda: r.xrange("tubescope:errors"), 10, what="an error event")
+        fields = {k.decode(): v.decode() for k, v in errors[0][1].items()}
+        assert fields["kind"] == "feed_open_failed" and fields["source_id"] == "dead"
+        assert sup.reconcile() == {"started": [], "adopted": [], "stopped": [], "restarted": []}   # steady state
+
+        # a crashed reader is recreated under the same name and reads again
+        old_pid = st["lobby"]["pid"]
+        ray.kill(lobby)
+        assert sup.reconcile()["restarted"] == ["lobby"]
+        lobby2 = sup.readers()["lobby"]
+        assert ray.get(lobby2.status.remote())["pid"] != old_pid and sup.statuses()["lobby"]["restarts"] == 1
+        pull(lobby2, 1, 60)
+
+        # a removed feed's reader is stopped and its actor is gone
+        remove_feed(r, "dead")
+        assert sup.reconcile()["stopped"] == ["dead"] and set(sup.readers()) == {"lobby"}
+        with pytest.raises(ValueError):
+            ray.get_actor(reader_name("dead"), namespace=NAMESPACE)
+
+        # a second supervisor over the same registry adopts the live reader instead of starting another
+        sup2 = FeedSupervisor(redis_server.url, settings, sampler_options=SMALL_FEEDS)
+        assert sup2.reconcile()["adopted"] == ["lobby"]
+        assert ray.get(sup2.readers()["lobby"].status.remote())["pid"] == ray.get(lobby2.status.remote())["pid"]
+
+        # service restart: everything stopped, a new supervisor resumes every registered feed
+        sup.stop_all()
+        with pytest.raises(ValueError):
+            ray.get_actor(reader_name("lobby"), namespace=NAMESPACE)
+        sup3 = FeedSupervisor(redis_server.url, settings, sampler_options=SMALL_FEEDS)
+        assert sup3.reconcile()["started"] == ["lobby"]
+        pull(sup3.readers()["lobby"], 1, 60)
+        sup3.stop_all()
+    finally:
+        sup.stop_all()
+        for fid in ("lobby", "dead"):                     # nothing may outlive the test
+            try:
+                ray.kill(ray.get_actor(reader_name(fid), namespace=NAMESPACE))
+            except ValueError:
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_run_loop_starts_and_stops(ray_local, redis_server, settings, tmp_path):
+    r = redis_server.client()
+    video = make_stream_video(tmp_path / "cam.mp4", seconds=2.0)
+    sup = FeedSupervisor(r, settings, sampler_options=SMALL_FEEDS, events=False)
+    loop = threading.Thread(target=sup.run, kwargs={"interval_s": 0.3}, daemon=True)
+    loop.start()
+    try:
+        add_feed(r, str(video), feed_id="loop-cam", settings=settings)
+        handle = wait_for(lambda: sup.readers().get("loop-cam"), 15, what="the run loop to start the feed")
+        pull(handle, 1, 60)
+        remove_feed(r, "loop-cam")
+        wait_for(lambda: "loop-cam" not in sup.readers(), 15, what="the run loop to stop the feed")
+    finally:
+        sup.stop()
+        loop.join(timeout=15)
+        sup.stop_all()
+    assert not loop.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_reader_actor_pull_does_not_block_other_calls(ray_local, settings, tmp_path):
+    video = make_stream_video(tmp_path / "cam.mp4", seconds=2.0)
+    reader = FeedReader.remote({"id": "pull", "url": str(video)}, settings, SMALL_FEEDS, None, False)  # not started
+    try:
+        assert ray.get(reader.status.remote(), timeout=60)["running"] is False
+        waiting = reader.next_segments.remote(8, 20.0)           # parks one actor thread: nothing is being read
+        t = time.monotonic()
+        st = ray.get(reader.start.remote(), timeout=10)          # answered while the pull waits
+        assert st["running"] and st["feed_id"] == "pull" and time.monotonic() - t < 5
+        segs = ray.get(waiting, timeout=30)                      # and the pull gets the first segment
+        assert segs and segs[0].source_id == "pull" and len(segs[0].frame_ts) == 2
+        assert ray.get(reader.stop.remote(), timeout=30) is True
+        assert ray.get(reader.status.remote())["running"] is False
+    finally:
+        ray.kill(reader)
