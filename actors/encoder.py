@@ -90,7 +90,7 @@ class VisionEncoder:
     # ---- Ray Data adapter: a batch of segment rows (numpy format) -> the same rows plus tokens ----------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["segment_id"])
-        ok = [i for i in range(n) if not batch["error"][i]]
+        ok = [i for i in range(n) if not batch["error"][i] and batch["segment_id"][i]]   # skip error and empty rows
         rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
         grids = [tuple(int(x) for x in batch["grid_thw"][i]) for i in ok]
         tokens = self.encode(rows, grids) if ok else []

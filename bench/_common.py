@@ -1,9 +1,10 @@
 """Small helpers shared by the benchmark scripts: timing, GEMM peak, memory."""
 from __future__ import annotations
 
-import resource
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,14 +47,38 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int, reps: int
     return 2 * n**3 / seconds / 1e9
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @torch.no_grad()
 def perturb_(module: torch.nn.Module, seed: int, scale: float) -> None:
     """Add N(0, scale^2) noise to every parameter: reference inits zero biases and set norms to one, hiding bugs."""
     gen = torch.Generator().manual_seed(seed)
     for p in module.parameters():
         p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype).to(p.device))
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssPeak:
+    """Highest RSS seen while the block runs (polled every few ms; ru_maxrss cannot be reset per phase)."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s, self.peak_mb, self.start_mb = interval_s, 0.0, 0.0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssPeak":
+        self.start_mb = self.peak_mb = current_rss_mb()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())

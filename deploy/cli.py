@@ -24,8 +24,6 @@ TINY_MODEL_NOTE = ("the tiny model has random weights: its outputs are meaningle
 
 # name -> (issue, what it does); help text and the stub message come from here
 STUBS: dict[str, tuple[int, str]] = {
-    "index": (4, "index video files, folders or globs into the footage index"),
-    "segments": (4, "list the indexed segments of a source"),
     "ask": (5, "ask a question over a time window of footage"),
     "search": (5, "search footage for a natural-language query"),
     "serve": (5, "run the REST API and the decoder on Ray Serve"),
@@ -111,6 +109,57 @@ def _qwen2vl_attr(name: str):
         except (ImportError, AttributeError):
             continue
     return None
+
+
+# ---- index / segments (issue 4) -------------------------------------------------------------------------------------
+@cli.command("index")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--source-id", default=None, help="source id for the footage (default: each file's name)")
+@click.option("--json", "as_json", is_flag=True, help="print the job report as JSON")
+@click.pass_context
+def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None, as_json: bool) -> None:
+    """Index video files, folders, globs or pyarrow.fs URIs into the footage index.
+
+    Exit 0 when everything was indexed, 2 when some inputs failed, 1 when none was indexed.
+    """
+    from deploy.runtime import local_runtime
+    from pipeline.archive import index_archive
+
+    settings = current_settings(ctx)
+    with local_runtime(settings) as rt:
+        report = index_archive(list(paths), settings, source_id=source_id, index=rt.index, events=rt.events,
+                               progress=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"indexed {len(report.indexed)} file(s), {report.segments} new segment(s) "
+                   f"({report.skipped} already indexed), {report.source_seconds:.1f} s of video in {report.seconds:.1f} s")
+        for f in report.failed:
+            click.echo(f"FAILED {f['path']}: {f['error']}", err=True)
+        click.echo(f"index: {settings.index_root}; events: Redis stream tubescope:segments")
+    sys.exit(report.exit_code)
+
+
+@cli.command("segments")
+@click.argument("source")
+@click.option("--start", type=float, default=None, help="window start (seconds; epoch seconds for live feeds)")
+@click.option("--end", type=float, default=None, help="window end")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def segments_cmd(ctx: click.Context, source: str, start: float | None, end: float | None, as_json: bool) -> None:
+    """List the indexed segments of SOURCE that overlap [start, end)."""
+    from pipeline.index import SegmentIndex
+
+    settings = current_settings(ctx)
+    rows = SegmentIndex(settings.index_root).list(source, start=start, end=end)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=list))
+        return
+    for r in rows:
+        click.echo(f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}\t{r['n_tokens']} tokens"
+                   f"\t{r['model_id']}")
+    if not rows:
+        click.echo(f"no segments for source {source!r} in that window", err=True)
 
 
 # ---- demo --------------------------------------------------------------------------------------------------------

@@ -164,10 +164,19 @@ def _tube_row(base: dict, tubes, error: str) -> dict:
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------
-def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | None = None, index=None, events=None,
-                  progress: bool = True) -> JobReport:
-    """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on."""
+def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: str | None = None, index=None,
+                  events=None, progress: bool = True) -> JobReport:
+    """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
+
+    encoder_cls: the Ray Data encoder stage; None means actors.encoder.VisionEncoder, resolved by name at call time so
+    that pipeline keeps no import-time dependency on actors.
+    """
+    import importlib
+
     import ray
+
+    if encoder_cls is None:
+        encoder_cls = importlib.import_module("actors.encoder").VisionEncoder
 
     from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM
     from pipeline.index import SegmentIndex

@@ -29,6 +29,7 @@ BACKENDS = ("pyav", "decord")
 DEFAULT_BACKEND = "pyav"
 INTERPOLATIONS = ("BICUBIC", "BILINEAR", "FAST_BILINEAR", "AREA", "LANCZOS", "POINT")
 _EPS = 1e-6                        # seconds; absorbs float error in pts * time_base
+_DECORD_CHUNK = 32                 # sample times fetched per decord get_batch call
 
 
 class DecodeError(ValueError):
@@ -439,10 +440,13 @@ def _iter_decord(path, start, end, fps, max_pixels, min_pixels, threads):
     # The frame on screen at time t: the last one starting at or before t.
     idx = np.searchsorted(starts, np.asarray(times) + _EPS, side="right") - 1
     idx = np.clip(idx, 0, n - 1)
-    unique, inverse = np.unique(idx, return_inverse=True)
-    try:
-        batch = reader.get_batch(unique.tolist()).asnumpy()   # (u, H', W', 3) uint8
-    except Exception as e:
-        raise DecodeError(path_s, f"decord failed while decoding ({e})") from e
-    for t, j in zip(times, inverse):
-        yield t, batch[j]
+    # Fetch in chunks of sample times so a long window never holds all its frames at once.
+    for lo in range(0, len(times), _DECORD_CHUNK):
+        chunk = idx[lo:lo + _DECORD_CHUNK]
+        unique, inverse = np.unique(chunk, return_inverse=True)
+        try:
+            batch = reader.get_batch(unique.tolist()).asnumpy()   # (u, H', W', 3) uint8
+        except Exception as e:
+            raise DecodeError(path_s, f"decord failed while decoding ({e})") from e
+        for t, j in zip(times[lo:lo + _DECORD_CHUNK], inverse):
+            yield t, batch[j]

@@ -126,9 +126,7 @@ class Qwen2VL(nn.Module):
             if position_ids.shape != (3, batch, seq):
                 raise ValueError(f"position_ids must be (3, {batch}, {seq}) or ({batch}, {seq}), "
                                  f"got {tuple(position_ids.shape)}")
-            if rope_deltas is None:
-                rope_deltas = cached_deltas
-            if rope_deltas is None:   # a fresh prefill with caller-made positions: the reference delta definition
+            if rope_deltas is None:   # the reference definition; after a cache it equals continuing the old one
                 rope_deltas = position_ids.amax(dim=(0, 2)).view(batch, 1) + 1 - (past + seq)
             return position_ids, rope_deltas
         if past == 0:

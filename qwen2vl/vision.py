@@ -58,6 +58,7 @@ def grid_list(grid_thw, spatial_merge_size: int = 2) -> list[tuple[int, int, int
 def vision_cu_seqlens(grid_thw) -> Tensor:
     """Attention segment boundaries: one segment per temporal slice (h*w patches), int32 [n_slices + 1]."""
     grid = torch.as_tensor(grid_thw)
+    grid_list(grid, spatial_merge_size=1)                     # shape / dtype / positivity checks
     seqlens = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
     return F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
 

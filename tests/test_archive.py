@@ -1,0 +1,136 @@
+"""Archive jobs end to end: real Ray Data, real encoder actors, real videos, real Redis; bad input loses nothing else."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qwen2vl
+from pipeline.archive import expand_sources, index_archive
+from pipeline.decode import decode_window
+from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM, EventSink
+from pipeline.index import SegmentIndex
+from pipeline.settings import load_settings
+from pipeline.tubes import segment_frames, tubes_from_segment
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return qwen2vl.write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _settings(tmp_path, model, **kw):
+    return load_settings(data_dir=tmp_path / "data", model_path=model, segment_seconds=2.0,
+                         min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40, encoder_token_budget=300, **kw)
+
+
+def test_expand_sources(tmp_path, video_factory):
+    a = video_factory("a.mp4", seconds=0.5)
+    b = video_factory("sub/b.mkv", seconds=0.5)
+    (tmp_path / "videos" / "notes.txt").write_text("x")
+    files, failed = expand_sources([str(tmp_path / "videos"), str(tmp_path / "videos" / "*.mp4"),
+                                    str(tmp_path / "nope.mp4"), str(tmp_path / "empty*.mp4")])
+    assert files == [str(a), str(b)]                      # folder recursion, video extensions only, no duplicates
+    assert [f["error"] for f in failed] == ["no such file or directory", "glob matched no files"]
+    files, failed = expand_sources([f"file://{a}"])
+    assert files == [str(a)] and not failed
+
+
+def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_factory, redis_server, ray_local,
+                                                             tiny_model):
+    good = [video_factory("wide.mp4", width=256, height=96, fps=30, seconds=5.0),
+            video_factory("portrait.mp4", width=90, height=160, fps=25, frames=61),
+            video_factory("one.mp4", width=64, height=48, fps=25, frames=1),
+            video_factory("huge.mp4", width=1920, height=1080, fps=25, frames=3)]
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.mp4"
+    text.write_text("this is not a video\n" * 50)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good[0].read_bytes()[:3000])
+    missing = tmp_path / "missing.mp4"
+    s = _settings(tmp_path, tiny_model)
+    index = SegmentIndex(s.index_root)
+    sink = EventSink(redis_server.url, tmp_path / "outbox")
+    paths = [str(p) for p in [good[0], empty, good[1], text, good[2], truncated, missing, good[3]]]
+
+    report = index_archive(paths, s, index=index, events=sink, progress=False)
+
+    assert sorted(report.indexed) == sorted(str(p) for p in good)
+    assert sorted(f["path"] for f in report.failed) == sorted(str(p) for p in [empty, text, truncated, missing])
+    assert all(f["error"] for f in report.failed)
+    assert report.exit_code == 2
+    # wide: 5 s at 2 fps -> 3 segments of 2 s (the last holds 2 frames); portrait 61 frames at 25 fps -> 2.44 s -> 2
+    expected = {"wide": 3, "portrait": 2, "one": 1, "huge": 1}
+    assert report.segments == sum(expected.values())
+    for source, n in expected.items():
+        rows = index.list(source)
+        assert len(rows) == n, (source, rows)
+        for r in rows:
+            t, h, w = r["grid_thw"]
+            assert h * w * 14 * 14 <= s.max_pixels and r["n_tokens"] == t * h * w // 4
+    assert index.list("one")[0]["grid_thw"][0] == 1                 # 1 frame -> padded to a single tube
+    huge = index.list("huge")[0]
+    assert huge["grid_thw"][1] * huge["grid_thw"][2] * 196 <= s.max_pixels   # capped by max_pixels
+
+    client = redis_server.client()
+    seg_events = client.xrange(SEGMENTS_STREAM)
+    assert len(seg_events) == report.segments
+    assert {e[1][b"segment_id"].decode() for e in seg_events} == {
+        r["segment_id"] for src in expected for r in index.list(src)}
+    err_events = client.xrange(ERRORS_STREAM)
+    assert sorted(e[1][b"path"].decode() for e in err_events) == sorted(f["path"] for f in report.failed)
+
+    # the stored tokens are the vision tower's output for exactly those frames (packing changed nothing)
+    model = qwen2vl.load_pretrained(tiny_model)
+    seg = segment_frames("wide", decode_window(str(good[0]), 2.0, 4.0, fps=s.fps, min_pixels=s.min_pixels,
+                                               max_pixels=s.max_pixels), segment_seconds=2.0, fps=s.fps)[0]
+    tubes = tubes_from_segment(seg)
+    with torch.no_grad():
+        direct = model.visual(torch.as_tensor(tubes.pixel_rows), torch.tensor([tubes.grid_thw]))
+    stored = index.tokens(seg.segment_id)
+    assert seg.segment_id == "wide:2000"
+    assert stored.dtype == torch.float16 and stored.shape == direct.shape
+    torch.testing.assert_close(stored.float(), direct.half().float(), atol=2e-3, rtol=0)
+
+    # re-running is idempotent: nothing decoded or written again, everything counted as already indexed
+    again = index_archive([str(p) for p in good], s, index=index, events=sink, progress=False)
+    assert again.segments == 0 and again.skipped == report.segments and again.exit_code == 0
+    sink.close()
+
+
+def test_job_with_only_bad_input_exits_1(tmp_path, ray_local, tiny_model):
+    s = _settings(tmp_path, tiny_model)
+    report = index_archive([str(tmp_path / "nothing.mp4")], s, progress=False)
+    assert report.exit_code == 1 and report.indexed == [] and report.segments == 0
+
+
+def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny_model):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clip = video_factory("cam.mp4", width=160, height=90, fps=30, seconds=3.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUBESCOPE_")}
+    env.update(TUBESCOPE_DATA_DIR=str(tmp_path / "data"), TUBESCOPE_MODEL_PATH=str(tiny_model),
+               TUBESCOPE_SEGMENT_SECONDS="2", REDIS_URL=redis_server.url, RAY_AUTH_MODE="disabled",
+               TUBESCOPE_MAX_PIXELS=str(28 * 28 * 20), TUBESCOPE_MIN_PIXELS=str(28 * 28 * 4))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "deploy", "index", str(clip), str(tmp_path / "gone.mp4"),
+                          "--source-id", "lobby", "--json"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=200)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stdout.lstrip().startswith("{"), (out.stdout[-2000:], out.stderr[-3000:])
+    report = json.loads(out.stdout)
+    assert report["indexed"] == [str(clip)] and report["segments"] == 2
+    assert report["failed"] == [{"path": str(tmp_path / "gone.mp4"), "error": "no such file or directory"}]
+    seg = subprocess.run([sys.executable, "-m", "deploy", "segments", "lobby", "--start", "1", "--end", "2.5",
+                          "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert seg.returncode == 0, seg.stderr
+    rows = json.loads(seg.stdout)
+    assert [r["segment_id"] for r in rows] == ["lobby:0", "lobby:2000"]
