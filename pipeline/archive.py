@@ -164,9 +164,16 @@ def _tube_row(base: dict, tubes, error: str) -> dict:
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------
+class JobCancelled(Exception):
+    """Raised inside index_archive when should_cancel() says so; what was indexed before stays indexed."""
+
+
 def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: str | None = None, index=None,
-                  events=None, progress: bool = True) -> JobReport:
+                  events=None, progress: bool = True, on_progress=None, should_cancel=None) -> JobReport:
     """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
+
+    on_progress(report, files_total): called after every batch of encoded segments (job status for the REST API).
+    should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
 
     encoder_cls: the Ray Data encoder stage; None means actors.encoder.VisionEncoder, resolved by name at call time so
     that pipeline keeps no import-time dependency on actors.
@@ -253,6 +260,11 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
         if bar is not None:
             bar.set_postfix(segments=report.segments)
             bar.update(0)
+        if on_progress is not None:
+            report.seconds = time.perf_counter() - t_start
+            on_progress(report, len(files))
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled(f"cancelled after {report.segments} segments")
     for p in files:
         st = per_file[p]
         if st["error"]:
