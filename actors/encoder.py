@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline import metrics
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.checkpoints import pixel_norm
 from pipeline.packing import gather_batch, pack_tubes, split_tokens
@@ -34,8 +35,12 @@ class EncodeStats:
 
 class VisionEncoder:
     def __init__(self, model_path: str, token_budget: int = 16384, dtype: str = "float32", device: str | None = None,
-                 on_batch=None):
+                 on_batch=None, pipeline: str = "archive"):
         import qwen2vl
+
+        if pipeline not in metrics.PIPELINES:
+            raise ValueError(f"pipeline must be one of {', '.join(metrics.PIPELINES)}, got {pipeline!r}")
+        self.pipeline = pipeline                                         # metrics label: live or archive
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _DTYPES[dtype]
@@ -83,6 +88,8 @@ class VisionEncoder:
             self.stats.patches += batch.patches
             self.stats.fill_sum += fill
             self.stats.seconds += dt
+            metrics.record_encoder_batch(fill, dt, batch.patches, len(batch.tubes), tokens=int(tokens.shape[0]),
+                                         pipeline=self.pipeline)
             if self.on_batch is not None:
                 self.on_batch(fill, dt, batch.patches)
         return [torch.cat([tok for _, tok in sorted(p, key=lambda x: x[0])]) for p in pieces]

@@ -32,6 +32,7 @@ import redis as redis_lib
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.stream_sampler import ALLOWED_SCHEMES, SamplerConfig, StreamSampler, local_file_path, validate_feed_url
+from pipeline import metrics
 from pipeline.records import Segment
 from pipeline.settings import Settings, load_settings, redact_url
 
@@ -44,6 +45,7 @@ READER_CPUS = 0.25                  # a reader decodes one stream; 2 CPUs hold s
 READER_CONCURRENCY = 4              # threaded actor: pulls and status calls never wait for the reading thread
 _FEED_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_FPS = 30.0
+METRICS_INTERVAL_S = 1.0            # how often a reader exports its feed's status as metrics
 
 
 # ---------------------------------------------------------------- registry
@@ -164,18 +166,39 @@ class _FeedReader:
             from pipeline.events import EventSink
             self.sink = EventSink(events_redis_url, settings.outbox_dir / "feeds" / self.feed["id"],
                                   maxlen=settings.stream_maxlen)
+        self._metrics_stop = threading.Event()
+        self._metrics_thread: threading.Thread | None = None
         if autostart:
-            self.sampler.start()
+            self.start()
 
     def start(self) -> dict:
         self.sampler.start()
+        if self._metrics_thread is None or not self._metrics_thread.is_alive():
+            self._metrics_stop.clear()
+            self._metrics_thread = threading.Thread(target=self._report_metrics, daemon=True,
+                                                    name=f"feed-metrics-{self.feed['id']}")
+            self._metrics_thread.start()
         return self.status()
 
     def stop(self, timeout_s: float = 15.0) -> bool:
         stopped = self.sampler.stop(timeout_s)
+        self._metrics_stop.set()
+        if self._metrics_thread is not None:
+            self._metrics_thread.join(timeout=5.0)
+        metrics.record_feed_stopped(self.feed["id"])
         if self.sink is not None:
             self.sink.close()
         return stopped
+
+    def _report_metrics(self) -> None:
+        """Export the sampler's status every METRICS_INTERVAL_S (lag keeps growing while no frame comes)."""
+        while True:
+            try:
+                metrics.record_feed_status(self.feed["id"], self.sampler.status())
+            except Exception:                          # never let metrics end the reader
+                log.exception("feed %s: exporting metrics failed", self.feed["id"])
+            if self._metrics_stop.wait(METRICS_INTERVAL_S):
+                return
 
     def status(self) -> dict:
         return {**self.sampler.status(), "feed_id": self.feed["id"], "name": self.feed.get("name"),

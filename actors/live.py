@@ -13,6 +13,7 @@ from typing import Callable
 
 import ray
 
+from pipeline import metrics
 from pipeline.records import IndexedSegment, Segment
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LiveIndexing:
         for seg, rec in zip(segments, records):
             latency = now - seg.frame_ts[-1]          # wall clock since the segment's last sampled frame
             self.last_latency_s = latency
+            metrics.record_live_latency(rec.source_id, latency)
             if self.events is not None:
                 self.events.emit(SEGMENTS_STREAM, {"segment_id": rec.segment_id, "source_id": rec.source_id,
                                                    "t0": f"{rec.t0:.3f}", "t1": f"{rec.t1:.3f}", "live": "1",
@@ -64,6 +66,7 @@ class LiveIndexing:
             if self.on_indexed is not None:
                 self.on_indexed(seg, latency)
         self.segments += written
+        metrics.record_segments_indexed(written, "live")
         return written
 
 
@@ -84,7 +87,7 @@ class LiveIndexer:
         self.events = EventSink(redis_url, settings.outbox_dir / "live", maxlen=settings.stream_maxlen,
                                 outbox_max=settings.outbox_max_events)
         encoder = VisionEncoder(str(model_path), token_budget=settings.encoder_token_budget,
-                                dtype=settings.encoder_dtype)
+                                dtype=settings.encoder_dtype, pipeline="live")
         self.core = LiveIndexing(encoder, SegmentIndex(settings.index_root), self.events)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

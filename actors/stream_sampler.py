@@ -414,6 +414,7 @@ class StreamSampler:
         self.packets_skipped = 0
         self.last_frame_time: float | None = None    # epoch time of the last sampled frame
         self.last_decoded_time: float | None = None  # epoch time of the last decoded frame
+        self.last_segment_time: float | None = None  # end time (t1) of the last completed segment
         self.last_error: str | None = None
         self.last_error_time: float | None = None
         self.backoff_s: float | None = None          # the delay before the next attempt, while waiting
@@ -578,6 +579,7 @@ class StreamSampler:
     def _emit_segments(self, segments: list[Segment]) -> None:
         for seg in segments:
             self.segments_produced += 1
+            self.last_segment_time = seg.t1
             dropped = self.queue.put(seg)
             if dropped is not None:
                 log.info("feed %s: consumer behind, dropped segment %s", self.config.source_id, dropped.segment_id)
@@ -639,6 +641,7 @@ class StreamSampler:
             "frames_decoded": self.frames_decoded,
             "frames_sampled": self.frames_sampled,
             "segments_produced": self.segments_produced,
+            "last_segment_time": self.last_segment_time,
             "queued": len(self.queue),
             "pending_frames": self._builder.pending,
             "drops": self.queue.drops,

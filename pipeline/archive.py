@@ -185,6 +185,7 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
     if encoder_cls is None:
         encoder_cls = importlib.import_module("actors.encoder").VisionEncoder
 
+    from pipeline import metrics
     from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM
     from pipeline.index import SegmentIndex
     from pipeline.records import IndexedSegment
@@ -199,6 +200,7 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
 
     def fail(path: str, error: str):
         report.failed.append({"path": path, "error": error})
+        metrics.record_decode_error(metrics.decode_error_kind(error))
         if events is not None:
             events.emit(ERRORS_STREAM, {"path": path, "error": error, "stage": "index"})
 
@@ -251,6 +253,7 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
         if new_segments:
             written = index.add([s for _, s in new_segments])
             report.segments += written
+            metrics.record_segments_indexed(written, "archive")
             for path, s in new_segments:
                 per_file[path]["segments"] += 1
                 if events is not None:

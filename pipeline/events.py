@@ -24,6 +24,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline import metrics
+
 log = logging.getLogger("tubescope.events")
 
 # Every stream tubescope writes; keys are namespaced "tubescope:" (DESIGN 6).
@@ -113,6 +115,7 @@ class EventSink:
         if self._outbox:
             log.warning("event outbox %s holds %d undelivered events", self.outbox_dir, len(self._outbox))
             self._ensure_flusher()
+        metrics.record_outbox_depth(self.outbox_dir, len(self._outbox))
 
     # ---- public ----------------------------------------------------------------------------------------------------
     def emit(self, stream: str, fields: Mapping) -> str | None:
@@ -171,6 +174,12 @@ class EventSink:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def _flush_locked(self) -> int:
+        try:
+            return self._deliver_outbox()
+        finally:
+            metrics.record_outbox_depth(self.outbox_dir, len(self._outbox))
+
+    def _deliver_outbox(self) -> int:
         sent = 0
         while self._outbox:
             name = self._outbox[0]
@@ -236,11 +245,13 @@ class EventSink:
         self._next_seq += 1
         self._outbox.append(name)
         self.queued += 1
+        metrics.record_outbox_depth(self.outbox_dir, len(self._outbox))
         self._ensure_flusher()
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
         self._unreported_drops += 1
+        metrics.record_events_dropped()
         log.error("event dropped (%d so far): %s", self.dropped, why)
 
     @staticmethod

@@ -77,6 +77,23 @@ class Settings(BaseSettings):
     api_keys: list[ApiKey] = []                   # JSON list in the environment: [{"key": ..., "role": "admin"}]
     ask_token_budget: int = Field(16_384, ge=1)   # visual tokens per question; more footage is narrowed by search
     max_gap_seconds: float = Field(60.0, gt=0)    # longer gaps between selected segments are shortened to this (M-RoPE)
+    # request limits of the REST API (413/422 with a message naming the limit)
+    api_max_request_bytes: int = Field(64 * 1024, ge=1024)     # request body size (413)
+    api_max_question_chars: int = Field(2_000, ge=1)          # ask: question length (422)
+    api_max_query_chars: int = Field(500, ge=1)               # search: query length (422)
+    api_max_window_seconds: float = Field(31 * 86_400.0, gt=0)  # ask/search: end - start (422)
+    api_max_new_tokens: int = Field(512, ge=1)                # ask: max_new_tokens ceiling (422)
+    api_default_new_tokens: int = Field(128, ge=1)            # ask: max_new_tokens when the request names none
+    api_max_search_results: int = Field(100, ge=1)            # search: limit ceiling (422)
+    api_max_job_paths: int = Field(1_000, ge=1)               # jobs: paths per request (422)
+    job_uri_schemes: list[str] = []               # pyarrow.fs URI schemes jobs may read (e.g. ["s3", "gs"]); none by default
+    # the decoder deployment (Ray Serve)
+    decoder_replicas: int = Field(1, ge=1)
+    decoder_cpus: float = Field(0.25, ge=0)       # per replica; a fraction leaves room for Serve and Ray Data on 2 CPUs
+    decoder_max_ongoing_requests: int = Field(1, ge=1)   # per replica; more wait in Serve's queue
+    decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
+    api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503
+    feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
 
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
@@ -102,7 +119,7 @@ class Settings(BaseSettings):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
         return v
 
-    @field_validator("feed_schemes", mode="after")
+    @field_validator("feed_schemes", "job_uri_schemes", mode="after")
     @classmethod
     def _lower_schemes(cls, v: list[str]) -> list[str]:
         return [s.lower().rstrip(":/") for s in v]

@@ -1,0 +1,154 @@
+"""Ingest throughput and live latency (JSON on stdout).
+
+    .venv/bin/python bench/ingest.py            # 2 x 30 s 360p30 archive clips; 4 live 360p feeds for 20 s
+    .venv/bin/python bench/ingest.py --quick    # 2 x 6 s clips; 2 feeds for 8 s
+
+archive: source-seconds indexed per wall-second by a real archive job (Ray Data, VisionEncoder actor pool, tiny
+model, SegmentIndex, Redis events), against the decode-only rate (pipeline.decode -> segments -> uint8 tubes, the
+same files, in this process) measured in the same run. The job is run twice: the first run includes Ray Data start-up
+and the encoder actor loading the checkpoint; the second indexes copies of the clips under new source ids on the warm
+cluster (steady state). Goal: steady-state ratio >= 0.8.
+live: N feeds of a 360p file played at real time (FeedReader actors), one LiveIndexer; latency = wall clock at the
+Redis event minus the segment's last sampled frame. Goal: p95 <= 3 s, no drops.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def make_clip(path: Path, seconds: float, width=640, height=360, fps=30) -> Path:
+    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", f"testsrc2=size={width}x{height}:rate={fps}", "-t", f"{seconds:g}", "-c:v", "libx264",
+                    "-preset", "veryfast", "-g", str(fps), "-bf", "0", "-pix_fmt", "yuv420p", str(path)], check=True)
+    return path
+
+
+def decode_only(paths: list[Path], settings) -> float:
+    from pipeline.decode import decode_window, probe
+    from pipeline.tubes import segment_frames, tubes_from_segment
+
+    t0 = time.perf_counter()
+    for p in paths:
+        info = probe(str(p))
+        frames = decode_window(str(p), 0.0, info.duration, fps=settings.fps, min_pixels=settings.min_pixels,
+                               max_pixels=settings.max_pixels)
+        for seg in segment_frames(p.stem, frames, segment_seconds=settings.segment_seconds, fps=settings.fps):
+            tubes_from_segment(seg, as_uint8=True)
+    return time.perf_counter() - t0
+
+
+def bench_archive(work: Path, settings, seconds: float) -> dict:
+    from deploy.runtime import local_runtime
+    from pipeline.archive import index_archive
+    from pipeline.decode import probe
+
+    clips = [make_clip(work / f"clip{i}.mp4", seconds) for i in range(2)]
+    source_seconds = sum(probe(str(c)).duration for c in clips)
+    decode_s = decode_only(clips, settings)
+    with local_runtime(settings) as rt:
+        cold = index_archive([str(c) for c in clips], settings, index=rt.index, events=rt.events, progress=False)
+        copies = []
+        for c in clips:
+            copies.append(work / f"warm_{c.name}")
+            shutil.copy(c, copies[-1])
+        warm = index_archive([str(c) for c in copies], settings, index=rt.index, events=rt.events, progress=False)
+    decode_rate = source_seconds / decode_s
+    return {
+        "clips": len(clips), "source_seconds": round(source_seconds, 2),
+        "decode_only_s": round(decode_s, 3), "decode_only_rate": round(decode_rate, 2),
+        "job_cold_s": round(cold.seconds, 3), "job_cold_rate": round(source_seconds / cold.seconds, 2),
+        "job_warm_s": round(warm.seconds, 3), "job_warm_rate": round(source_seconds / warm.seconds, 2),
+        "ratio_warm_vs_decode_only": round(decode_s / warm.seconds, 3),
+        "ratio_cold_vs_decode_only": round(decode_s / cold.seconds, 3),
+        "segments": cold.segments + warm.segments, "failed": cold.failed + warm.failed,
+        "goal_ratio": 0.8,
+    }
+
+
+def bench_live(work: Path, settings, n_feeds: int, run_s: float) -> dict:
+    import ray
+    import redis
+
+    from actors.feeds import FeedSupervisor, add_feed
+    from actors.live import LiveIndexer
+    from deploy.runtime import local_runtime
+    from pipeline.events import SEGMENTS_STREAM
+
+    clip = make_clip(work / "live360.mp4", 10.0, fps=25)
+    with local_runtime(settings) as rt:
+        r = redis.Redis.from_url(rt.redis_url)
+        r.delete(SEGMENTS_STREAM, "tubescope:feeds")
+        for i in range(n_feeds):
+            add_feed(r, str(clip), feed_id=f"cam{i}", settings=settings)
+        sup = FeedSupervisor(rt.redis_url, settings, events=False)
+        indexer = LiveIndexer.remote(settings, str(rt.model_path), rt.redis_url)
+        ray.get(indexer.start.remote())
+        sup.reconcile()
+        deadline = time.time() + 120          # warm-up: actors import torch and load the checkpoint
+        while time.time() < deadline and r.xlen(SEGMENTS_STREAM) < n_feeds:
+            time.sleep(0.2)
+        warmup_s = round(120 - (deadline - time.time()), 2)
+        r.delete(SEGMENTS_STREAM)
+        drops_before = sum(s.get("drops", 0) for s in sup.statuses().values())
+        time.sleep(run_s)
+        statuses = sup.statuses()
+        status = ray.get(indexer.status.remote())
+        ray.get(indexer.stop.remote())
+        sup.stop_all()
+        ray.kill(indexer)
+        lat = [float(f[b"latency_s"]) for _, f in r.xrange(SEGMENTS_STREAM) if f.get(b"live") == b"1"]
+    lat.sort()
+    return {
+        "feeds": n_feeds, "seconds": run_s, "segment_seconds": settings.segment_seconds,
+        "segments_indexed": len(lat),
+        "latency_s": {"p50": round(statistics.median(lat), 3) if lat else None,
+                      "p95": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else None,
+                      "max": round(lat[-1], 3) if lat else None},
+        "warmup_s": warmup_s,
+        "drops": sum(s.get("drops", 0) for s in statuses.values()) - drops_before,
+        "reconnects": sum(s.get("reconnects", 0) for s in statuses.values()),
+        "encoder_batches": status["encoder_batches"], "encoder_fill": round(status["encoder_fill"], 3),
+        "goal_p95_s": 3.0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    from pipeline.settings import load_settings
+
+    work = Path(tempfile.mkdtemp(prefix="tubescope-bench-ingest-"))
+    try:
+        settings = load_settings(data_dir=work / "data")
+        print("archive ...", file=sys.stderr)
+        archive = bench_archive(work, settings, 6.0 if args.quick else 30.0)
+        print("live ...", file=sys.stderr)
+        live_settings = load_settings(data_dir=work / "data", segment_seconds=2.0)
+        live = bench_live(work, live_settings, 2 if args.quick else 4, 8.0 if args.quick else 20.0)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"bench": "ingest", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                      "model": "tiny random (tubescope model init-tiny)", "archive": archive, "live": live},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

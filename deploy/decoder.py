@@ -1,0 +1,223 @@
+"""Decoder: answers questions over indexed footage from its stored visual tokens (DESIGN 4-5, issue 5).
+
+Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
+  select  list the window's segments (metadata only); over the visual-token budget, narrow to the best segments by
+          search (never silently truncated: `narrowed` and `evidence` say exactly what the model saw)
+  prompt  chat template; per source run one video block of the stored tokens, preceded by its time label;
+          temporal M-RoPE ids from the tubes' times (deploy.footage)
+  prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
+          forward over the prefix (logits for the last position only) which is then cached; then the question
+  decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token
+  record  one entry in the Redis stream tubescope:answers (through the EventSink), whose id the result carries
+The vision tower is dropped at load: indexed footage is never re-encoded. One lock serialises model calls (CPU
+threads gain nothing from running two forwards at once); cached prefixes are cloned before being extended.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from deploy.footage import PromptPlan, build_prompt, check_question, group_blocks, list_window
+from deploy.prefix_cache import PrefixCache
+from deploy.search import SegmentRanker
+from pipeline.checkpoints import model_id as checkpoint_model_id
+from pipeline.events import ANSWERS_STREAM
+from pipeline.settings import Settings
+from qwen2vl.checkpoint import load_pretrained
+from qwen2vl.generate import generate
+from qwen2vl.processor import Processor
+
+MAX_NEW_TOKENS = 1024             # per question; larger requests are refused (ValueError)
+MAX_SEARCH_LIMIT = 1000
+
+
+class Decoder:
+    def __init__(self, settings: Settings, model_path: str | Path, *, index=None, events=None,
+                 dtype: torch.dtype = torch.float32, device=None, prefix_cache_bytes: int = 2 << 30):
+        if not isinstance(settings, Settings):
+            raise ValueError(f"settings must be a pipeline.settings.Settings, got {type(settings).__name__}")
+        self.settings = settings
+        self.model_path = Path(model_path)
+        self.model_id = checkpoint_model_id(self.model_path)
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
+        self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
+        self.processor = Processor.from_pretrained(self.model_path)
+        if index is None:
+            from pipeline.index import SegmentIndex
+            index = SegmentIndex(settings.index_root)
+        self.index = index
+        self.events = events
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.tube_seconds = self.model.config.vision.temporal_patch_size / settings.fps
+        self._lock = threading.Lock()     # model calls
+        self._count_lock = threading.Lock()
+        self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
+                                    settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device)
+        self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
+
+    # ---- public -----------------------------------------------------------------------------------------------
+    def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
+            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None) -> dict:
+        """Answer `question` over the footage of `sources` in [start, end) (None = unbounded).
+
+        LookupError: unknown source / no footage in the window. ValueError: bad arguments.
+        """
+        t_start = time.perf_counter()
+        try:
+            result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start)
+        except Exception:
+            self._count("failed")
+            raise
+        self._count("asks")
+        self._count("narrowed", int(result["narrowed"]))
+        self._count("new_tokens", result["timings"]["new_tokens"])
+        return result
+
+    def search(self, query: str, sources: list[str], start: float | None = None, end: float | None = None,
+               limit: int = 10) -> list[dict]:
+        """Segments of the window ranked for `query`: [{source, segment_id, t0, t1, score}], best first."""
+        check_question(query)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise ValueError(f"limit must be an int in [1, {MAX_SEARCH_LIMIT}], got {limit!r}")
+        rows = list_window(self.index, sources, start, end, self.model_id)
+        ranked = self.ranker.rank(query, rows, self._segment_tokens)
+        self._count("searches")
+        return [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
+                 "score": float(score)} for r, score in ranked[:limit]]
+
+    def stats(self) -> dict:
+        with self._count_lock:
+            counts = dict(self.counts)
+        return {"model": self.model_id, "prefix_cache": self.prefix_cache.stats(),
+                "segments_scored": self.ranker.segments_scored, **counts}
+
+    # ---- one question ---------------------------------------------------------------------------------------------
+    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start) -> dict:
+        check_question(question)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+        if on_token is not None and not callable(on_token):
+            raise ValueError("on_token must be a callable taking a text piece, or None")
+
+        rows = list_window(self.index, sources, start, end, self.model_id)
+        selected, narrowed = self._fit_budget(question, rows)
+        plan = build_prompt(self.processor, group_blocks(selected, self.tube_seconds, self.settings.max_gap_seconds),
+                            question, self.model.config)
+        t_selected = time.perf_counter()
+
+        key = plan.prefix_key(self.model_id, self.dtype)
+        cache = self.prefix_cache.get(key)                  # a private clone: extended below
+        embeds = None if cache is not None else self._plan_tokens(plan)
+        stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
+        with self._lock:
+            hit = cache is not None
+            if not hit:
+                cache = self._prefill_prefix(plan, embeds)
+                self.prefix_cache.put(key, cache.clone())
+            suffix = torch.tensor([plan.suffix_ids], device=self.device)
+            new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
+                               streamer=stream.put)[0].tolist()
+        stream.finish()
+        t_end = time.perf_counter()
+
+        t_first = stream.first_token_at or t_end
+        timings = {"select_s": t_selected - t_start, "prefill_s": t_first - t_selected, "ttft_s": t_first - t_start,
+                   "decode_s": t_end - t_first, "total_s": t_end - t_start, "prefix_cache": "hit" if hit else "miss",
+                   "prompt_tokens": len(plan.input_ids), "visual_tokens": plan.visual_tokens,
+                   "new_tokens": len(new_ids)}
+        evidence = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"]}
+                    for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
+        result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
+                  "timings": timings, "narrowed": narrowed, "stream_entry": None}
+        if self.events is not None:
+            result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {
+                "id": result["id"], "question": question, "answer": result["answer"], "evidence": evidence,
+                "model": self.model_id, "timings": timings, "narrowed": narrowed,
+                "sources": list(dict.fromkeys([sources] if isinstance(sources, str) else sources)),
+                "start": start, "end": end})
+        return result
+
+    def _fit_budget(self, question: str, rows: list[dict]) -> tuple[list[dict], bool]:
+        """All rows when their tokens fit ask_token_budget; else the best-scoring ones that fit, in time order."""
+        budget = self.settings.ask_token_budget
+        if sum(int(r["n_tokens"]) for r in rows) <= budget:
+            return rows, False
+        chosen, used = [], 0
+        for row, _score in self.ranker.rank(question, rows, self._segment_tokens):
+            if used + int(row["n_tokens"]) <= budget:
+                chosen.append(row)
+                used += int(row["n_tokens"])
+        if not chosen:
+            smallest = min(int(r["n_tokens"]) for r in rows)
+            raise ValueError(f"ask_token_budget ({budget} visual tokens) is smaller than any segment of the window "
+                             f"(the smallest holds {smallest}); raise the budget")
+        chosen.sort(key=lambda r: (r["t0"], r["source_id"]))
+        return chosen, True
+
+    # ---- model work ---------------------------------------------------------------------------------------------------
+    def _segment_tokens(self, segment_id: str) -> torch.Tensor:
+        return self.index.tokens(segment_id, self.model_id)                    # fp16 (n, D)
+
+    def _plan_tokens(self, plan: PromptPlan) -> torch.Tensor:
+        """Stored visual tokens of the plan's segments in prompt order, (n_visual, D) in the model dtype."""
+        parts = [self._segment_tokens(sid) for sid in plan.segment_ids]
+        return torch.cat(parts).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _prefill_prefix(self, plan: PromptPlan, embeds: torch.Tensor):
+        """KV of the video prefix; logits only for its last position (nothing reads them)."""
+        ids = torch.tensor([plan.prefix_ids], device=self.device)
+        out = self.model(ids, video_embeds=embeds, position_ids=plan.prefix_positions.to(self.device),
+                         rope_deltas=plan.prefix_rope_deltas.to(self.device), use_cache=True, logits_to_keep=1)
+        return out.past_key_values
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counts[name] += n
+
+
+class TextStream:
+    """Token ids -> text pieces for on_token: decodes the whole answer so far and hands out what is new, holding
+    back an incomplete UTF-8 character (shown as U+FFFD) until its next byte arrives. Stop ids end the text."""
+
+    def __init__(self, tokenizer, on_token: Callable[[str], None] | None, stop_ids):
+        self.tokenizer, self.on_token = tokenizer, on_token
+        self.stop_ids = set(stop_ids or [])
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self.first_token_at: float | None = None
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        token = int(tokens.reshape(-1)[0])
+        if self.stopped or token in self.stop_ids:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.text
+        if not text.endswith("\ufffd"):
+            self._send(text)
+
+    def finish(self) -> None:
+        self._send(self.text)
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _send(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            if self.on_token is not None:
+                self.on_token(piece)

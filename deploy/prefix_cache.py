@@ -1,0 +1,140 @@
+"""LRU of video-prefix KV caches, bounded in bytes, plus the KV helpers the decoder and search need.
+
+A prefix is everything of a prompt before the question text (system turn, time labels, video blocks). Its KV
+depends only on the model, the segments, their positions and the dtype, so the key is built from exactly those
+(never from the question). Entries are never handed out for extension: `get` returns a clone, so two requests
+over the same footage each extend their own copy.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Hashable
+
+import torch
+import torch.nn.functional as F
+
+from qwen2vl.text import KVCache
+
+
+def cache_bytes(cache: KVCache) -> int:
+    """Bytes held by the keys and values of a cache (its used length, not spare capacity)."""
+    total = 0
+    for i in range(cache.num_layers):
+        if cache.lengths[i]:
+            k, v = cache.layer(i)
+            total += k.numel() * k.element_size() + v.numel() * v.element_size()
+    return total
+
+
+def stack_caches(caches: list[KVCache]) -> KVCache:
+    """One batch cache from batch-1 caches of possibly different lengths: shorter ones are padded on the LEFT.
+
+    Padded keys are masked through key_mask; rope_deltas shift by -pad so the next token of every row continues
+    at (its own last position + 1), the same rule get_rope_index uses for left-padded batches.
+    """
+    if not caches:
+        raise ValueError("stack_caches needs at least one cache")
+    if any(c.batch_size != 1 for c in caches):
+        raise ValueError("stack_caches takes batch-1 caches")
+    longest = max(c.seq_len for c in caches)
+    out = KVCache(caches[0].num_layers)
+    for i in range(out.num_layers):
+        keys, values = [], []
+        for c in caches:
+            k, v = c.layer(i)                                                   # (1, kv_heads, len, head_dim)
+            pad = longest - k.shape[2]
+            keys.append(F.pad(k, (0, 0, pad, 0)) if pad else k)
+            values.append(F.pad(v, (0, 0, pad, 0)) if pad else v)
+        out.append(i, torch.cat(keys), torch.cat(values))                       # (B, kv_heads, longest, head_dim)
+    device = out.layer(0)[0].device
+    masks, deltas = [], []
+    for c in caches:
+        pad = longest - c.seq_len
+        own = c.key_mask if c.key_mask is not None else torch.ones(1, c.seq_len, dtype=torch.bool, device=device)
+        masks.append(torch.cat([torch.zeros(1, pad, dtype=torch.bool, device=device), own.to(device)], dim=1))
+        deltas.append(c.rope_deltas.view(1, 1).to(device) - pad)
+    mask = torch.cat(masks)                                                      # (B, longest)
+    out.key_mask = None if bool(mask.all()) else mask
+    out.rope_deltas = torch.cat(deltas)                                          # (B, 1)
+    return out
+
+
+def split_cache(cache: KVCache) -> list[KVCache]:
+    """Batch-B cache (no padding) -> B independent batch-1 copies."""
+    if cache.key_mask is not None and not bool(cache.key_mask.all()):
+        raise ValueError("split_cache takes an unpadded cache")
+    out = []
+    for b in range(cache.batch_size):
+        one = KVCache(cache.num_layers)
+        for i in range(cache.num_layers):
+            k, v = cache.layer(i)
+            one.append(i, k[b:b + 1].clone(), v[b:b + 1].clone())
+        one.rope_deltas = cache.rope_deltas[b:b + 1].clone()
+        out.append(one)
+    return out
+
+
+class PrefixCache:
+    """Thread-safe LRU of KVCache entries whose total bytes stay <= max_bytes."""
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"prefix cache max_bytes must be a non-negative int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[KVCache, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.rejected = 0          # entries larger than the whole budget: never stored
+
+    def get(self, key: Hashable, copy: bool = True) -> KVCache | None:
+        """A private clone of the cached prefix (safe to extend), or None. Counts a hit or a miss.
+
+        copy=False returns the stored object itself, for callers that only read it (e.g. stack_caches)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            stored = entry[0]
+        return stored.clone() if copy else stored   # entries are never mutated: cloning outside the lock is safe
+
+    def put(self, key: Hashable, cache: KVCache) -> bool:
+        """Store `cache` (the caller must not mutate it afterwards; pass a clone). False when it cannot fit."""
+        size = cache_bytes(cache)
+        with self._lock:
+            if key in self._entries:
+                self.bytes -= self._entries.pop(key)[1]
+            if size > self.max_bytes:
+                self.rejected += 1
+                return False
+            while self._entries and self.bytes + size > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self.bytes -= old
+                self.evictions += 1
+            self._entries[key] = (cache, size)
+            self.bytes += size
+            return True
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "max_bytes": self.max_bytes,
+                    "entries": len(self._entries), "evictions": self.evictions, "rejected": self.rejected}

@@ -1,0 +1,148 @@
+"""Segment ranking with the model itself (DESIGN 5).
+
+score(segment, query) = log p(" yes") - log p(" no") for the next token after
+    <segment's time label + video> "Does this clip show: {query}? Answer yes or no." <assistant header>
+with the yes/no ids read from the tokenizer (first token of " yes" / " no"). The video prefix of each segment is
+query-independent, so its KV goes through the shared PrefixCache: a second query over the same footage only runs the
+short question suffix, batched over segments (caches stacked with left padding).
+
+Work bound for long windows: at most `sample_cap` candidates are scored first, spread evenly over the window's
+segments in time order; then up to `refine_cap` more, the unscored neighbours (+-1, +-2, ...) of the best
+`refine_top` scores. So one query scores at most sample_cap + refine_cap segments (64 + 32 by default) however long
+the window is; segments never scored are not ranked. Per-segment captions written at index time (DESIGN 5's text
+search stage) are out of scope here.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from deploy.footage import PromptPlan, build_prompt, group_blocks
+from deploy.prefix_cache import PrefixCache, split_cache, stack_caches
+
+SEARCH_PROMPT = "Does this clip show: {query}? Answer yes or no."
+SAMPLE_CAP = 64
+REFINE_CAP = 32
+REFINE_TOP = 4
+BATCH_SIZE = 8
+
+
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """First token ids of " yes" and " no"; ValueError when the tokenizer cannot tell them apart."""
+    yes, no = tokenizer.encode(" yes"), tokenizer.encode(" no")
+    if not yes or not no or yes[0] == no[0]:
+        raise ValueError(f"the tokenizer does not give distinct first tokens for ' yes' {yes} and ' no' {no}")
+    return yes[0], no[0]
+
+
+def evenly_spaced(n: int, cap: int) -> list[int]:
+    """min(n, cap) indices spread evenly over range(n), first and last included."""
+    if n <= cap:
+        return list(range(n))
+    if cap == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (cap - 1)) for i in range(cap)})
+
+
+def neighbours(best: list[int], n: int, scored: set[int], cap: int) -> list[int]:
+    """Unscored indices next to the `best` ones, nearest first (round-robin over them), at most cap."""
+    out: list[int] = []
+    taken = set(scored)
+    for dist in range(1, n):
+        progressed = False
+        for i in best:
+            for j in (i - dist, i + dist):
+                if 0 <= j < n:
+                    progressed = True
+                    if j not in taken:
+                        taken.add(j)
+                        out.append(j)
+                        if len(out) >= cap:
+                            return out
+        if not progressed:
+            break
+    return out
+
+
+class SegmentRanker:
+    """Scores segments for a query. `lock` guards model calls (shared with the Decoder)."""
+
+    def __init__(self, model, processor, prefix_cache: PrefixCache, model_id: str, tube_seconds: float,
+                 max_gap_seconds: float, lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", sample_cap: int = SAMPLE_CAP, refine_cap: int = REFINE_CAP,
+                 refine_top: int = REFINE_TOP, batch_size: int = BATCH_SIZE):
+        for name, value in (("sample_cap", sample_cap), ("refine_top", refine_top), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(refine_cap, int) or refine_cap < 0:
+            raise ValueError(f"refine_cap must be a non-negative int, got {refine_cap!r}")
+        self.model, self.processor, self.cache = model, processor, prefix_cache
+        self.model_id, self.tube_seconds, self.max_gap_seconds = model_id, tube_seconds, max_gap_seconds
+        self.lock = lock or threading.Lock()
+        self.dtype, self.device = dtype, torch.device(device)
+        self.sample_cap, self.refine_cap, self.refine_top, self.batch_size = sample_cap, refine_cap, refine_top, batch_size
+        self.yes_id, self.no_id = yes_no_ids(processor.tokenizer)
+        self.segments_scored = 0
+
+    def rank(self, query: str, rows: list[dict], load_tokens: Callable[[str], torch.Tensor]) -> list[tuple[dict, float]]:
+        """(row, score) for the scored subset of `rows` (time-ordered metadata), best first.
+
+        load_tokens(segment_id) -> fp16 visual tokens [n, D] (read only for segments whose prefix is not cached).
+        """
+        question = SEARCH_PROMPT.format(query=query.strip())
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]["t0"], rows[i]["source_id"]))
+        ordered = [rows[i] for i in order]
+        scores: dict[int, float] = {}
+        first = evenly_spaced(len(ordered), self.sample_cap)
+        scores.update(zip(first, self._score([ordered[i] for i in first], question, load_tokens)))
+        if len(ordered) > len(first) and self.refine_cap:
+            best = sorted(scores, key=lambda i: -scores[i])[:self.refine_top]
+            more = neighbours(best, len(ordered), set(scores), self.refine_cap)
+            scores.update(zip(more, self._score([ordered[i] for i in more], question, load_tokens)))
+        ranked = sorted(scores, key=lambda i: (-scores[i], ordered[i]["t0"], ordered[i]["source_id"]))
+        return [(ordered[i], scores[i]) for i in ranked]
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+    def _score(self, rows: list[dict], question: str, load_tokens) -> list[float]:
+        plans = [build_prompt(self.processor, group_blocks([r], self.tube_seconds, self.max_gap_seconds), question,
+                              self.model.config) for r in rows]
+        out: list[float] = []
+        for lo in range(0, len(plans), self.batch_size):
+            out.extend(self._score_batch(plans[lo:lo + self.batch_size], load_tokens))
+        self.segments_scored += len(rows)
+        return out
+
+    @torch.no_grad()
+    def _score_batch(self, plans: list[PromptPlan], load_tokens) -> list[float]:
+        keys = [p.prefix_key(self.model_id, self.dtype) for p in plans]
+        caches = [self.cache.get(k, copy=False) for k in keys]    # read only: stacking copies
+        missing = [i for i, c in enumerate(caches) if c is None]
+        tokens = {i: load_tokens(plans[i].segment_ids[0]) for i in missing}     # I/O outside the model lock
+        with self.lock:
+            for i, cache in zip(missing, self._prefill([plans[i] for i in missing], [tokens[i] for i in missing])):
+                self.cache.put(keys[i], cache)                  # split_cache made fresh tensors
+                caches[i] = cache
+            batch = stack_caches(caches)
+            suffix = torch.tensor([plans[0].suffix_ids] * len(plans), device=self.device)   # same question text
+            logits = self.model(suffix, past_key_values=batch, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)                            # (B, vocab)
+        return (logp[:, self.yes_id] - logp[:, self.no_id]).tolist()
+
+    def _prefill(self, plans: list[PromptPlan], tokens: list[torch.Tensor]):
+        """Prefix KV of each plan (batch-1 caches); plans with equal prefix length run as one batch."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(plans):
+            groups.setdefault(len(p.prefix_ids), []).append(i)
+        out: list = [None] * len(plans)
+        for members in groups.values():
+            ids = torch.tensor([plans[i].prefix_ids for i in members], device=self.device)
+            positions = torch.cat([plans[i].prefix_positions for i in members], dim=1).to(self.device)
+            deltas = torch.cat([plans[i].prefix_rope_deltas for i in members]).to(self.device)
+            embeds = torch.cat([tokens[i] for i in members]).to(self.device, self.dtype)
+            result = self.model(ids, video_embeds=embeds, position_ids=positions, rope_deltas=deltas,
+                                use_cache=True, logits_to_keep=1)
+            for i, one in zip(members, split_cache(result.past_key_values)):
+                out[i] = one
+        return out

@@ -1,0 +1,363 @@
+"""Every tubescope Prometheus metric, defined once, and the small helpers the code calls to record them.
+
+Mechanism: `ray.util.metrics` (Counter / Gauge / Histogram). A value recorded in any Ray process (driver, actor,
+Ray Data worker, Serve replica) goes to its node's metrics agent, which serves it on the node's metrics export
+port beside Ray's own metrics; one Prometheus scrape job over the Ray nodes sees everything. Ray adds the prefix
+`ray_` (`ray_tubescope_feed_up`); dashboards/prometheus.yml renames `ray_tubescope_*` back to `tubescope_*`, the
+names defined here (RAY_PREFIX). Values reach the agent every RAY_metrics_report_interval_ms (Ray's default
+10 s; 1 s in the tests). Ray labels every series with WorkerId etc., so dashboards aggregate with sum/max by.
+
+Outside Ray (the CLI before ray.init, plain unit tests) every helper is a no-op: ray is not even imported. A
+helper never raises because of the export itself; it does raise ValueError for arguments that are wrong (a bug
+in the caller), so instrumentation mistakes show up in tests.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("tubescope.metrics")
+
+PREFIX = "tubescope_"
+RAY_PREFIX = "ray_"          # what Ray's exporter puts in front of every application metric name
+
+# Bucket boundaries (seconds unless said otherwise); Ray requires them positive and increasing.
+FAST_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SLOW_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+LIVE_LATENCY_SECONDS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0)
+FILL_RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.5, 2.0, 4.0)   # >1: one tube over budget
+
+PIPELINES = ("live", "archive")
+RETENTION_REASONS = ("age", "size")
+DECODE_ERROR_KINDS = ("not_found", "empty", "corrupt", "unsupported", "frame_size", "io", "packet", "other")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str                          # the final exported name, tubescope_*
+    kind: str                          # "counter" | "gauge" | "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()    # histograms only
+
+    def series_names(self) -> tuple[str, ...]:
+        """The sample names Prometheus stores for this metric."""
+        if self.kind == "histogram":
+            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+        return (self.name,)
+
+
+_SPECS = [
+    # ---- feeds (label feed = the feed id = source_id of its segments)
+    MetricSpec("tubescope_feed_up", "gauge", "1 while the feed's reader is connected to its source, else 0", ("feed",)),
+    MetricSpec("tubescope_feed_frames_decoded_total", "counter", "Frames decoded from the source", ("feed",)),
+    MetricSpec("tubescope_feed_frames_sampled_total", "counter", "Frames kept by the 2 fps sampler", ("feed",)),
+    MetricSpec("tubescope_feed_lag_seconds", "gauge", "Wall clock minus the time of the last sampled frame", ("feed",)),
+    MetricSpec("tubescope_feed_reconnects_total", "counter", "Successful reopenings of the source", ("feed",)),
+    MetricSpec("tubescope_feed_dropped_segments_total", "counter",
+               "Segments dropped (oldest first) because the indexer was behind", ("feed",)),
+    MetricSpec("tubescope_feed_last_segment_timestamp_seconds", "gauge",
+               "End time (epoch seconds) of the feed's last completed segment", ("feed",)),
+    MetricSpec("tubescope_feed_queued_segments", "gauge", "Segments waiting in the reader's queue", ("feed",)),
+    MetricSpec("tubescope_live_segment_latency_seconds", "histogram",
+               "Wall clock from a live segment's last frame until it is indexed", ("feed",), LIVE_LATENCY_SECONDS),
+    # ---- pipeline (label pipeline = live | archive)
+    MetricSpec("tubescope_segments_processed_total", "counter", "Segments encoded and written to the index",
+               ("pipeline",)),
+    MetricSpec("tubescope_tubes_processed_total", "counter", "Tubes (2-frame temporal patches) encoded", ("pipeline",)),
+    MetricSpec("tubescope_patches_processed_total", "counter", "14x14x2 patches encoded", ("pipeline",)),
+    MetricSpec("tubescope_visual_tokens_total", "counter", "Merged visual tokens produced by the encoder",
+               ("pipeline",)),
+    MetricSpec("tubescope_encoder_batch_fill_ratio", "histogram", "Packed patches / token budget of each encoder batch",
+               ("pipeline",), FILL_RATIO),
+    MetricSpec("tubescope_encoder_batch_duration_seconds", "histogram", "Wall time of one encoder batch",
+               ("pipeline",), FAST_SECONDS),
+    MetricSpec("tubescope_decode_errors_total", "counter", "Videos or packets that could not be decoded", ("kind",)),
+    MetricSpec("tubescope_events_outbox_events", "gauge",
+               "Events waiting in the local outbox because Redis was unreachable"),
+    MetricSpec("tubescope_events_dropped_total", "counter", "Events that will never reach Redis (outbox full, rejected)"),
+    # ---- index (label source = source_id)
+    MetricSpec("tubescope_index_segments", "gauge", "Segments stored in the index", ("source",)),
+    MetricSpec("tubescope_index_bytes", "gauge", "Bytes of segment data stored in the index", ("source",)),
+    MetricSpec("tubescope_index_retention_deletions_total", "counter", "Segments deleted by the retention sweep",
+               ("reason",)),
+    # ---- queries (label endpoint = the route, status = the HTTP status code)
+    MetricSpec("tubescope_requests_total", "counter", "API requests", ("endpoint", "status")),
+    MetricSpec("tubescope_request_duration_seconds", "histogram", "API request latency", ("endpoint",), SLOW_SECONDS),
+    MetricSpec("tubescope_ask_duration_seconds", "histogram", "Time to answer a question (all tokens)", (),
+               SLOW_SECONDS),
+    MetricSpec("tubescope_ask_time_to_first_token_seconds", "histogram", "Time from a question to its first token",
+               (), SLOW_SECONDS),
+    MetricSpec("tubescope_generated_tokens_total", "counter", "Tokens generated by the decoder"),
+    MetricSpec("tubescope_prefix_cache_hits_total", "counter", "Asks that reused cached video-prefix KV"),
+    MetricSpec("tubescope_prefix_cache_misses_total", "counter", "Asks that had to prefill their video prefix"),
+    MetricSpec("tubescope_search_duration_seconds", "histogram", "Time to rank segments for a search", (),
+               SLOW_SECONDS),
+]
+METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
+
+
+def exported_series_names() -> set[str]:
+    """Every sample name tubescope exports (after prometheus.yml drops Ray's prefix)."""
+    return {n for s in METRICS.values() for n in s.series_names()}
+
+
+# ---------------------------------------------------------------- export through Ray
+
+_lock = threading.Lock()
+_instances: dict[str, object] = {}
+_failed_once: set[str] = set()
+
+
+def enabled() -> bool:
+    """True when recorded values are exported: this process is a Ray driver or worker."""
+    ray = sys.modules.get("ray")             # never import Ray just to find out it is not running
+    try:
+        return ray is not None and ray.is_initialized()
+    except Exception:                        # a half-imported or shut-down Ray: treat as off
+        return False
+
+
+def _metric(name: str):
+    """The ray.util.metrics object of `name`, created on first use in this process; None when Ray is off."""
+    if not enabled():
+        return None
+    inst = _instances.get(name)
+    if inst is not None:
+        return inst
+    spec = METRICS[name]
+    with _lock:
+        inst = _instances.get(name)
+        if inst is None:
+            from ray.util import metrics as ray_metrics
+
+            if spec.kind == "counter":
+                inst = ray_metrics.Counter(spec.name, description=spec.help, tag_keys=spec.labels)
+            elif spec.kind == "gauge":
+                inst = ray_metrics.Gauge(spec.name, description=spec.help, tag_keys=spec.labels)
+            else:
+                inst = ray_metrics.Histogram(spec.name, description=spec.help, boundaries=list(spec.buckets),
+                                             tag_keys=spec.labels)
+            _instances[name] = inst
+    return inst
+
+
+def _export(name: str, op: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Hand one value to Ray; an export problem is logged once per metric, never raised."""
+    try:
+        inst = _metric(name)
+        if inst is None:
+            return
+        getattr(inst, op)(value, tags=tags or None)
+    except Exception as e:                   # metrics must never take the pipeline down
+        if name not in _failed_once:
+            _failed_once.add(name)
+            log.warning("could not export metric %s: %s: %s", name, type(e).__name__, e)
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _number(what: str, value, *, minimum: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _count(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _label(what: str, value, allowed: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty str, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _inc(name: str, amount: float, tags: dict[str, str] | None = None) -> None:
+    if amount > 0:                           # Ray rejects inc(0); a counter that never moved simply has no series
+        _export(name, "inc", float(amount), tags)
+
+
+# ---------------------------------------------------------------- feeds
+
+_feed_totals: dict[tuple[str, str], float] = {}      # (feed, status key) -> last cumulative value seen
+_FEED_COUNTERS = (("frames_decoded", "tubescope_feed_frames_decoded_total"),
+                  ("frames_sampled", "tubescope_feed_frames_sampled_total"),
+                  ("reconnects", "tubescope_feed_reconnects_total"),
+                  ("drops", "tubescope_feed_dropped_segments_total"))
+
+
+def record_feed_status(feed_id: str, status: Mapping) -> None:
+    """Export one snapshot of StreamSampler.status() (FeedReader calls this every second).
+
+    Counters advance by the difference to the previous snapshot of the same feed in this process; a smaller
+    value (a new sampler) counts from zero again. Missing keys are skipped.
+    """
+    feed = _label("feed_id", feed_id)
+    if not isinstance(status, Mapping):
+        raise ValueError(f"status must be a mapping (StreamSampler.status()), got {type(status).__name__}")
+    tags = {"feed": feed}
+    _export("tubescope_feed_up", "set", 1.0 if status.get("connected") else 0.0, tags)
+    for key, name in (("lag_s", "tubescope_feed_lag_seconds"),
+                      ("last_segment_time", "tubescope_feed_last_segment_timestamp_seconds"),
+                      ("queued", "tubescope_feed_queued_segments")):
+        if status.get(key) is not None:
+            _export(name, "set", _number(f"status[{key!r}]", status[key], minimum=None), tags)
+    for key, name in _FEED_COUNTERS:
+        if status.get(key) is None:
+            continue
+        now = _number(f"status[{key!r}]", status[key])
+        with _lock:
+            before = _feed_totals.get((feed, key), 0.0)
+            _feed_totals[(feed, key)] = now
+        _inc(name, now - before if now >= before else now, tags)
+    if status.get("packets_skipped") is not None:      # undecodable packets of a live stream
+        now = _number("status['packets_skipped']", status["packets_skipped"])
+        with _lock:
+            before = _feed_totals.get((feed, "packets_skipped"), 0.0)
+            _feed_totals[(feed, "packets_skipped")] = now
+        _inc("tubescope_decode_errors_total", now - before if now >= before else now, {"kind": "packet"})
+
+
+def record_feed_stopped(feed_id: str) -> None:
+    """The feed's reader stopped: it is down, and its queue is gone."""
+    tags = {"feed": _label("feed_id", feed_id)}
+    _export("tubescope_feed_up", "set", 0.0, tags)
+    _export("tubescope_feed_queued_segments", "set", 0.0, tags)
+
+
+def record_live_latency(feed_id: str, seconds: float) -> None:
+    """A live segment was indexed `seconds` after its last frame."""
+    _export("tubescope_live_segment_latency_seconds", "observe",
+            max(0.0, _number("seconds", seconds, minimum=None)), {"feed": _label("feed_id", feed_id)})
+
+
+# ---------------------------------------------------------------- pipeline
+
+def record_encoder_batch(fill: float, seconds: float, patches: int, tubes: int, tokens: int | None = None,
+                         pipeline: str = "archive") -> None:
+    """One packed encoder batch: its fill ratio (patches / budget), wall time, patches, tubes and merged tokens
+    (default patches // 4, the 2x2 spatial merge)."""
+    tags = {"pipeline": _label("pipeline", pipeline, PIPELINES)}
+    fill, seconds = _number("fill", fill), _number("seconds", seconds)
+    patches, tubes = _count("patches", patches), _count("tubes", tubes)
+    tokens = patches // 4 if tokens is None else _count("tokens", tokens)
+    _export("tubescope_encoder_batch_fill_ratio", "observe", fill, tags)
+    _export("tubescope_encoder_batch_duration_seconds", "observe", seconds, tags)
+    _inc("tubescope_patches_processed_total", patches, tags)
+    _inc("tubescope_tubes_processed_total", tubes, tags)
+    _inc("tubescope_visual_tokens_total", tokens, tags)
+
+
+def record_segments_indexed(count: int, pipeline: str) -> None:
+    """`count` segments were newly written to the index by the live or archive pipeline."""
+    _inc("tubescope_segments_processed_total", _count("count", count),
+         {"pipeline": _label("pipeline", pipeline, PIPELINES)})
+
+
+def decode_error_kind(message: str) -> str:
+    """A short, bounded label for an archive failure message (pipeline.decode.DecodeError text and the like)."""
+    if not isinstance(message, str):
+        raise ValueError(f"message must be a str, got {type(message).__name__}")
+    text = message.lower()
+    rules = (("not_found", ("no such file", "glob matched no files", "folder holds no video", "not a regular file")),
+             ("empty", ("is empty",)),
+             ("unsupported", ("no video stream", "unsupported codec", "no frame size")),
+             ("frame_size", ("cannot be resized",)),
+             ("corrupt", ("corrupt", "truncated", "not a readable", "no decodable", "decord")),
+             ("io", ("cannot open", "oserror", "permission", "timed out")))
+    for kind, needles in rules:
+        if any(n in text for n in needles):
+            return kind
+    return "other"
+
+
+def record_decode_error(kind: str) -> None:
+    """One video (archive) or packet (live) that could not be decoded; kind from DECODE_ERROR_KINDS."""
+    _inc("tubescope_decode_errors_total", 1, {"kind": _label("kind", kind, DECODE_ERROR_KINDS)})
+
+
+_outbox_depths: dict[str, int] = {}                    # outbox folder -> events waiting (this process)
+
+
+def record_outbox_depth(outbox: str, depth: int) -> None:
+    """An EventSink's outbox now holds `depth` events; the gauge is this process's total over its outboxes."""
+    key, depth = _label("outbox", outbox), _count("depth", depth)
+    with _lock:
+        _outbox_depths[key] = depth
+        total = sum(_outbox_depths.values())
+    _export("tubescope_events_outbox_events", "set", float(total))
+
+
+def record_events_dropped(count: int = 1) -> None:
+    _inc("tubescope_events_dropped_total", _count("count", count))
+
+
+# ---------------------------------------------------------------- index
+
+def record_index_source(source_id: str, segments: int, nbytes: int) -> None:
+    """The index now holds `segments` segments of `nbytes` data bytes for this source."""
+    tags = {"source": _label("source_id", source_id)}
+    _export("tubescope_index_segments", "set", float(_count("segments", segments)), tags)
+    _export("tubescope_index_bytes", "set", float(_count("nbytes", nbytes)), tags)
+
+
+def record_index_sources(rows: Iterable[Mapping]) -> None:
+    """SegmentIndex.sources() rows: {"source_id", "segments", "bytes"}."""
+    for r in rows:
+        record_index_source(r["source_id"], r["segments"], r["bytes"])
+
+
+def record_retention_deletions(count: int, reason: str) -> None:
+    """The retention sweep deleted `count` segments, for their age or for the total size cap."""
+    _inc("tubescope_index_retention_deletions_total", _count("count", count),
+         {"reason": _label("reason", reason, RETENTION_REASONS)})
+
+
+# ---------------------------------------------------------------- queries
+
+def record_query(endpoint: str, status: int | str, seconds: float) -> None:
+    """One API request: endpoint is the route template ("/v1/ask"), status the HTTP status code."""
+    endpoint = _label("endpoint", endpoint)
+    if isinstance(status, bool) or not isinstance(status, (int, str)) or not 100 <= int(status) <= 599:
+        raise ValueError(f"status must be an HTTP status code (100-599), got {status!r}")
+    _inc("tubescope_requests_total", 1, {"endpoint": endpoint, "status": str(int(status))})
+    _export("tubescope_request_duration_seconds", "observe", _number("seconds", seconds), {"endpoint": endpoint})
+
+
+def record_ask(ttft_s: float | None, total_s: float, new_tokens: int, cache_hit: bool | None) -> None:
+    """One answered question: time to first token (None when no token came), total time, tokens generated, and
+    whether the video-prefix KV came from the cache (None: no cache lookup was made)."""
+    total_s, new_tokens = _number("total_s", total_s), _count("new_tokens", new_tokens)
+    if cache_hit is not None and not isinstance(cache_hit, bool):
+        raise ValueError(f"cache_hit must be True, False or None, got {cache_hit!r}")
+    if ttft_s is not None:
+        _export("tubescope_ask_time_to_first_token_seconds", "observe", _number("ttft_s", ttft_s))
+    _export("tubescope_ask_duration_seconds", "observe", total_s)
+    _inc("tubescope_generated_tokens_total", new_tokens)
+    if cache_hit is True:
+        _inc("tubescope_prefix_cache_hits_total", 1)
+    elif cache_hit is False:
+        _inc("tubescope_prefix_cache_misses_total", 1)
+
+
+def record_search(seconds: float) -> None:
+    """One search (segments ranked for a query)."""
+    _export("tubescope_search_duration_seconds", "observe", _number("seconds", seconds))
+
+
+__all__ = ["DECODE_ERROR_KINDS", "METRICS", "MetricSpec", "PIPELINES", "PREFIX", "RAY_PREFIX", "RETENTION_REASONS",
+           "decode_error_kind", "enabled", "exported_series_names", "record_ask", "record_decode_error",
+           "record_encoder_batch", "record_events_dropped", "record_feed_status", "record_feed_stopped",
+           "record_index_source", "record_index_sources", "record_live_latency", "record_outbox_depth",
+           "record_query", "record_retention_deletions", "record_search", "record_segments_indexed"]
