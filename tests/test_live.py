@@ -32,8 +32,8 @@ def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, 
     indexer = LiveIndexer.remote(settings, str(model), redis_server.url)
     index = SegmentIndex(settings.index_root)
     try:
+        assert ray.get(indexer.start.remote())      # the checkpoint is loaded before any reader starts
         sup.reconcile()
-        assert ray.get(indexer.start.remote())
         entries = wait_for(lambda: (lambda e: e if len(e) >= 3 else None)(r.xrange(SEGMENTS_STREAM)), 60,
                            what="three live segments indexed")
         fields = [{k.decode(): v.decode() for k, v in e[1].items()} for e in entries]
