@@ -6,6 +6,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,26 +26,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn, device: torch.device) -> float:
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float      # CPU time of all this process's threads: on a shared machine, less hurt by other load
+
+
+def time_once(fn, device: torch.device) -> Timing:
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def median_seconds(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        time_once(fn, device)
-    return statistics.median(time_once(fn, device) for _ in range(reps))
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5) -> tuple[float, float]:
+    """Throughput of one large square matmul in this process, threads and dtype: the practical peak.
 
-
-def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5) -> float:
-    """Throughput of one large square matmul in this process, threads and dtype: the practical peak."""
+    Returns (GFLOP/s by wall clock, GFLOP/s by CPU time per thread), both from the median run.
+    """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), device, reps=reps, warmup=2)
-    return 2 * n**3 / seconds / 1e9
+    for _ in range(2):
+        time_once(lambda: torch.mm(a, b), device)
+    runs = [time_once(lambda: torch.mm(a, b), device) for _ in range(reps)]
+    flop = 2 * n**3
+    wall = statistics.median(r.wall_s for r in runs)
+    cpu_per_thread = statistics.median(r.cpu_s for r in runs) / torch.get_num_threads()
+    return flop / wall / 1e9, flop / cpu_per_thread / 1e9
 
 
 @torch.no_grad()

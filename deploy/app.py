@@ -8,9 +8,8 @@
 /healthz answers; `stop_app` shuts Serve down. deploy/serve.yaml names `deploy.app:app_from_env` for clusters.
 Errors are JSON {"error": message}. Overload of the decoder is a 503 with Retry-After (Serve's max_queued_requests).
 """
-from __future__ import annotations
-
-import asyncio
+# No `from __future__ import annotations` here: Serve pickles a copy of `api`, and string annotations of the
+# request bodies would not resolve in that copy (the OpenAPI schema then fails to build).
 import json
 import logging
 import queue
@@ -36,6 +35,7 @@ from pipeline.settings import Settings, redact_url
 log = logging.getLogger(__name__)
 
 APP_NAME = "tubescope"
+API, DECODER, FEEDS = "Api", "Decoder", "Feeds"      # deployment names (deploy/serve.yaml overrides them by name)
 LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
@@ -114,15 +114,16 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     return _error(exc.status, exc.message, headers)
 
 
-@api.exception_handler(BackPressureError)
-async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
-    return _overload_response()
-
-
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error(500, f"internal error: {type(exc).__name__}: {exc}"[:1000])
+
+
+def configure_limits(settings: Settings) -> None:
+    """Set LIMITS of this process. A module function on purpose: ApiIngress's methods are pickled by value (the
+    class name is rebound by serve.ingress), so a global they touched directly would be a copy."""
+    LIMITS.update(max_request_bytes=settings.api_max_request_bytes, retry_after_s=settings.api_retry_after_seconds)
 
 
 def _overload_response() -> JSONResponse:
@@ -338,8 +339,7 @@ class ApiIngress:
         self.decoder = decoder
         self.feed_service = feed_service
         self.job_refs: dict[str, Any] = {}          # job id -> ObjectRef of its task (to notice a crashed worker)
-        LIMITS.update(max_request_bytes=settings.api_max_request_bytes,
-                      retry_after_s=settings.api_retry_after_seconds)
+        configure_limits(settings)
 
     def _caller(self, request: Request, role: str = "reader") -> Caller:
         caller = self.auth.authenticate(request.headers.get("authorization"))
@@ -506,16 +506,19 @@ class ApiIngress:
     async def search(self, body: SearchRequest, request: Request):
         caller = self._caller(request)
         s = self.settings
+        sources = self._sources_for(caller, body.sources)
         _check_length("query", body.query, s.api_max_query_chars, "api_max_query_chars")
         _check_window(body.start, body.end, s)
         if body.limit > s.api_max_search_results:
             raise HTTPException(422, f"limit {body.limit} is over the maximum {s.api_max_search_results} "
                                      "(api_max_search_results)")
-        sources = self._sources_for(caller, body.sources)
         if not sources:
             return {"results": []}
-        out = await self.decoder.search.remote({"query": body.query, "sources": sources, "start": body.start,
-                                                "end": body.end, "limit": body.limit})
+        try:
+            out = await self.decoder.search.remote({"query": body.query, "sources": sources, "start": body.start,
+                                                    "end": body.end, "limit": body.limit})
+        except BackPressureError:
+            return _overload_response()
         _decoder_error(out)
         return {"results": out["result"]}
 
@@ -523,25 +526,35 @@ class ApiIngress:
     async def ask(self, body: AskRequest, request: Request):
         caller = self._caller(request)
         s = self.settings
-        _check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
-        _check_window(body.start, body.end, s)
         if body.source is not None and body.sources is not None:
             raise HTTPException(422, "give either source or sources, not both")
         if body.source is None and body.sources is None:
             raise HTTPException(422, "give the footage to ask about: source (one id) or sources (a list of ids)")
-        max_new = body.max_new_tokens if body.max_new_tokens is not None else s.api_default_new_tokens
+        sources = self._sources_for(caller, [body.source] if body.source is not None else body.sources)
+        _check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
+        _check_window(body.start, body.end, s)
+        max_new = body.max_new_tokens
+        if max_new is None:
+            max_new = min(s.api_default_new_tokens, s.api_max_new_tokens)
         if max_new > s.api_max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
                                      "(api_max_new_tokens)")
-        sources = self._sources_for(caller, [body.source] if body.source is not None else body.sources)
         req = {"question": body.question, "sources": sources, "start": body.start, "end": body.end,
                "max_new_tokens": max_new}
+        # Caught here, not by an exception handler: Serve installs its own handler for BackPressureError (a 503
+        # without our message or Retry-After) over any the app registers.
         if not body.stream:
-            out = await self.decoder.ask.remote(req)
+            try:
+                out = await self.decoder.ask.remote(req)
+            except BackPressureError:
+                return _overload_response()
             _decoder_error(out)
             return out["result"]
         stream = self.decoder.options(stream=True).ask_stream.remote(req)
-        first = await stream.__anext__()     # a full queue (BackPressureError) or a bad request fails here, as HTTP
+        try:
+            first = await stream.__anext__()     # a full queue or a bad request fails here, as plain HTTP
+        except BackPressureError:
+            return _overload_response()
         _decoder_error(first)
 
         async def events():
@@ -604,15 +617,15 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
         num_replicas=settings.decoder_replicas, max_ongoing_requests=settings.decoder_max_ongoing_requests,
         max_queued_requests=settings.decoder_max_queued_requests,
         ray_actor_options={"num_cpus": settings.decoder_cpus, **({"num_gpus": 1} if _gpus() >= 1 else {})})
-    decoder = serve.deployment(DecoderServer).options(name="Decoder", **decoder_opts).bind(
+    decoder = serve.deployment(DecoderServer).options(name=DECODER, **decoder_opts).bind(
         settings, str(model_path), settings.redis_url)
     feed_service = None
     if feeds:
         feed_service = serve.deployment(FeedService).options(
-            name="Feeds", num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0}).bind(
+            name=FEEDS, num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0}).bind(
             settings, str(model_path), settings.redis_url, live)
     return serve.deployment(ApiIngress).options(
-        name="Api", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(
+        name=API, num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(
         settings, decoder, feed_service)
 
 
@@ -627,17 +640,21 @@ def app_from_env(args: dict | None = None):
 
 
 def run_app(settings: Settings, *, host: str | None = None, port: int | None = None, feeds: bool = True,
-            live: bool = True, model_path: str | None = None, ready_timeout_s: float = 120.0) -> str:
+            live: bool = True, model_path: str | None = None, ready_timeout_s: float = 120.0,
+            quiet: bool = False) -> str:
     """Start Serve's HTTP proxy on host:port, deploy the app at "/", wait until /healthz answers; returns the URL.
 
-    Ray must be initialised (deploy.runtime.init_ray or a test fixture)."""
+    Ray must be initialised (deploy.runtime.init_ray or a test fixture). quiet: Serve logs warnings only."""
     import httpx
 
     host = host or settings.host
     port = port or settings.port
-    serve.start(http_options={"host": host, "port": port})
+    logging_config = {"log_level": "WARNING"} if quiet else None
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(settings, model_path=model_path, feeds=feeds, live=live), name=APP_NAME,
-              route_prefix="/", blocking=False)
+              route_prefix="/", blocking=False, logging_config=logging_config)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout_s
     last = ""

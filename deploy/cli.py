@@ -24,15 +24,9 @@ TINY_MODEL_NOTE = ("the tiny model has random weights: its outputs are meaningle
 
 # name -> (issue, what it does); help text and the stub message come from here
 STUBS: dict[str, tuple[int, str]] = {
-    "ask": (5, "ask a question over a time window of footage"),
-    "search": (5, "search footage for a natural-language query"),
-    "serve": (5, "run the REST API and the decoder on Ray Serve"),
-    "feeds": (5, "add, list and remove live camera feeds"),
     "bench": (3, "run the benchmarks (encoder: issue 3; decode/ingest: issue 4; query: issue 5)"),
 }
-# parts of the whole job the demo cannot run yet: (what, issue)
-DEMO_MISSING = [("indexing the clip into the footage index (Ray Data + encoder actors)", 4),
-                ("asking questions over the indexed footage (Ray Serve decoder)", 5)]
+DEMO_QUESTION = "What moves in this clip, and when?"
 
 
 def not_implemented(name: str, issue: int, what: str) -> None:
@@ -162,92 +156,317 @@ def segments_cmd(ctx: click.Context, source: str, start: float | None, end: floa
         click.echo(f"no segments for source {source!r} in that window", err=True)
 
 
+# ---- REST API commands (issue 5) ------------------------------------------------------------------------------------
+def api_options(fn):
+    """--url / --key of the REST API (defaults: $TUBESCOPE_API_URL, $TUBESCOPE_API_KEY)."""
+    fn = click.option("--key", envvar="TUBESCOPE_API_KEY", default=None, show_envvar=True,
+                      help="API key (Bearer)")(fn)
+    fn = click.option("--url", envvar="TUBESCOPE_API_URL", default="http://127.0.0.1:8000", show_envvar=True,
+                      show_default=True, help="base URL of `tubescope serve`")(fn)
+    return fn
+
+
+def _api(url: str, key: str | None):
+    from deploy.client import TubescopeClient
+
+    return TubescopeClient(url, key)
+
+
+def _api_call(fn):
+    """Run fn(); an API error exits 1 with the server's message on stderr."""
+    from deploy.client import ApiError
+
+    try:
+        return fn()
+    except ApiError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+def _window(start: float | None, end: float | None) -> str:
+    if start is None and end is None:
+        return "all footage"
+    return f"[{'-inf' if start is None else f'{start:g}'}, {'+inf' if end is None else f'{end:g}'})"
+
+
+@cli.command("ask")
+@click.argument("question")
+@click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
+@click.option("--start", type=float, default=None, help="window start (seconds; epoch seconds for live feeds)")
+@click.option("--end", type=float, default=None, help="window end")
+@click.option("--max-new-tokens", type=int, default=None, help="answer length cap (default: the server's)")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
+@click.option("--json", "as_json", is_flag=True, help="print the whole answer record as JSON")
+@api_options
+def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens, stream: bool, as_json: bool,
+            url: str, key: str | None) -> None:
+    """Ask QUESTION over the footage of the given sources in [start, end)."""
+    with _api(url, key) as api:
+        live = stream and not as_json
+        if live:
+            click.echo("answer: ", nl=False)
+        out = _api_call(lambda: api.ask(question, list(sources), start=start, end=end, max_new_tokens=max_new_tokens,
+                                        on_token=(lambda t: click.echo(t, nl=False)) if live else None))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo("" if live else f"answer: {out['answer']}")
+    for ev in out["evidence"]:
+        click.echo(f"evidence: {ev['source']} {ev['t0']:.2f}-{ev['t1']:.2f} ({ev.get('segment_id', '')})")
+    if out.get("narrowed"):
+        click.echo("note: the window held more footage than the budget; search picked the evidence above")
+    click.echo(f"model: {out['model']}; Redis stream tubescope:answers entry {out.get('stream_entry')}")
+
+
+@cli.command("search")
+@click.argument("query")
+@click.option("-s", "--source", "sources", multiple=True, help="source id (repeat; default: every source)")
+@click.option("--start", type=float, default=None, help="window start")
+@click.option("--end", type=float, default=None, help="window end")
+@click.option("--limit", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@api_options
+def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_json: bool, url: str,
+               key: str | None) -> None:
+    """Rank indexed segments for QUERY."""
+    with _api(url, key) as api:
+        rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}")
+    if not rows:
+        click.echo(f"no segments in {_window(start, end)}", err=True)
+
+
+@cli.group("feeds")
+def feeds_group() -> None:
+    """Live camera feeds of a running `tubescope serve` (admin key to add or remove)."""
+
+
+@feeds_group.command("add")
+@click.argument("feed_url", metavar="URL")
+@click.option("--name", default=None)
+@click.option("--id", "feed_id", default=None, help="feed id (= source id); default: random")
+@click.option("--fps", type=float, default=None, help="sampling rate for this feed (default: settings.fps)")
+@click.option("--max-pixels", type=int, default=None, help="per-frame pixel cap for this feed")
+@api_options
+def feeds_add(feed_url: str, name, feed_id, fps, max_pixels, url: str, key: str | None) -> None:
+    """Register the feed at URL (rtsp://, http(s)://, udp://, srt://, or a file under file_roots)."""
+    with _api(url, key) as api:
+        feed = _api_call(lambda: api.add_feed(feed_url, name=name, fps=fps, max_pixels=max_pixels, feed_id=feed_id))
+    click.echo(f"added feed {feed['id']} ({feed['name']}): {feed['url']}")
+
+
+@feeds_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@api_options
+def feeds_list(as_json: bool, url: str, key: str | None) -> None:
+    """List the registered feeds."""
+    with _api(url, key) as api:
+        feeds = _api_call(api.list_feeds)
+    if as_json:
+        click.echo(json.dumps(feeds, indent=2))
+        return
+    for f in feeds:
+        click.echo(f"{f['id']}\t{f['name']}\t{f['url']}")
+    if not feeds:
+        click.echo("no feeds registered", err=True)
+
+
+@feeds_group.command("show")
+@click.argument("feed_id")
+@api_options
+def feeds_show(feed_id: str, url: str, key: str | None) -> None:
+    """A feed's record and its reader's status, as JSON."""
+    with _api(url, key) as api:
+        click.echo(json.dumps(_api_call(lambda: api.get_feed(feed_id)), indent=2))
+
+
+@feeds_group.command("rm")
+@click.argument("feed_id")
+@api_options
+def feeds_rm(feed_id: str, url: str, key: str | None) -> None:
+    """Unregister a feed (its reader stops)."""
+    with _api(url, key) as api:
+        feed = _api_call(lambda: api.remove_feed(feed_id))
+    click.echo(f"removed feed {feed['id']}")
+
+
+@cli.command("serve")
+@click.option("--host", default=None, help="bind address (default: settings.host, 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (default: settings.port, 8000)")
+@click.option("--live/--no-live", default=True, show_default=True, help="index live feeds (LiveIndexer)")
+@click.pass_context
+def serve_cmd(ctx: click.Context, host: str | None, port: int | None, live: bool) -> None:
+    """Run the REST API on Ray Serve with the feed supervisor and the live indexer, until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from deploy.app import run_app, stop_app
+    from deploy.auth import generate_key
+    from deploy.runtime import ensure_model, init_ray
+    from pipeline.redis_server import redis_endpoint
+    from pipeline.settings import ApiKey
+
+    settings = current_settings(ctx)
+    host, port = host or settings.host, port or settings.port
+    stop = threading.Event()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with redis_endpoint(settings) as redis_ep:
+        generated = None
+        update: dict = {"redis_url": redis_ep.url, "host": host, "port": port}
+        if not settings.api_keys:      # never run open: a fresh admin key for this run
+            generated = generate_key()
+            update["api_keys"] = [ApiKey(key=generated, role="admin")]
+        settings = settings.model_copy(update=update)
+        click.echo(f"[redis] {'embedded server at ' if redis_ep.embedded else 'REDIS_URL '}{redact_url(redis_ep.url)}")
+        model_path = ensure_model(settings)
+        click.echo(f"[model] {model_path}" + (f"\n[model] NOTE: {TINY_MODEL_NOTE}" if settings.uses_tiny_model else ""))
+        init_ray(settings)
+        # after ray.init, which installs its own SIGTERM handler (it would abort the process, skipping cleanup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            url = run_app(settings, host=host, port=port, live=live, model_path=str(model_path), quiet=True)
+            click.echo(f"tubescope API at {url} (OpenAPI: {url}/docs)")
+            if generated:
+                click.echo(f"admin API key (generated for this run; set api_keys to keep one): {generated}")
+                click.echo(f"  export TUBESCOPE_API_URL={url} TUBESCOPE_API_KEY={generated}")
+            else:
+                click.echo(f"using the {len(settings.api_keys)} configured API key(s)")
+            click.echo("press Ctrl-C (or send SIGTERM) to stop", err=True)
+            while not stop.wait(0.5):
+                pass
+            click.echo("stopping: Serve app, feed readers, live indexer", err=True)
+        finally:
+            stop_app()
+            if not _ray_address():
+                import ray
+                ray.shutdown()
+    click.echo("stopped", err=True)
+
+
 # ---- demo --------------------------------------------------------------------------------------------------------
 @cli.command("demo")
 @click.pass_context
 def demo(ctx: click.Context) -> None:
-    """Run what exists of the whole job on a small sample clip and say what is still missing."""
+    """The whole mission on a generated sample clip: Redis, model, index (a REST job), Serve, ask, the answer stream."""
     from pipeline.redis_server import redis_endpoint
 
     settings = current_settings(ctx)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     say = click.echo
-    failures: list[str] = []
     say(f"tubescope demo: data dir {settings.data_dir}")
-
     with redis_endpoint(settings) as redis_ep:
         if redis_ep.embedded:
             say(f"[redis] embedded redis-server started, listening on {redis_ep.url} (dir {settings.redis_dir})")
         else:
             say(f"[redis] using REDIS_URL {redact_url(redis_ep.url)}")
-
         clip = demo_clip(settings.data_dir / "samples" / "demo.mp4")
         n_frames, size, duration = _probe(clip)
         say(f"[clip] {clip}: {size[0]}x{size[1]}, {n_frames} frames, {duration:.1f} s "
             "(generated with PyAV: tubescope bundles no video file)")
-        frames = sample_frames(clip, settings.fps)
-        say(f"[decode] sampled {len(frames)} frames at {settings.fps:g} fps with PyAV")
-
-        event = {"kind": "demo", "clip": str(clip), "frames_sampled": str(len(frames)), "at": f"{time.time():.3f}"}
         try:
-            event.update(_demo_model(settings, frames, say))
-        except Exception as e:   # a component that exists but fails: report it, finish the demo, exit non-zero
-            failures.append(f"model: {type(e).__name__}: {e}")
-            say(f"[model] FAILED: {type(e).__name__}: {e}")
-
+            event = _demo_mission(settings, redis_ep.url, clip, say)
+        except Exception as e:   # report where it broke; still record the attempt and exit non-zero
+            say(f"demo FAILED: {type(e).__name__}: {e}", err=True)
+            event = {"kind": "demo", "clip": str(clip), "error": f"{type(e).__name__}: {e}"[:1000]}
+        event["at"] = f"{time.time():.3f}"
         client = redis_ep.client(decode_responses=True)
         try:
             entry = client.xadd(DEMO_STREAM, event, maxlen=settings.stream_maxlen, approximate=True)
-            say(f"[redis] wrote the demo event to stream {DEMO_STREAM!r}, entry {entry} "
+            say(f"[redis] wrote the demo summary to stream {DEMO_STREAM!r}, entry {entry} "
                 f"(read it: XRANGE {DEMO_STREAM} - +)")
         finally:
             client.close()
         if redis_ep.embedded:
             say(f"[redis] stopping the embedded server; its data is saved in {settings.redis_dir / 'dump.rdb'}")
-
-    say("not there yet:")
-    for what, issue in DEMO_MISSING:
-        say(f"  - {what}: lands with issue {issue}")
-    if failures:
-        say("demo finished with failures: " + "; ".join(failures), err=True)
+    if "error" in event:
         sys.exit(1)
     say("demo done")
 
 
-def _demo_model(settings: Settings, frames, say) -> dict:
-    """Write/load the checkpoint and run the vision tower on the sampled frames, as far as qwen2vl provides."""
-    write, load = _qwen2vl_attr("write_tiny_checkpoint"), _qwen2vl_attr("load_pretrained")
-    path = settings.resolved_model_path()
-    if settings.uses_tiny_model:
-        if not (path / "config.json").is_file():
-            if write is None:
-                say("[model] not there yet: the tiny checkpoint writer lands with issue 3")
-                return {"model": "none"}
-            write(path)
-            say(f"[model] wrote a tiny random checkpoint to {path}")
-        say(f"[model] {TINY_MODEL_NOTE}")
-    if load is None:
-        say("[model] not there yet: loading checkpoints lands with issue 3")
-        return {"model": str(path)}
-    import torch
+def _demo_mission(settings: Settings, redis_url: str, clip: Path, say) -> dict:
+    """Start Ray and the Serve app, index the clip through POST /v1/jobs, ask through POST /v1/ask; shut down."""
+    import ray
 
-    model = load(path)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"[model] loaded {path} ({n_params:,} parameters)")
-    processor_cls = _qwen2vl_attr("Processor")
-    if processor_cls is None:
-        say("[model] the processor lands with issue 3: vision tower not run")
-        return {"model": str(path)}
-    processor = processor_cls.from_pretrained(path)
-    frames = frames[: settings.frames_per_segment]          # one segment's worth
-    pixel_rows, grid_thw = processor.preprocess_video(frames)
+    from deploy.app import run_app, stop_app
+    from deploy.auth import generate_key
+    from deploy.client import TubescopeClient
+    from deploy.runtime import ensure_model, init_ray
+    from pipeline.redis_server import free_port
+    from pipeline.settings import ApiKey
+
+    key = generate_key()
+    settings = settings.model_copy(update={"redis_url": redis_url, "file_roots": [clip.parent],
+                                           "api_keys": [ApiKey(key=key, role="admin")]})
+    model_path = ensure_model(settings)
+    say(f"[model] {model_path}")
+    if settings.uses_tiny_model:
+        say(f"[model] NOTE: {TINY_MODEL_NOTE}")
     t0 = time.perf_counter()
-    with torch.no_grad():
-        tokens = model.visual(pixel_rows, torch.tensor([grid_thw]))
-    dt = time.perf_counter() - t0
-    say(f"[encode] vision tower: {len(frames)} frames -> grid {tuple(grid_thw)} -> {tuple(tokens.shape)} visual "
-        f"tokens in {dt:.2f} s (kept in memory: the footage index lands with issue 4)")
-    return {"model": str(path), "grid_thw": json.dumps(list(grid_thw)), "visual_tokens": str(tokens.shape[0])}
+    init_ray(settings)
+    say(f"[ray] {'joined the cluster at $RAY_ADDRESS' if _ray_address() else 'started a local Ray'} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    try:
+        t0 = time.perf_counter()
+        url = run_app(settings, host="127.0.0.1", port=free_port(), feeds=False, live=False, quiet=True)
+        say(f"[serve] REST API up at {url} (OpenAPI: {url}/docs) in {time.perf_counter() - t0:.1f} s; "
+            "this run's admin key was generated for it")
+        with TubescopeClient(url, key) as api:
+            return _demo_requests(api, settings, clip, say)
+    finally:
+        t0 = time.perf_counter()
+        stop_app()
+        if not _ray_address():
+            ray.shutdown()
+        say(f"[serve] Serve and Ray shut down ({time.perf_counter() - t0:.1f} s)")
+
+
+def _ray_address() -> str | None:
+    import os
+
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _demo_requests(api, settings: Settings, clip: Path, say) -> dict:
+    from pipeline.events import ANSWERS_STREAM
+
+    job = api.create_job([str(clip)], source_id="demo")
+    say(f"[index] POST /v1/jobs -> job {job['id']} (Ray Data decode at {settings.fps:g} fps -> tubes -> "
+        "vision encoder actors -> footage index)")
+    t0 = time.perf_counter()
+    while job["state"] in ("queued", "running"):
+        time.sleep(0.5)
+        job = api.get_job(job["id"])
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"indexing job ended {job['state']}: {job.get('error') or job.get('failures')}")
+    segments = api.segments("demo")
+    say(f"[index] job {job['state']}: {job['segments']} segment(s) indexed in {time.perf_counter() - t0:.1f} s; "
+        f"GET /v1/sources/demo/segments:")
+    for sg in segments:
+        say(f"          {sg['segment_id']}  {sg['t0']:.1f}-{sg['t1']:.1f} s  grid {tuple(sg['grid_thw'])}  "
+            f"{sg['n_tokens']} visual tokens")
+    say(f"[ask] POST /v1/ask (streamed): {DEMO_QUESTION!r}")
+    click.echo("[ask] answer: ", nl=False)
+    answer = api.ask(DEMO_QUESTION, ["demo"], max_new_tokens=24,
+                     on_token=lambda piece: click.echo(piece, nl=False))
+    click.echo("")
+    say(f"[ask] answer text: {answer['answer']!r}")
+    if settings.uses_tiny_model:
+        say("[ask] (random tiny model: the text above means nothing; set TUBESCOPE_MODEL_PATH for real answers)")
+    for ev in answer["evidence"]:
+        say(f"[ask] evidence: source {ev['source']} {ev['t0']:.1f}-{ev['t1']:.1f} s ({ev['segment_id']})")
+    timings = answer.get("timings", {})
+    say(f"[ask] model {answer['model']}; " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in timings.items()))
+    say(f"[redis] the answer was written to stream {ANSWERS_STREAM!r}, entry {answer['stream_entry']} "
+        f"(read it: XRANGE {ANSWERS_STREAM} {answer['stream_entry']} {answer['stream_entry']})")
+    return {"kind": "demo", "clip": str(clip), "job": job["id"], "segments": str(len(segments)),
+            "answer_id": answer["id"], "answer_stream": ANSWERS_STREAM, "answer_entry": answer["stream_entry"],
+            "model": answer["model"]}
 
 
 def demo_clip(path: Path) -> Path:
@@ -285,21 +504,6 @@ def _probe(path: Path) -> tuple[int, tuple[int, int], float]:
         n = sum(1 for _ in c.decode(s))
         duration = float(c.duration / 1e6) if c.duration else 0.0
     return n, size, duration
-
-
-def sample_frames(path: Path, fps: float):
-    """RGB frames uint8 [T, H, W, 3] at `fps` by presentation time: the first frame at or after each k/fps."""
-    import av
-    import numpy as np
-
-    out, next_t = [], 0.0
-    with av.open(str(path)) as c:
-        for frame in c.decode(c.streams.video[0]):
-            t = float(frame.pts * frame.time_base)
-            if t + 1e-6 >= next_t:
-                out.append(frame.to_ndarray(format="rgb24"))
-                next_t += 1.0 / fps
-    return np.stack(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
   prompt  chat template; per source run one video block of the stored tokens, preceded by its time label;
           temporal M-RoPE ids from the tubes' times (deploy.footage)
   prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
-          forward over the prefix (logits for the last position only) which is then cached; then the question
+          forward over the prefix (no output layer at all) which is then cached; then the question
   decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token
   record  one entry in the Redis stream tubescope:answers (through the EventSink), whose id the result carries
 The vision tower is dropped at load: indexed footage is never re-encoded. One lock serialises model calls (CPU
@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from deploy.footage import PromptPlan, build_prompt, check_question, group_blocks, list_window
-from deploy.prefix_cache import PrefixCache
+from deploy.footage import PrefixMemo, PromptPlan, build_prompt, check_question, group_blocks, list_window
+from deploy.prefix_cache import PrefixCache, prefill_kv
 from deploy.search import SegmentRanker
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.events import ANSWERS_STREAM
@@ -59,8 +59,10 @@ class Decoder:
         self.tube_seconds = self.model.config.vision.temporal_patch_size / settings.fps
         self._lock = threading.Lock()     # model calls
         self._count_lock = threading.Lock()
+        self.prompt_memo = PrefixMemo()   # tokenized prefixes (pure function results, shared with search)
         self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
-                                    settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device)
+                                    settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
+                                    memo=self.prompt_memo)
         self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
 
     # ---- public -----------------------------------------------------------------------------------------------
@@ -111,16 +113,20 @@ class Decoder:
         rows = list_window(self.index, sources, start, end, self.model_id)
         selected, narrowed = self._fit_budget(question, rows)
         plan = build_prompt(self.processor, group_blocks(selected, self.tube_seconds, self.settings.max_gap_seconds),
-                            question, self.model.config)
+                            question, self.model.config, self.prompt_memo)
         t_selected = time.perf_counter()
 
         key = plan.prefix_key(self.model_id, self.dtype)
-        cache = self.prefix_cache.get(key)                  # a private clone: extended below
-        embeds = None if cache is not None else self._plan_tokens(plan)
+        # Read tokens outside the lock when the prefix is not cached yet; look the cache up inside it, so concurrent
+        # first questions over the same footage prefill it once.
+        embeds = None if key in self.prefix_cache else self._plan_tokens(plan)
         stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
         with self._lock:
+            cache = self.prefix_cache.get(key)              # a private clone: extended below
             hit = cache is not None
             if not hit:
+                if embeds is None:                          # evicted since the check
+                    embeds = self._plan_tokens(plan)
                 cache = self._prefill_prefix(plan, embeds)
                 self.prefix_cache.put(key, cache.clone())
             suffix = torch.tensor([plan.suffix_ids], device=self.device)
@@ -163,7 +169,7 @@ class Decoder:
         chosen.sort(key=lambda r: (r["t0"], r["source_id"]))
         return chosen, True
 
-    # ---- model work ---------------------------------------------------------------------------------------------------
+    # ---- model work --------------------------------------------------------------------------------------------------
     def _segment_tokens(self, segment_id: str) -> torch.Tensor:
         return self.index.tokens(segment_id, self.model_id)                    # fp16 (n, D)
 
@@ -172,13 +178,10 @@ class Decoder:
         parts = [self._segment_tokens(sid) for sid in plan.segment_ids]
         return torch.cat(parts).to(self.device, self.dtype)
 
-    @torch.no_grad()
     def _prefill_prefix(self, plan: PromptPlan, embeds: torch.Tensor):
-        """KV of the video prefix; logits only for its last position (nothing reads them)."""
-        ids = torch.tensor([plan.prefix_ids], device=self.device)
-        out = self.model(ids, video_embeds=embeds, position_ids=plan.prefix_positions.to(self.device),
-                         rope_deltas=plan.prefix_rope_deltas.to(self.device), use_cache=True, logits_to_keep=1)
-        return out.past_key_values
+        """KV of the video prefix, without any output layer (nothing reads the prefix's logits)."""
+        return prefill_kv(self.model, torch.tensor([plan.prefix_ids], device=self.device), embeds,
+                          plan.prefix_positions.to(self.device), plan.prefix_rope_deltas.to(self.device))
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._count_lock:

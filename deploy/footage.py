@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -155,7 +157,7 @@ def _spans(run: list[dict], tube_seconds: float) -> list[tuple[float, float]]:
     return [(a, b) for a, b in spans]
 
 
-# ---- labels ------------------------------------------------------------------------------------------------------------
+# ---- labels ----------------------------------------------------------------------------------------------------------
 
 def format_span(t0: float, t1: float) -> str:
     """'2026-11-26 12:00:08-12:01:12 UTC' for epoch seconds, '0:00:08-0:01:12' for media seconds."""
@@ -178,7 +180,7 @@ def block_label(block: VideoBlock) -> str:
     return f"[source {block.source_id}, {', '.join(format_span(a, b) for a, b in block.spans)}]"
 
 
-# ---- the prompt ----------------------------------------------------------------------------------------------------------
+# ---- the prompt ------------------------------------------------------------------------------------------------------
 
 @dataclass
 class PromptPlan:
@@ -232,7 +234,32 @@ def render_messages(blocks: list[VideoBlock], question: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def build_prompt(processor, blocks: list[VideoBlock], question: str, config) -> PromptPlan:
+class PrefixMemo:
+    """Bounded LRU of tokenized prefixes and their positions: a repeated question over the same footage (and every
+    search over already seen segments) skips tokenizing thousands of pad tokens and the position scan."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+def build_prompt(processor, blocks: list[VideoBlock], question: str, config,
+                 memo: PrefixMemo | None = None) -> PromptPlan:
     """Chat-template prompt over `blocks` then `question`, split into prefix/suffix ids, with prefix positions.
 
     `processor` is a qwen2vl.Processor (expands each video pad from its grid alone); `config` a Qwen2VLConfig.
@@ -245,11 +272,19 @@ def build_prompt(processor, blocks: list[VideoBlock], question: str, config) -> 
     if text.count(VIDEO_PLACEHOLDER) != len(blocks):
         raise ValueError("the chat template did not emit one video placeholder per block")
     grid = torch.tensor([b.grid_thw for b in blocks], dtype=torch.long)
-    prefix_ids = processor.encode_with_grids(text[:cut], video_grid_thw=grid, return_tensors=None)["input_ids"][0]
-    suffix_ids = processor.tokenizer.encode(text[cut:])
     tids = [torch.tensor(b.temporal_ids, dtype=torch.long) for b in blocks]
-    positions, deltas = get_rope_index(torch.tensor([prefix_ids]), None, grid, config=config, video_temporal_ids=tids)
-    return PromptPlan(blocks=blocks, prefix_ids=prefix_ids, suffix_ids=suffix_ids, video_grid_thw=grid,
+    memo_key = (text[:cut], tuple(b.grid_thw for b in blocks), tuple(tuple(b.temporal_ids) for b in blocks))
+    cached = memo.get(memo_key) if memo is not None else None
+    if cached is None:
+        prefix_ids = processor.encode_with_grids(text[:cut], video_grid_thw=grid, return_tensors=None)["input_ids"][0]
+        positions, deltas = get_rope_index(torch.tensor([prefix_ids]), None, grid, config=config,
+                                           video_temporal_ids=tids)
+        cached = (prefix_ids, positions, deltas)
+        if memo is not None:
+            memo.put(memo_key, cached)
+    prefix_ids, positions, deltas = cached
+    suffix_ids = processor.tokenizer.encode(text[cut:])
+    return PromptPlan(blocks=blocks, prefix_ids=list(prefix_ids), suffix_ids=suffix_ids, video_grid_thw=grid,
                       video_temporal_ids=tids, prefix_positions=positions, prefix_rope_deltas=deltas)
 
 

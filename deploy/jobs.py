@@ -148,6 +148,7 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     from pipeline.events import EventSink
     from pipeline.index import SegmentIndex
 
+    _quiet_ray_data()
     client = _client(redis_url)
     if get_job(client, job_id).get("cancel_requested"):
         _write(client, job_id, state="cancelled", finished=time.time())
@@ -184,6 +185,16 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     client.expire(job_key(job_id), JOB_TTL_S)
     client.close()
     return state
+
+
+def _quiet_ray_data() -> None:
+    """No progress bars from a job: nobody watches this worker's terminal (progress goes to the job status), and
+    Ray forwards worker output to the driver, where the bars would garble `tubescope serve`'s output."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 # num_cpus=0: the job only drives Ray Data; the decode tasks and encoder actors claim the CPUs.

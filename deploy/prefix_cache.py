@@ -75,6 +75,37 @@ def split_cache(cache: KVCache) -> list[KVCache]:
     return out
 
 
+@torch.no_grad()
+def prefill_kv(model, input_ids: torch.Tensor, video_embeds: torch.Tensor, position_ids: torch.Tensor,
+               rope_deltas: torch.Tensor) -> KVCache:
+    """KV cache of a prompt prefix (B, S) with its video tokens, skipping the output layer entirely: nothing reads
+    the prefix's logits, and at a 152k vocabulary they would cost more than the decoder layers of small models."""
+    cache = model.new_cache()
+    inputs_embeds = model.embed(input_ids, video_embeds=video_embeds)                 # (B, S, D)
+    model.model(inputs_embeds, position_ids, None, cache)                             # fills the cache
+    cache.key_mask, cache.rope_deltas = None, rope_deltas
+    return cache
+
+
+@torch.no_grad()
+def suffix_hidden(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Final hidden state (B, D) at the last position of text `input_ids` (B, S) appended to `cache` (extended).
+
+    Positions continue the cached prefix as in decoding: (cache length + rope_delta + arange(S)) on all 3 axes.
+    """
+    batch, seq = input_ids.shape
+    past = cache.seq_len
+    steps = torch.arange(seq, device=input_ids.device).view(1, 1, seq)
+    position_ids = (cache.rope_deltas.view(1, batch, 1).to(input_ids.device) + past + steps).expand(3, -1, -1)
+    key_mask = None
+    if cache.key_mask is not None:
+        key_mask = torch.cat([cache.key_mask, torch.ones(batch, seq, dtype=torch.bool,
+                                                         device=cache.key_mask.device)], dim=1)
+    hidden = model.model(model.embed(input_ids, prefill=False), position_ids, key_mask, cache)   # (B, S, D)
+    cache.key_mask = key_mask
+    return hidden[:, -1]
+
+
 class PrefixCache:
     """Thread-safe LRU of KVCache entries whose total bytes stay <= max_bytes."""
 
@@ -124,6 +155,11 @@ class PrefixCache:
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._entries
+
+    def keys(self) -> list:
+        """Keys from least to most recently used."""
+        with self._lock:
+            return list(self._entries)
 
     def __len__(self) -> int:
         with self._lock:

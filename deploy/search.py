@@ -1,6 +1,7 @@
 """Segment ranking with the model itself (DESIGN 5).
 
-score(segment, query) = log p(" yes") - log p(" no") for the next token after
+score(segment, query) = log p(" yes") - log p(" no") (= the difference of the two logits, so only those two rows
+of the output layer are computed) for the next token after
     <segment's time label + video> "Does this clip show: {query}? Answer yes or no." <assistant header>
 with the yes/no ids read from the tokenizer (first token of " yes" / " no"). The video prefix of each segment is
 query-independent, so its KV goes through the shared PrefixCache: a second query over the same footage only runs the
@@ -19,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from deploy.footage import PromptPlan, build_prompt, group_blocks
-from deploy.prefix_cache import PrefixCache, split_cache, stack_caches
+from deploy.footage import PrefixMemo, PromptPlan, build_prompt, group_blocks
+from deploy.prefix_cache import PrefixCache, prefill_kv, split_cache, stack_caches, suffix_hidden
 
 SEARCH_PROMPT = "Does this clip show: {query}? Answer yes or no."
 SAMPLE_CAP = 64
@@ -72,7 +73,7 @@ class SegmentRanker:
     def __init__(self, model, processor, prefix_cache: PrefixCache, model_id: str, tube_seconds: float,
                  max_gap_seconds: float, lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", sample_cap: int = SAMPLE_CAP, refine_cap: int = REFINE_CAP,
-                 refine_top: int = REFINE_TOP, batch_size: int = BATCH_SIZE):
+                 refine_top: int = REFINE_TOP, batch_size: int = BATCH_SIZE, memo: PrefixMemo | None = None):
         for name, value in (("sample_cap", sample_cap), ("refine_top", refine_top), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -82,16 +83,19 @@ class SegmentRanker:
         self.model_id, self.tube_seconds, self.max_gap_seconds = model_id, tube_seconds, max_gap_seconds
         self.lock = lock or threading.Lock()
         self.dtype, self.device = dtype, torch.device(device)
-        self.sample_cap, self.refine_cap, self.refine_top, self.batch_size = sample_cap, refine_cap, refine_top, batch_size
+        self.sample_cap, self.refine_cap = sample_cap, refine_cap
+        self.refine_top, self.batch_size = refine_top, batch_size
         self.yes_id, self.no_id = yes_no_ids(processor.tokenizer)
+        self.memo = memo if memo is not None else PrefixMemo()
         self.segments_scored = 0
 
-    def rank(self, query: str, rows: list[dict], load_tokens: Callable[[str], torch.Tensor]) -> list[tuple[dict, float]]:
+    def rank(self, query: str, rows: list[dict],
+             load_tokens: Callable[[str], torch.Tensor]) -> list[tuple[dict, float]]:
         """(row, score) for the scored subset of `rows` (time-ordered metadata), best first.
 
         load_tokens(segment_id) -> fp16 visual tokens [n, D] (read only for segments whose prefix is not cached).
         """
-        question = SEARCH_PROMPT.format(query=query.strip())
+        question = SEARCH_PROMPT.format(query=query.strip().rstrip("?").rstrip())   # a question as query: one '?'
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["t0"], rows[i]["source_id"]))
         ordered = [rows[i] for i in order]
         scores: dict[int, float] = {}
@@ -107,11 +111,10 @@ class SegmentRanker:
     # ---- scoring -------------------------------------------------------------------------------------------------
     def _score(self, rows: list[dict], question: str, load_tokens) -> list[float]:
         plans = [build_prompt(self.processor, group_blocks([r], self.tube_seconds, self.max_gap_seconds), question,
-                              self.model.config) for r in rows]
+                              self.model.config, self.memo) for r in rows]
         out: list[float] = []
         for lo in range(0, len(plans), self.batch_size):
             out.extend(self._score_batch(plans[lo:lo + self.batch_size], load_tokens))
-        self.segments_scored += len(rows)
         return out
 
     @torch.no_grad()
@@ -126,9 +129,13 @@ class SegmentRanker:
                 caches[i] = cache
             batch = stack_caches(caches)
             suffix = torch.tensor([plans[0].suffix_ids] * len(plans), device=self.device)   # same question text
-            logits = self.model(suffix, past_key_values=batch, use_cache=True, logits_to_keep=1).logits[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)                            # (B, vocab)
-        return (logp[:, self.yes_id] - logp[:, self.no_id]).tolist()
+            hidden = suffix_hidden(self.model, suffix, batch)                               # (B, D)
+            self.segments_scored += len(plans)
+        # log p(yes) - log p(no) = logit(yes) - logit(no): the softmax normaliser cancels, so only two rows of the
+        # output layer are needed, not the whole vocabulary
+        rows = self.model.lm_head.weight[[self.yes_id, self.no_id]]                        # (2, D)
+        logits = hidden.float() @ rows.float().T                                            # (B, 2)
+        return (logits[:, 0] - logits[:, 1]).tolist()
 
     def _prefill(self, plans: list[PromptPlan], tokens: list[torch.Tensor]):
         """Prefix KV of each plan (batch-1 caches); plans with equal prefix length run as one batch."""
@@ -141,8 +148,6 @@ class SegmentRanker:
             positions = torch.cat([plans[i].prefix_positions for i in members], dim=1).to(self.device)
             deltas = torch.cat([plans[i].prefix_rope_deltas for i in members]).to(self.device)
             embeds = torch.cat([tokens[i] for i in members]).to(self.device, self.dtype)
-            result = self.model(ids, video_embeds=embeds, position_ids=positions, rope_deltas=deltas,
-                                use_cache=True, logits_to_keep=1)
-            for i, one in zip(members, split_cache(result.past_key_values)):
+            for i, one in zip(members, split_cache(prefill_kv(self.model, ids, embeds, positions, deltas))):
                 out[i] = one
         return out

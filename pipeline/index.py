@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import metrics
 from pipeline.records import IndexedSegment, source_of
 
 SOURCE_PREFIX = "source="
@@ -120,8 +121,8 @@ class SegmentIndex:
         sel = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
         return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
 
-    def _write_atomic(self, folder: str, name: str, table: pa.Table) -> None:
-        """Write to a hidden temp name, then rename: readers see the whole file or nothing."""
+    def _write_atomic(self, folder: str, name: str, table: pa.Table) -> int:
+        """Write to a hidden temp name, then rename: readers see the whole file or nothing. Returns the bytes."""
         sink = pa.BufferOutputStream()
         # fp16 tokens barely compress and min/max statistics of them would store each value twice more;
         # the Arrow schema blob is dropped because our readers pass the schema
@@ -147,6 +148,7 @@ class SegmentIndex:
         except BaseException:
             self._remove(tmp)
             raise
+        return payload.size
 
     def _remove_dir_if_empty(self, folder: str) -> None:
         """Never a recursive delete: a writer may have just added a file."""
@@ -249,16 +251,19 @@ class SegmentIndex:
         written = 0
         for source_id, group in by_source.items():
             folder = self._dir(source_id)
-            present = {i.base_name for i in self._ls(folder)}
+            infos = self._ls(folder)
+            present = {i.base_name for i in infos}
+            data_bytes = {i.base_name: i.size for i in infos if i.base_name.startswith(DATA_PREFIX)}
             for s in group:
                 name = data_file_name(s.segment_id, s.model_id)
                 if name in present:
                     continue
                 row = {**s.to_row(), "indexed_at": stamp}
                 table = pa.Table.from_pylist([row], schema=DATA_SCHEMA)
-                self._write_atomic(folder, name, table)
+                data_bytes[name] = self._write_atomic(folder, name, table)
                 present.add(name)
                 written += 1
+            metrics.record_index_source(source_id, len(data_bytes), sum(data_bytes.values()))
             if self._needs_compaction(source_id):
                 self._compact(source_id)
         return written
@@ -367,10 +372,20 @@ class SegmentIndex:
                 if not i.base_name.startswith(DATA_PREFIX):
                     self._remove(i.path)
             self._remove_dir_if_empty(folder)
+            self._report_source(source_id)
             return n
         table, _, _ = self._meta_table(source_id)
         doomed = [r["file"] for r in table.select(["t1", "file"]).to_pylist() if r["t1"] <= before]
-        return self._delete_files(source_id, doomed)
+        n = self._delete_files(source_id, doomed)
+        self._report_source(source_id)
+        return n
+
+    def _report_source(self, source_id: str) -> None:
+        """Export the source's segment count and data bytes (0 and 0 once it is gone)."""
+        if not metrics.enabled():
+            return                                        # no listing when nothing would be exported
+        sizes = [i.size for i in self._ls(self._dir(source_id)) if i.base_name.startswith(DATA_PREFIX)]
+        metrics.record_index_source(source_id, len(sizes), sum(sizes))
 
     def _delete_files(self, source_id: str, names: list[str]) -> int:
         folder = self._dir(source_id)
@@ -396,7 +411,9 @@ class SegmentIndex:
             raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
         deleted = 0
         live = []                                         # (indexed_at, t0, source_id, file, bytes)
+        seen = []
         for sid, _ in self._source_dirs():
+            seen.append(sid)
             self._clean_tmp(sid, now)
             table, _, _ = self._meta_table(sid)
             age = ages.get(sid, default_age)
@@ -406,7 +423,9 @@ class SegmentIndex:
                     doomed.append(r["file"])
                 else:
                     live.append((r["indexed_at"], r["t0"], sid, r["file"], r["bytes"]))
-            deleted += self._delete_files(sid, doomed)
+            n = self._delete_files(sid, doomed)
+            metrics.record_retention_deletions(n, "age")
+            deleted += n
         if max_bytes is not None:
             total = sum(x[4] for x in live)
             doomed_by_source: dict[str, list[str]] = {}
@@ -416,7 +435,11 @@ class SegmentIndex:
                 doomed_by_source.setdefault(sid, []).append(name)
                 total -= size
             for sid, names in doomed_by_source.items():
-                deleted += self._delete_files(sid, names)
+                n = self._delete_files(sid, names)
+                metrics.record_retention_deletions(n, "size")
+                deleted += n
+        for sid in seen:
+            self._report_source(sid)
         return deleted
 
     def _clean_tmp(self, source_id: str, now: float) -> None:

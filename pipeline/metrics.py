@@ -6,6 +6,8 @@ port beside Ray's own metrics; one Prometheus scrape job over the Ray nodes sees
 `ray_` (`ray_tubescope_feed_up`); dashboards/prometheus.yml renames `ray_tubescope_*` back to `tubescope_*`, the
 names defined here (RAY_PREFIX). Values reach the agent every RAY_metrics_report_interval_ms (Ray's default
 10 s; 1 s in the tests). Ray labels every series with WorkerId etc., so dashboards aggregate with sum/max by.
+Ray forgets a gauge that was not set again within two report intervals, so this module re-sets the last value
+of every gauge series of its process every GAUGE_REFRESH_S (a daemon thread); counters and histograms persist.
 
 Outside Ray (the CLI before ray.init, plain unit tests) every helper is a no-op: ray is not even imported. A
 helper never raises because of the export itself; it does raise ValueError for arguments that are wrong (a bug
@@ -15,14 +17,18 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger("tubescope.metrics")
 
 PREFIX = "tubescope_"
+GAUGE_REFRESH_S = 1.0        # below Ray's smallest report interval (1 s), so no gauge ever ages out
 RAY_PREFIX = "ray_"          # what Ray's exporter puts in front of every application metric name
 
 # Bucket boundaries (seconds unless said otherwise); Ray requires them positive and increasing.
@@ -53,7 +59,8 @@ class MetricSpec:
 
 _SPECS = [
     # ---- feeds (label feed = the feed id = source_id of its segments)
-    MetricSpec("tubescope_feed_up", "gauge", "1 while the feed's reader is connected to its source, else 0", ("feed",)),
+    MetricSpec("tubescope_feed_up", "gauge", "One while the feed's reader is connected to its source, else 0",
+               ("feed",)),
     MetricSpec("tubescope_feed_frames_decoded_total", "counter", "Frames decoded from the source", ("feed",)),
     MetricSpec("tubescope_feed_frames_sampled_total", "counter", "Frames kept by the 2 fps sampler", ("feed",)),
     MetricSpec("tubescope_feed_lag_seconds", "gauge", "Wall clock minus the time of the last sampled frame", ("feed",)),
@@ -79,7 +86,8 @@ _SPECS = [
     MetricSpec("tubescope_decode_errors_total", "counter", "Videos or packets that could not be decoded", ("kind",)),
     MetricSpec("tubescope_events_outbox_events", "gauge",
                "Events waiting in the local outbox because Redis was unreachable"),
-    MetricSpec("tubescope_events_dropped_total", "counter", "Events that will never reach Redis (outbox full, rejected)"),
+    MetricSpec("tubescope_events_dropped_total", "counter",
+               "Events that will never reach Redis (outbox full, rejected)"),
     # ---- index (label source = source_id)
     MetricSpec("tubescope_index_segments", "gauge", "Segments stored in the index", ("source",)),
     MetricSpec("tubescope_index_bytes", "gauge", "Bytes of segment data stored in the index", ("source",)),
@@ -111,6 +119,8 @@ def exported_series_names() -> set[str]:
 _lock = threading.Lock()
 _instances: dict[str, object] = {}
 _failed_once: set[str] = set()
+_gauge_values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}   # (name, tags) -> last value set here
+_refresher_pid: int | None = None          # the process whose refresher thread runs (a fork needs its own)
 
 
 def enabled() -> bool:
@@ -159,10 +169,32 @@ def _export(name: str, op: str, value: float, tags: dict[str, str] | None = None
             log.warning("could not export metric %s: %s: %s", name, type(e).__name__, e)
 
 
+def _set_gauge(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Set a gauge and remember it, so the refresher keeps it alive in Ray's export."""
+    global _refresher_pid
+    with _lock:
+        _gauge_values[(name, tuple(sorted((tags or {}).items())))] = value
+        start = _refresher_pid != os.getpid() and enabled()
+        if start:
+            _refresher_pid = os.getpid()
+    _export(name, "set", value, tags)
+    if start:
+        threading.Thread(target=_refresh_gauges, name="tubescope-gauges", daemon=True).start()
+
+
+def _refresh_gauges() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        with _lock:
+            items = list(_gauge_values.items())
+        for (name, tags), value in items:
+            _export(name, "set", value, dict(tags))
+
+
 # ---------------------------------------------------------------- argument checks
 
 def _number(what: str, value, *, minimum: float | None = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
@@ -170,9 +202,9 @@ def _number(what: str, value, *, minimum: float | None = 0.0) -> float:
 
 
 def _count(what: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{what} must be an int >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
 def _label(what: str, value, allowed: tuple[str, ...] | None = None) -> str:
@@ -207,12 +239,12 @@ def record_feed_status(feed_id: str, status: Mapping) -> None:
     if not isinstance(status, Mapping):
         raise ValueError(f"status must be a mapping (StreamSampler.status()), got {type(status).__name__}")
     tags = {"feed": feed}
-    _export("tubescope_feed_up", "set", 1.0 if status.get("connected") else 0.0, tags)
+    _set_gauge("tubescope_feed_up", 1.0 if status.get("connected") else 0.0, tags)
     for key, name in (("lag_s", "tubescope_feed_lag_seconds"),
                       ("last_segment_time", "tubescope_feed_last_segment_timestamp_seconds"),
                       ("queued", "tubescope_feed_queued_segments")):
         if status.get(key) is not None:
-            _export(name, "set", _number(f"status[{key!r}]", status[key], minimum=None), tags)
+            _set_gauge(name, _number(f"status[{key!r}]", status[key], minimum=None), tags)
     for key, name in _FEED_COUNTERS:
         if status.get(key) is None:
             continue
@@ -232,8 +264,8 @@ def record_feed_status(feed_id: str, status: Mapping) -> None:
 def record_feed_stopped(feed_id: str) -> None:
     """The feed's reader stopped: it is down, and its queue is gone."""
     tags = {"feed": _label("feed_id", feed_id)}
-    _export("tubescope_feed_up", "set", 0.0, tags)
-    _export("tubescope_feed_queued_segments", "set", 0.0, tags)
+    _set_gauge("tubescope_feed_up", 0.0, tags)
+    _set_gauge("tubescope_feed_queued_segments", 0.0, tags)
 
 
 def record_live_latency(feed_id: str, seconds: float) -> None:
@@ -296,7 +328,7 @@ def record_outbox_depth(outbox: str, depth: int) -> None:
     with _lock:
         _outbox_depths[key] = depth
         total = sum(_outbox_depths.values())
-    _export("tubescope_events_outbox_events", "set", float(total))
+    _set_gauge("tubescope_events_outbox_events", float(total))
 
 
 def record_events_dropped(count: int = 1) -> None:
@@ -308,8 +340,8 @@ def record_events_dropped(count: int = 1) -> None:
 def record_index_source(source_id: str, segments: int, nbytes: int) -> None:
     """The index now holds `segments` segments of `nbytes` data bytes for this source."""
     tags = {"source": _label("source_id", source_id)}
-    _export("tubescope_index_segments", "set", float(_count("segments", segments)), tags)
-    _export("tubescope_index_bytes", "set", float(_count("nbytes", nbytes)), tags)
+    _set_gauge("tubescope_index_segments", float(_count("segments", segments)), tags)
+    _set_gauge("tubescope_index_bytes", float(_count("nbytes", nbytes)), tags)
 
 
 def record_index_sources(rows: Iterable[Mapping]) -> None:
@@ -329,9 +361,11 @@ def record_retention_deletions(count: int, reason: str) -> None:
 def record_query(endpoint: str, status: int | str, seconds: float) -> None:
     """One API request: endpoint is the route template ("/v1/ask"), status the HTTP status code."""
     endpoint = _label("endpoint", endpoint)
-    if isinstance(status, bool) or not isinstance(status, (int, str)) or not 100 <= int(status) <= 599:
+    code = status if isinstance(status, int) and not isinstance(status, bool) else \
+        int(status) if isinstance(status, str) and status.isdigit() else None
+    if code is None or not 100 <= code <= 599:
         raise ValueError(f"status must be an HTTP status code (100-599), got {status!r}")
-    _inc("tubescope_requests_total", 1, {"endpoint": endpoint, "status": str(int(status))})
+    _inc("tubescope_requests_total", 1, {"endpoint": endpoint, "status": str(code)})
     _export("tubescope_request_duration_seconds", "observe", _number("seconds", seconds), {"endpoint": endpoint})
 
 

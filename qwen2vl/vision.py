@@ -9,12 +9,12 @@ Speed (inference only; forward runs under no_grad and updates the hidden state i
   temporaries are otherwise mmapped and page-faulted afresh on every op. On GPU there is one tile.
 - inside a tile, contiguous slices of equal length go to SDPA as one batch (a view, no copy); on GPU with
   flash-attn installed the whole tile is one varlen call.
-- residual adds ride on the GEMMs (addmm_ with beta=1), and quick_gelu(u) = silu(1.702 u) / 1.702 puts its two
-  scalings into the GEMMs' alpha, leaving one in-place silu over the MLP activation.
+- quick_gelu(u) = silu(1.702 u) / 1.702: both scalings ride on the GEMMs' alpha/beta, leaving one in-place silu
+  over the widest activation. Each branch output is rounded once and added to the residual in place, which in
+  bf16 rounds exactly as often as the reference does.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache

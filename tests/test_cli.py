@@ -1,4 +1,6 @@
-"""The `tubescope` command line: help, stubs that say plainly what is missing, config, model init-tiny, demo."""
+"""The `tubescope` command line: help, stubs that say plainly what is missing, config, model init-tiny, demo.
+
+The REST commands (serve, ask, search, feeds) are tested in tests/test_serve_cli.py."""
 from __future__ import annotations
 
 import json
@@ -80,17 +82,22 @@ def test_model_init_tiny(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_demo_with_redis_url_writes_an_event_and_exits_0(tmp_path, redis_server):
+def test_demo_with_redis_url_runs_the_mission_and_exits_0(tmp_path, redis_server):
     out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=ROOT, capture_output=True, text=True,
                          env=_env(tmp_path, REDIS_URL=redis_server.url), timeout=220)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"using REDIS_URL {redis_server.url}" in out.stdout
-    assert "not there yet" in out.stdout and "issue 4" in out.stdout and "issue 5" in out.stdout
-    entries = redis_server.client(decode_responses=True).xrange(DEMO_STREAM)
-    assert len(entries) == 1
-    fields = entries[0][1]
-    assert Path(fields["clip"]).is_file() and int(fields["frames_sampled"]) == 8     # 4 s at 2 fps
-    assert entries[0][0] in out.stdout                               # it printed where the result went
+    assert "outputs are meaningless" in out.stdout and "TUBESCOPE_MODEL_PATH" in out.stdout   # says so plainly
+    assert "job succeeded: 1 segment(s) indexed" in out.stdout                               # 4 s clip, 8 s segments
+    client = redis_server.client(decode_responses=True)
+    [(summary_id, summary)] = client.xrange(DEMO_STREAM)
+    assert Path(summary["clip"]).is_file() and summary["segments"] == "1" and "error" not in summary
+    assert summary_id in out.stdout                                  # it printed where the summary went
+    [(answer_id, answer)] = client.xrange("tubescope:answers")
+    assert answer_id == summary["answer_entry"] and answer_id in out.stdout   # ...and the answer's entry
+    assert summary["answer_id"] in json.dumps(answer)
+    assert "evidence: source demo 0.0-4.0 s (demo:0)" in out.stdout
+    assert "Serve and Ray shut down" in out.stdout and out.stdout.rstrip().endswith("demo done")
 
 
 @pytest.mark.timeout(240)
@@ -100,7 +107,8 @@ def test_demo_with_embedded_redis(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "embedded redis-server started, listening on redis://127.0.0.1:" in out.stdout
     dump = tmp_path / "data" / "redis" / "dump.rdb"
-    assert dump.is_file()                                            # the event outlives the demo
+    assert dump.is_file()                                            # the results outlive the demo
     from pipeline.redis_server import RedisServer
     with RedisServer(dump.parent, persist=True) as server:
         assert server.client().xlen(DEMO_STREAM) == 1
+        assert server.client().xlen("tubescope:answers") == 1

@@ -104,7 +104,7 @@ def _video_temporal(plan, world):
     return per_tube
 
 
-# ---- tests -------------------------------------------------------------------------------------------------------------
+# ---- tests -----------------------------------------------------------------------------------------------------------
 
 def test_temporal_ids_rule():
     assert temporal_ids([0.0, 1.0, 2.0, 3.0], 1.0, 60.0) == [0, 1, 2, 3]
@@ -210,3 +210,20 @@ def test_window_errors(world, index):
     for bad in ("", "  ", "look <|video_pad|> here", None):
         with pytest.raises(ValueError, match="question"):
             build_prompt(world["processor"], blocks, bad, world["model"].config)
+
+
+def test_prefix_memo_gives_the_same_plan(world, index):
+    from deploy.footage import PrefixMemo
+    index_frames(index, world["model"], world["mid"], "cam1", world["frames"])
+    blocks = group_blocks(list_window(index, ["cam1"], None, None, world["mid"]), TUBE_S, 60.0)
+    memo = PrefixMemo(max_entries=1)
+    fresh = build_prompt(world["processor"], blocks, "First?", world["model"].config)
+    first = build_prompt(world["processor"], blocks, "First?", world["model"].config, memo)
+    again = build_prompt(world["processor"], blocks, "Second question?", world["model"].config, memo)
+    assert first.prefix_ids == fresh.prefix_ids == again.prefix_ids
+    assert torch.equal(again.prefix_positions, fresh.prefix_positions)
+    assert again.suffix_ids != first.suffix_ids and len(memo._entries) == 1
+    gapped = group_blocks(list_window(index, ["cam1"], None, None, world["mid"]), TUBE_S, 60.0)
+    gapped[0].temporal_ids = [0, 1, 2, 3, 10, 11]                  # other positions: never the memo's entry
+    other = build_prompt(world["processor"], gapped, "First?", world["model"].config, memo)
+    assert other.prefix_ids == fresh.prefix_ids and not torch.equal(other.prefix_positions, fresh.prefix_positions)

@@ -1,0 +1,382 @@
+"""The REST API over real HTTP: real Ray Serve (one app for the module), real Redis, a real clip indexed by a job.
+
+Order matters and is the file order: the job indexes footage that search/ask then use; the restart test is last.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+
+from actors.feeds import NAMESPACE, reader_name
+from deploy.app import run_app, stop_app
+from deploy.client import ApiError, TubescopeClient, parse_sse
+from pipeline.events import ANSWERS_STREAM
+from pipeline.redis_server import free_port
+from pipeline.settings import load_settings
+from services import start_redis
+from streams import free_tcp_port, wait_for
+from videos import encode_video
+
+ADMIN = "admin-key-0123456789"
+READER = "reader-key-0123456789"
+CAM_READER = "camreader-key-0123456789"        # a reader limited to source "cam1"
+CAM_ADMIN = "camadmin-key-0123456789"          # an admin limited to source "cam1"
+SOURCE = "clip"
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("api")
+    videos = root / "videos"
+    clip = encode_video(videos / "clip.mp4", 160, 90, 30, seconds=4.0).path      # 2 segments of 2 s
+    redis = start_redis(root / "redis")
+    settings = load_settings(
+        data_dir=root / "data", redis_url=redis.url, file_roots=[videos], segment_seconds=2.0,
+        model_path=exclaiming_model(root / "model"),
+        min_pixels=4 * 784, max_pixels=16 * 784,
+        api_keys=[{"key": ADMIN, "role": "admin"}, {"key": READER, "role": "reader"},
+                  {"key": CAM_READER, "role": "reader", "sources": ["cam1"]},
+                  {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
+        api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
+        decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
+        feed_reconcile_seconds=0.5)
+    port = free_port()
+    url = run_app(settings, host="127.0.0.1", port=port, live=False)
+    state = {"url": url, "settings": settings, "redis": redis, "clip": clip, "port": port}
+    yield state
+    stop_app()
+    redis.stop()
+
+
+def exclaiming_model(directory: Path) -> Path:
+    """The tiny random checkpoint with its final norm zeroed: every logit is 0, so greedy decoding always picks
+    token 0, which the tiny tokenizer decodes as "!". A known answer lets the tests check streamed text exactly."""
+    import qwen2vl
+    from safetensors.torch import load_file, save_file
+
+    path = Path(qwen2vl.write_tiny_checkpoint(directory))
+    weights = load_file(str(path / "model.safetensors"))
+    weights["model.norm.weight"].zero_()
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def http(served, key: str | None = ADMIN) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=served["url"], headers=headers, timeout=120)
+
+
+def err(r: httpx.Response, status: int, words: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert words in r.json()["error"], r.json()
+
+
+# ---- health, metrics, docs ------------------------------------------------------------------------------------------
+def test_health_metrics_and_docs_need_no_key(served):
+    with http(served, None) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "redis": True}
+        assert c.get("/docs").status_code == 200
+        paths = c.get("/openapi.json").json()["paths"]
+        assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(paths)
+        metrics = c.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'tubescope_api_requests_total{method="GET",route="/healthz",status="200"}' in metrics.text
+        err(c.get("/v1/nowhere"), 404, "Not Found")
+
+
+# ---- auth matrix ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/v1/feeds", None), ("POST", "/v1/feeds", {"url": "rtsp://h/x"}), ("GET", "/v1/sources", None),
+    ("POST", "/v1/jobs", {"paths": ["/x.mp4"]}), ("GET", "/v1/jobs/abc", None),
+    ("POST", "/v1/search", {"query": "q"}), ("POST", "/v1/ask", {"question": "q", "source": "clip"})])
+def test_missing_or_unknown_key_is_401(served, method, path, body):
+    for key, words in [(None, "missing API key"), ("not-a-real-key-0000", "unknown API key")]:
+        with http(served, key) as c:
+            r = c.request(method, path, json=body)
+            err(r, 401, words)
+            assert r.headers["www-authenticate"] == "Bearer"
+    with http(served, None) as c:                            # a non-bearer scheme is no key either
+        err(c.request(method, path, json=body, headers={"Authorization": f"Basic {ADMIN}"}), 401, "missing")
+
+
+def test_reader_on_admin_routes_is_403(served):
+    with http(served, READER) as c:
+        err(c.post("/v1/feeds", json={"url": "rtsp://h/x"}), 403, "needs an admin key")
+        err(c.delete("/v1/feeds/any"), 403, "needs an admin key")
+        err(c.post("/v1/jobs", json={"paths": [str(served["clip"])]}), 403, "needs an admin key")
+        err(c.get("/v1/jobs/any"), 403, "needs an admin key")
+        err(c.delete("/v1/jobs/any"), 403, "needs an admin key")
+        err(c.get("/v1/status"), 403, "needs an admin key")
+
+
+def test_source_limited_keys_cannot_touch_other_sources(served):
+    with http(served, CAM_READER) as c:
+        err(c.post("/v1/ask", json={"question": "what?", "source": SOURCE}), 403, "may not access source 'clip'")
+        err(c.post("/v1/search", json={"query": "car", "sources": ["cam1", SOURCE]}), 403, "'clip'")
+        err(c.get(f"/v1/sources/{SOURCE}/segments"), 403, "'clip'")
+        err(c.get("/v1/feeds/other"), 403, "'other'")
+    with http(served, CAM_ADMIN) as c:
+        err(c.post("/v1/feeds", json={"url": "rtsp://h/x"}), 403, "give the feed an id among them")
+        err(c.post("/v1/feeds", json={"url": "rtsp://h/x", "id": "cam2"}), 403, "'cam2'")
+        err(c.post("/v1/jobs", json={"paths": [str(served["clip"])], "source_id": SOURCE}), 403, "'clip'")
+        err(c.delete("/v1/feeds/cam2"), 403, "'cam2'")
+
+
+# ---- jobs -------------------------------------------------------------------------------------------------------------
+def wait_job(c: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
+
+
+def test_job_indexes_a_clip_and_its_segments_are_listed(served):
+    with http(served) as c:
+        r = c.post("/v1/jobs", json={"paths": [str(served["clip"])], "source_id": SOURCE})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["state"] == "queued" and job["paths"] == [str(served["clip"])] and len(job["id"]) == 12
+        done = wait_job(c, job["id"])
+        assert done["state"] == "succeeded", done
+        assert (done["segments"], done["files_total"], done["failures"]) == (2, 1, [])
+        assert done["indexed"] == [str(served["clip"])] and done["source_seconds"] == pytest.approx(4.0, abs=0.1)
+        err(c.delete(f"/v1/jobs/{job['id']}"), 409, "already finished")
+
+        sources = c.get("/v1/sources").json()["sources"]
+        assert [(s["source_id"], s["segments"]) for s in sources] == [(SOURCE, 2)]
+        segs = c.get(f"/v1/sources/{SOURCE}/segments").json()["segments"]
+        assert [(s["segment_id"], s["t0"], s["t1"]) for s in segs] == [("clip:0", 0.0, 2.0), ("clip:2000", 2.0, 4.0)]
+        assert all(s["n_tokens"] > 0 and len(s["grid_thw"]) == 3 for s in segs)
+        one = c.get(f"/v1/sources/{SOURCE}/segments", params={"start": 2.5, "end": 3.0}).json()["segments"]
+        assert [s["segment_id"] for s in one] == ["clip:2000"]
+        err(c.get(f"/v1/sources/{SOURCE}/segments", params={"start": 3, "end": 1}), 422, "must be >= start")
+        err(c.get("/v1/sources/nope/segments"), 404, "no indexed source 'nope'")
+        err(c.get(f"/v1/sources/{SOURCE}/segments", params={"start": "soon"}), 422, "start")
+    with http(served, CAM_READER) as c:                       # a limited key does not even see the source
+        assert c.get("/v1/sources").json() == {"sources": []}
+
+
+def test_job_errors(served, tmp_path):
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(b"not a video")
+    with http(served) as c:
+        err(c.post("/v1/jobs", json={"paths": [str(outside)]}), 422, "outside the allowed roots")
+        err(c.post("/v1/jobs", json={"paths": ["videos/clip.mp4"]}), 422, "must be absolute")
+        err(c.post("/v1/jobs", json={"paths": [str(served["clip"].parent / ".." / "x.mp4")]}), 422, "'..'")
+        err(c.post("/v1/jobs", json={"paths": ["s3://bucket/x.mp4"]}), 422, "URI scheme 's3'")
+        err(c.post("/v1/jobs", json={"paths": []}), 422, "non-empty list")
+        err(c.post("/v1/jobs", json={"paths": "x"}), 422, "paths")
+        err(c.post("/v1/jobs", json={"paths": [str(served["clip"])], "extra": 1}), 422, "extra")
+        err(c.get("/v1/jobs/nosuchjob"), 404, "no job with id 'nosuchjob'")
+        err(c.delete("/v1/jobs/nosuchjob"), 404, "no job")
+        # a file under the roots that is not a video: the job runs and reports the failure
+        bad = served["clip"].parent / "broken.mp4"
+        bad.write_bytes(b"\x00" * 1000)
+        job = c.post("/v1/jobs", json={"paths": [str(bad)]}).json()
+        done = wait_job(c, job["id"])
+        assert done["state"] == "failed" and done["failures"][0]["path"] == str(bad), done
+
+
+def test_cancel_a_queued_job(served):
+    """A cancel that arrives before the job's task starts stops it at once (state cancelled, nothing indexed)."""
+    from deploy.jobs import create_job, execute_job, request_cancel
+
+    r = served["redis"].client()
+    job = create_job(r, [str(served["clip"])], "cancelled-src")
+    assert request_cancel(r, job["id"])["cancel_requested"] is True
+    assert execute_job(job["id"], [str(served["clip"])], "cancelled-src", served["settings"], served["redis"].url) \
+        == "cancelled"
+    with http(served) as c:
+        assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+        assert "cancelled-src" not in [s["source_id"] for s in c.get("/v1/sources").json()["sources"]]
+
+
+# ---- search and ask ---------------------------------------------------------------------------------------------------
+def test_search_ranks_segments(served):
+    with http(served, READER) as c:
+        r = c.post("/v1/search", json={"query": "a white box", "sources": [SOURCE], "limit": 5})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert sorted(x["segment_id"] for x in results) == ["clip:0", "clip:2000"]
+        assert all(set(x) >= {"source", "segment_id", "t0", "t1", "score"} and x["source"] == SOURCE for x in results)
+        scores = [x["score"] for x in results]
+        assert scores == sorted(scores, reverse=True)
+        everything = c.post("/v1/search", json={"query": "a white box", "limit": 1}).json()["results"]
+        assert len(everything) == 1 and everything[0]["source"] == SOURCE       # no sources: every visible one
+        err(c.post("/v1/search", json={"query": "x" * 501}), 422, "query has 501 characters; the limit is 500")
+        err(c.post("/v1/search", json={"query": "q", "limit": 101}), 422, "api_max_search_results")
+        err(c.post("/v1/search", json={"query": "q", "limit": 0}), 422, "limit")
+        err(c.post("/v1/search", json={"query": ""}), 422, "query")
+        err(c.post("/v1/search", json={"query": "q", "sources": []}), 422, "non-empty list")
+        err(c.post("/v1/search", json={"query": "q", "sources": ["nope"]}), 404, "nope")
+    with http(served, CAM_READER) as c:                       # sees no source: an empty result, not an error
+        assert c.post("/v1/search", json={"query": "q"}).json() == {"results": []}
+
+
+def test_ask_answers_with_evidence_and_writes_redis(served):
+    with http(served, READER) as c:
+        r = c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "start": 0, "end": 4,
+                                    "max_new_tokens": 8})
+        assert r.status_code == 200, r.text
+        ans = r.json()
+        assert set(ans) >= {"id", "answer", "evidence", "model", "timings", "stream_entry"}
+        assert ans["answer"] == "!" * 8                    # the exclaiming model's only answer
+        assert [(e["source"], e["segment_id"], e["t0"], e["t1"]) for e in ans["evidence"]] == \
+            [(SOURCE, "clip:0", 0.0, 2.0), (SOURCE, "clip:2000", 2.0, 4.0)]
+    entries = served["redis"].client(decode_responses=True).xrange(ANSWERS_STREAM, ans["stream_entry"],
+                                                                   ans["stream_entry"])
+    assert len(entries) == 1 and ans["id"] in json.dumps(entries[0][1])
+
+
+def test_ask_streams_tokens_as_server_sent_events(served):
+    with http(served, READER) as c:
+        with c.stream("POST", "/v1/ask", json={"question": "What moves?", "sources": [SOURCE], "max_new_tokens": 8,
+                                               "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = list(parse_sse(r.iter_lines()))
+    kinds = [e for e, _ in events]
+    result = events[-1][1]
+    assert kinds[-1] == "result" and set(kinds[:-1]) <= {"token"}, events
+    assert result["answer"] == "!" * 8 and len(kinds) >= 2, events
+    assert "".join(d["text"] for e, d in events[:-1]) == result["answer"]
+    assert result["stream_entry"] and len(result["evidence"]) == 2
+    # the client gives the same through its on_token callback
+    pieces: list[str] = []
+    with TubescopeClient(served["url"], READER) as tc:
+        out = tc.ask("What moves?", [SOURCE], max_new_tokens=4, on_token=pieces.append)
+        assert "".join(pieces) == out["answer"] == "!!!!"
+        with pytest.raises(ApiError) as info:                   # an error before the stream starts is plain HTTP
+            tc.ask("What moves?", ["nope"], on_token=pieces.append)
+        assert info.value.status == 404
+
+
+def test_ask_limits_and_bad_requests(served):
+    with http(served, READER) as c:
+        q = {"question": "What moves?", "source": SOURCE}
+        err(c.post("/v1/ask", json={**q, "question": "x" * 201}), 422, "question has 201 characters; the limit is 200")
+        err(c.post("/v1/ask", json={**q, "start": 0, "end": 7200}), 422, "longer than the limit 3600 s")
+        err(c.post("/v1/ask", json={**q, "start": 5, "end": 5}), 422, "must be after start")
+        err(c.post("/v1/ask", json={**q, "max_new_tokens": 65}), 422, "max_new_tokens 65 is over the maximum 64")
+        err(c.post("/v1/ask", json={**q, "max_new_tokens": 0}), 422, "max_new_tokens")
+        err(c.post("/v1/ask", json={**q, "sources": [SOURCE]}), 422, "either source or sources")
+        err(c.post("/v1/ask", json={"question": "What?"}), 422, "source (one id) or sources")
+        err(c.post("/v1/ask", json={**q, "source": "nope"}), 404, "nope")
+        err(c.post("/v1/ask", json={**q, "start": 100, "end": 200}), 404, "")
+        err(c.post("/v1/ask", json={"question": ""}), 422, "question")
+        err(c.post("/v1/ask", content=b"{not json", headers={"content-type": "application/json"}), 422, "invalid")
+        big = {**q, "question": "x" * 5000}
+        err(c.post("/v1/ask", json=big), 413, "request body over 4096 bytes")
+
+        def chunks():                                         # no Content-Length: counted as it arrives
+            yield b'{"question": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'", "source": "clip"}'
+        err(c.post("/v1/ask", content=chunks(), headers={"content-type": "application/json"}), 413, "4096 bytes")
+
+
+def test_overload_is_503_with_retry_after(served):
+    """One ask running, one queued (max_queued_requests=1): the rest are refused at once, not left hanging."""
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def ask():
+        with http(served, READER) as c:
+            start.wait()
+            r = c.post("/v1/ask", json={"question": "Describe everything in detail.", "source": SOURCE,
+                                        "max_new_tokens": 64})
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.status_code for r in results)
+    assert len(codes) == 8 and set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.headers.get("retry-after") == "7" and "busy" in r.json()["error"], (r.headers, r.text)
+    with http(served, None) as c:
+        assert "tubescope_api_overloaded_total" in c.get("/metrics").text
+
+
+# ---- feeds ----------------------------------------------------------------------------------------------------------
+def feed_status(c: httpx.Client, feed_id: str) -> dict:
+    r = c.get(f"/v1/feeds/{feed_id}")
+    assert r.status_code == 200, r.text
+    return r.json()["status"]
+
+
+def test_feeds_add_list_get_delete(served, tmp_path):
+    refused = f"rtsp://user:pw@127.0.0.1:{free_tcp_port()}/cam"
+    with http(served) as c:
+        r = c.post("/v1/feeds", json={"url": refused, "name": "Door", "id": "door"})
+        assert r.status_code == 201, r.text
+        feed = r.json()
+        assert (feed["id"], feed["name"]) == ("door", "Door") and "pw" not in feed["url"]
+        local = c.post("/v1/feeds", json={"url": str(served["clip"]), "fps": 1.0, "max_pixels": 8 * 784})
+        assert local.status_code == 201, local.text
+        assert [f["id"] for f in c.get("/v1/feeds").json()["feeds"]] == ["door", local.json()["id"]]
+
+        # the supervisor starts the reader: it is running, not connected, and counts its failed connects
+        wait_for(lambda: feed_status(c, "door")["state"] == "running", 30, 0.2, "door reader running")
+        wait_for(lambda: feed_status(c, "door")["open_failures"] >= 1, 30, 0.2, "a refused connect")
+        st = feed_status(c, "door")
+        assert st["connected"] is False and {"lag_s", "last_frame_time", "reconnects", "drops"} <= set(st)
+
+        err(c.post("/v1/feeds", json={"url": refused, "id": "door"}), 409, "already exists")
+        err(c.post("/v1/feeds", json={"url": "ftp://h/x.mp4"}), 422, "scheme 'ftp'")
+        outside = tmp_path / "x.mp4"
+        err(c.post("/v1/feeds", json={"url": str(outside)}), 422, "outside the allowed roots")
+        err(c.post("/v1/feeds", json={"url": f"file://{outside}"}), 422, "outside the allowed roots")
+        err(c.post("/v1/feeds", json={"url": refused, "fps": 0}), 422, "fps")
+        err(c.post("/v1/feeds", json={"url": refused, "id": "a:b"}), 422, "feed_id")
+        err(c.post("/v1/feeds", json={}), 422, "url")
+        err(c.get("/v1/feeds/nope"), 404, "no feed with id 'nope'")
+
+        assert c.delete(f"/v1/feeds/{local.json()['id']}").json()["deleted"]["id"] == local.json()["id"]
+        err(c.delete(f"/v1/feeds/{local.json()['id']}"), 404, "no feed")
+        wait_for(lambda: _no_actor(reader_name(local.json()["id"])), 30, 0.2, "removed feed's reader stopped")
+    with http(served, READER) as c:                              # readers may read feeds
+        assert [f["id"] for f in c.get("/v1/feeds").json()["feeds"]] == ["door"]
+    with http(served, CAM_READER) as c:                          # ...but only their own
+        assert c.get("/v1/feeds").json() == {"feeds": []}
+    with http(served) as c:
+        status = c.get("/v1/status").json()
+        assert "door" in status["feeds"] and status["index"]["sources"] >= 1 and status["live_indexer"] is None
+
+
+def _no_actor(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return True
+    return False
+
+
+def test_restarted_app_resumes_feeds_from_the_registry(served):
+    with http(served) as c:
+        before = feed_status(c, "door")
+    stop_app()                                                    # the service goes away: its readers with it
+    assert _no_actor(reader_name("door"))
+    run_app(served["settings"], host="127.0.0.1", port=served["port"], live=False)
+    with http(served) as c:
+        assert [f["id"] for f in c.get("/v1/feeds").json()["feeds"]] == ["door"]
+        wait_for(lambda: feed_status(c, "door")["state"] == "running", 30, 0.2, "door reader resumed")
+        after = feed_status(c, "door")
+        assert after["started_at"] > before["started_at"] and after["pid"] != before["pid"]
+        assert c.delete("/v1/feeds/door").status_code == 200

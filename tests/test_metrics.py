@@ -1,0 +1,429 @@
+"""tubescope metrics: naming, the no-op path outside Ray, and end to end through a real Prometheus.
+
+The end-to-end test runs a real workload (an archive job and two live feeds with the tiny model, a retention
+sweep, an event outbox that overflows, and the query helpers in a Ray actor standing in for a Serve replica)
+in a subprocess that starts its own Ray with a known metrics export port and a 1 s report interval. A real
+Prometheus scrapes that port with dashboards/prometheus.yml (targets rewritten); then every PromQL expression of
+every dashboard panel must return data, and the exported values must equal what the workload did.
+
+Run as a script (`python tests/test_metrics.py workload '<json>'`) this file is that workload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPORT_INTERVAL_MS = 1000           # Ray's metrics report interval in the workload (default 10 s)
+PROMETHEUS = "/usr/bin/prometheus"
+
+# ---------------------------------------------------------------- the workload (runs in a subprocess)
+
+LIVE_OPTIONS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784, backoff_initial_s=0.2,
+                    backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0, queue_size=1)
+BAD_FILES = {"empty.mp4": "empty", "notes.mp4": "corrupt"}          # file -> expected decode error kind
+ASKS = [  # (ttft_s, total_s, new_tokens, cache_hit): what the stand-in replica answers
+    (0.25, 1.2, 16, False),
+    (0.05, 0.6, 16, True),
+]
+
+
+def _log(msg: str) -> None:
+    print(f"[workload {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_workload(args: dict) -> None:
+    sys.path[:0] = [str(ROOT), str(TESTS)]
+    import tempfile
+
+    import ray
+
+    import qwen2vl
+    from actors.feeds import FeedSupervisor, add_feed
+    from actors.live import LiveIndexer
+    from pipeline import metrics
+    from pipeline.archive import index_archive
+    from pipeline.events import SEGMENTS_STREAM, EventSink
+    from pipeline.index import SegmentIndex
+    from pipeline.settings import load_settings
+    from services import RAY_TEMP_PARENT, RAY_TEMP_PREFIX
+    from streams import free_tcp_port, make_stream_video, wait_for
+    from videos import encode_video
+
+    work = Path(args["workdir"])
+    temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, _metrics_export_port=args["metrics_port"])
+    _log("ray up")
+    model = qwen2vl.write_tiny_checkpoint(work / "tiny")
+    settings = load_settings(data_dir=work / "data", model_path=model, segment_seconds=1.0, min_pixels=4 * 784,
+                             max_pixels=40 * 784, encoder_token_budget=300, redis_url=args["redis_url"])
+    index = SegmentIndex(settings.index_root)
+    out: dict = {}
+
+    # archive: two good files, two bad ones
+    files = [str(encode_video(work / "yard.mp4", 160, 90, 30, seconds=3.0).path),
+             str(encode_video(work / "gate.mp4", 96, 96, 25, seconds=2.0).path)]
+    (work / "empty.mp4").write_bytes(b"")
+    (work / "notes.mp4").write_text("not a video\n" * 40)
+    sink = EventSink(args["redis_url"], work / "outbox-archive")
+    report = index_archive(files + [str(work / f) for f in BAD_FILES], settings, index=index, events=sink,
+                           progress=False)
+    sink.close()
+    assert report.segments > 0 and len(report.failed) == len(BAD_FILES), report
+    rows = {s: index.list(s) for s in ("yard", "gate")}
+    out["archive_segments"] = report.segments
+    out["archive_tokens"] = sum(r["n_tokens"] for rs in rows.values() for r in rs)
+    _log(f"archive done: {report.segments} segments")
+
+    # retention: the size cap removes the oldest segment, then an age of 0 empties "gate"
+    total = sum(index.sizes().values())
+    out["deleted_size"] = index.sweep(max_bytes=total - 1)
+    out["deleted_age"] = index.sweep(max_age_s={"gate": 0.0})
+    yard = index.sources()
+    out["yard"] = [r for r in yard if r["source_id"] == "yard"][0]
+    out["gate_left"] = [r for r in yard if r["source_id"] == "gate"]
+
+    # events: Redis unreachable and an outbox of one event -> 1 waiting, 2 dropped
+    dead_redis = f"redis://127.0.0.1:{free_tcp_port()}/0"
+    lost = EventSink(dead_redis, work / "outbox-lost", outbox_max=1, flush_interval_s=None)
+    t0 = time.monotonic()
+    for i in range(3):
+        lost.emit("tubescope:alerts", {"n": i})
+    assert (lost.pending, lost.dropped) == (1, 2)
+    wait_for(lambda: b"ray_tubescope_events_dropped_total" in urllib.request.urlopen(
+        f"http://127.0.0.1:{args['metrics_port']}/metrics", timeout=5).read(), 30, 0.05, "the export of a counter")
+    out["export_visible_s"] = time.monotonic() - t0
+
+    # queries: a Ray actor stands in for the Serve replica (the app calls the same helpers)
+    @ray.remote(num_cpus=0)
+    class ApiReplica:
+        def handle(self, asks):
+            metrics.record_search(0.08)
+            metrics.record_query("/v1/search", 200, 0.09)
+            for ttft, total_s, tokens, hit in asks:
+                metrics.record_ask(ttft, total_s, tokens, hit)
+                metrics.record_query("/v1/ask", 200, total_s + 0.01)
+            metrics.record_query("/v1/ask", 500, 0.01)
+            return True
+
+    replica = ApiReplica.remote()
+    ray.get(replica.handle.remote(ASKS))
+
+    # live: a file feed (loops at EOF: a reconnect) and a refused RTSP feed; a queue of one segment drops
+    r = __import__("redis").Redis.from_url(args["redis_url"])
+    add_feed(r, str(make_stream_video(work / "lobby.mp4", seconds=2.0, width=160, height=120)), feed_id="lobby",
+             settings=settings)
+    add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)
+    sup = FeedSupervisor(args["redis_url"], settings, sampler_options=LIVE_OPTIONS, events=False)
+    sup.reconcile()
+    wait_for(lambda: sup.statuses()["lobby"].get("drops", 0) >= 1, 60, 0.2, "a dropped segment")
+    indexer = LiveIndexer.remote(settings, str(model), args["redis_url"])
+    ray.get(indexer.start.remote())
+    wait_for(lambda: len(r.xrange(SEGMENTS_STREAM, count=100)) >= report.segments + 2, 60, 0.2,
+             "two live segments indexed")
+    wait_for(lambda: sup.statuses()["lobby"].get("reconnects", 0) >= 1, 30, 0.2, "a reconnect of the file feed")
+    out["lobby"] = {k: sup.statuses()["lobby"][k] for k in ("drops", "reconnects", "frames_sampled")}
+    _log("live running")
+
+    print("READY " + json.dumps(out), flush=True)
+    sys.stdin.readline()                     # the test says when it is done querying
+    ray.get(indexer.stop.remote(), timeout=60)
+    sup.stop_all()
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "workload":
+    run_workload(json.loads(sys.argv[2]))
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------- tests
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline import metrics  # noqa: E402
+from test_dashboards import DASHBOARD_FILES, expressions  # noqa: E402
+
+
+def test_metric_names_follow_prometheus_conventions():
+    assert len(metrics.METRICS) >= 25
+    for spec in metrics.METRICS.values():
+        assert spec.name.startswith(metrics.PREFIX), spec.name
+        assert spec.kind in {"counter", "gauge", "histogram"}, spec
+        assert spec.help.strip(), spec
+        assert all(label.isidentifier() and not label.startswith("__") for label in spec.labels), spec
+        if spec.kind == "counter":
+            assert spec.name.endswith("_total"), spec.name
+        else:
+            assert not spec.name.endswith("_total"), spec.name
+        if spec.kind == "histogram":
+            assert spec.name.endswith(("_seconds", "_ratio")), spec.name        # base units
+            assert list(spec.buckets) == sorted(set(spec.buckets)) and spec.buckets[0] > 0, spec
+        else:
+            assert not spec.buckets, spec
+        for word in ("_ms", "milliseconds", "_kb", "_mb", "minutes"):
+            assert word not in spec.name, spec.name
+    names = metrics.exported_series_names()
+    assert "tubescope_encoder_batch_duration_seconds_bucket" in names and "tubescope_feed_up" in names
+
+
+def test_helpers_are_silent_no_ops_outside_ray():
+    # a fresh interpreter: no Ray anywhere, so every helper must return quietly and never import ray
+    code = """
+import sys
+from pipeline import metrics as m
+m.record_feed_status("cam", {"connected": True, "lag_s": 0.4, "frames_decoded": 10, "frames_sampled": 2,
+                             "reconnects": 0, "drops": 1, "queued": 1, "last_segment_time": 1.0e9,
+                             "packets_skipped": 1})
+m.record_feed_stopped("cam")
+m.record_live_latency("cam", 1.5)
+m.record_encoder_batch(0.5, 0.1, 100, 2, 25, pipeline="live")
+m.record_segments_indexed(3, "archive")
+m.record_decode_error("corrupt")
+m.record_outbox_depth("/tmp/outbox", 3)
+m.record_events_dropped(2)
+m.record_index_source("cam", 3, 1000)
+m.record_retention_deletions(1, "age")
+m.record_query("/v1/ask", 200, 0.3)
+m.record_ask(0.1, 0.5, 12, True)
+m.record_search(0.05)
+assert not m.enabled()
+assert "ray" not in sys.modules, "a helper imported ray"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: metrics.record_query("/v1/ask", 999, 0.1), "HTTP status"),
+    (lambda: metrics.record_query("", 200, 0.1), "endpoint"),
+    (lambda: metrics.record_query("/v1/ask", "ok", 0.1), "HTTP status"),
+    (lambda: metrics.record_ask(None, -1.0, 3, True), "total_s"),
+    (lambda: metrics.record_ask(0.1, 1.0, 3, "yes"), "cache_hit"),
+    (lambda: metrics.record_encoder_batch(0.5, 0.1, 100, 2, pipeline="batch"), "pipeline"),
+    (lambda: metrics.record_encoder_batch(float("nan"), 0.1, 100, 2), "fill"),
+    (lambda: metrics.record_decode_error("mystery"), "kind"),
+    (lambda: metrics.record_retention_deletions(1, "whim"), "reason"),
+    (lambda: metrics.record_feed_status("cam", [1, 2]), "mapping"),
+    (lambda: metrics.record_feed_status("cam", {"frames_decoded": -3}), "frames_decoded"),
+    (lambda: metrics.record_index_source("cam", 1.5, 10), "segments"),
+])
+def test_bad_arguments_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_decode_error_kinds_of_real_failures(tmp_path, video_factory):
+    from pipeline.archive import expand_sources
+    from pipeline.decode import DecodeError, decode_window, probe
+
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "notes.mp4").write_text("not a video\n" * 40)
+    good = video_factory("good.mp4", width=64, height=48, seconds=0.5)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    kinds = {}
+    for name in ("empty.mp4", "notes.mp4", "missing.mp4", "truncated.mp4"):
+        with pytest.raises(DecodeError) as e:
+            probe(str(tmp_path / name))
+            decode_window(str(tmp_path / name), 0.0, 1.0, fps=2.0)
+        kinds[name] = metrics.decode_error_kind(str(e.value))
+    assert kinds == {"empty.mp4": "empty", "notes.mp4": "corrupt", "missing.mp4": "not_found",
+                     "truncated.mp4": "corrupt"}
+    _, failed = expand_sources([str(tmp_path / "nothing-*.mp4"), str(tmp_path / "gone.mp4")])
+    assert [metrics.decode_error_kind(f["error"]) for f in failed] == ["not_found", "not_found"]
+    assert metrics.decode_error_kind("something new") == "other"
+    assert set(kinds.values()) <= set(metrics.DECODE_ERROR_KINDS)
+
+
+# ---------------------------------------------------------------- end to end through Prometheus
+
+def _prom_query(base: str, expr: str) -> list[dict]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    if body.get("status") != "success":
+        raise AssertionError(f"Prometheus rejected {expr!r}: {body}")
+    return body["data"]["result"]
+
+
+def _values(base: str, expr: str, label: str | None = None) -> dict:
+    """{label value (or None): float} of an instant query."""
+    return {(r["metric"].get(label) if label else None): float(r["value"][1]) for r in _prom_query(base, expr)}
+
+
+def _scalar(base: str, expr: str) -> float:
+    """The single value of an aggregating query; AssertionError (so _poll retries) while it has no data yet."""
+    values = _values(base, expr)
+    assert list(values) == [None], f"{expr!r} returned {values}"
+    return values[None]
+
+
+def _panel_expr(expr: str) -> str:
+    """A dashboard expression as Grafana would send it, with the variables at their defaults."""
+    return expr.replace("$__rate_interval", "1m").replace("$feed", ".*")
+
+
+def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen, str]:
+    from streams import free_tcp_port, wait_for
+
+    config = yaml.safe_load((ROOT / "dashboards" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    for job in config["scrape_configs"]:                 # the shipped rules, with the test cluster's port
+        job.pop("file_sd_configs", None)
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_tcp_port()
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return urllib.request.urlopen(f"{base}/-/ready", timeout=1).status == 200
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            return False
+    wait_for(ready, 30, 0.1, "Prometheus to be ready")
+    return proc, base
+
+
+def _read_ready(proc: subprocess.Popen, timeout_s: float, errlog: Path) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"workload exited with {proc.returncode}:\n{errlog.read_text()[-5000:]}")
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return json.loads(line[len("READY "):])
+    raise AssertionError(f"workload not ready after {timeout_s} s:\n{errlog.read_text()[-5000:]}")
+
+
+def _poll(check, timeout_s: float):
+    """Call check() until it returns without AssertionError (values arrive within a few report intervals)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.timeout(240)
+def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_server):
+    if not os.path.exists(PROMETHEUS):
+        pytest.fail(f"{PROMETHEUS} not found: install Debian's prometheus package (.ci/run does)")
+    from services import RAY_TEST_ENV
+    from streams import free_tcp_port
+
+    metrics_port = free_tcp_port()
+    prom, base = _start_prometheus(tmp_path, metrics_port)
+    errlog = tmp_path / "workload.log"
+    env = {**os.environ, **RAY_TEST_ENV, "RAY_metrics_report_interval_ms": str(REPORT_INTERVAL_MS),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env.pop("RAY_ADDRESS", None)
+    args = {"workdir": str(tmp_path / "work"), "metrics_port": metrics_port, "redis_url": redis_server.url}
+    (tmp_path / "work").mkdir()
+    with open(errlog, "w") as err:
+        work = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "workload", json.dumps(args)],
+                                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+    try:
+        done = _read_ready(work, 180, errlog)
+        t_ready = time.monotonic()
+
+        def exact_values():
+            assert _values(base, 'sum(tubescope_segments_processed_total{pipeline="archive"})') == \
+                {None: done["archive_segments"]}
+            assert _values(base, 'sum(tubescope_visual_tokens_total{pipeline="archive"})') == \
+                {None: done["archive_tokens"]}
+            assert _values(base, 'sum(tubescope_patches_processed_total{pipeline="archive"})') == \
+                {None: 4 * done["archive_tokens"]}
+            assert _values(base, "sum by (kind) (tubescope_decode_errors_total)", "kind") == \
+                {kind: 1.0 for kind in BAD_FILES.values()}
+            assert _values(base, "sum by (reason) (tubescope_index_retention_deletions_total)", "reason") == \
+                {"size": done["deleted_size"], "age": done["deleted_age"]}
+            yard = done["yard"]
+            assert _values(base, 'max(tubescope_index_segments{source="yard"})') == {None: yard["segments"]}
+            assert _values(base, 'max(tubescope_index_bytes{source="yard"})') == {None: yard["bytes"]}
+            assert _values(base, 'max(tubescope_index_segments{source="gate"})') == {None: 0.0}
+            assert _values(base, "sum(tubescope_events_dropped_total)") == {None: 2.0}
+            assert _values(base, "sum(tubescope_events_outbox_events)") == {None: 1.0}
+            assert _values(base, "sum(tubescope_prefix_cache_hits_total)") == \
+                {None: float(sum(a[3] is True for a in ASKS))}
+            assert _values(base, "sum(tubescope_prefix_cache_misses_total)") == \
+                {None: float(sum(a[3] is False for a in ASKS))}
+            assert _values(base, "sum(tubescope_generated_tokens_total)") == {None: float(sum(a[2] for a in ASKS))}
+            assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(ASKS))}
+            assert _values(base, "sum by (status) (tubescope_requests_total)", "status") == \
+                {"200": float(len(ASKS) + 1), "500": 1.0}
+            assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == {"lobby": 1.0, "dead": 0.0}
+            lobby = done["lobby"]
+            assert _scalar(base, 'sum(tubescope_feed_dropped_segments_total{feed="lobby"})') >= lobby["drops"]
+            assert _scalar(base, 'sum(tubescope_feed_reconnects_total{feed="lobby"})') >= 1
+            assert _scalar(base, 'sum(tubescope_feed_frames_sampled_total{feed="lobby"})') >= \
+                lobby["frames_sampled"]
+            assert 0 <= _scalar(base, 'max(tubescope_feed_lag_seconds{feed="lobby"})') < 10
+            live = _scalar(base, 'sum(tubescope_segments_processed_total{pipeline="live"})')
+            assert live >= 2 and _scalar(base, 'sum(tubescope_live_segment_latency_seconds_count)') >= live
+
+        _poll(exact_values, 30)
+        visible_s = time.monotonic() - t_ready
+
+        def every_metric_exported():
+            missing = [s.name for s in metrics.METRICS.values()
+                       if not _prom_query(base, f'count({{__name__="{s.series_names()[-1]}"}})')]
+            assert not missing, f"defined but never exported by the workload: {missing}"
+            assert _prom_query(base, 'count({__name__=~"ray_.+", job="ray"})'), "Ray's own metrics are not scraped"
+            assert {"lobby", "dead"} <= set(_label_values(base, "feed", "tubescope_feed_up"))
+
+        _poll(every_metric_exported, 20)
+
+        def every_panel_returns_data():
+            empty = []
+            for path in DASHBOARD_FILES:
+                for expr in expressions(json.loads(path.read_text())):
+                    if not _prom_query(base, _panel_expr(expr)):
+                        empty.append(f"{path.name}: {expr}")
+            assert not empty, "panels without data:\n" + "\n".join(empty)
+
+        _poll(every_panel_returns_data, 20)
+        print(f"export visible after {done['export_visible_s']:.2f} s; workload values in Prometheus "
+              f"{visible_s:.2f} s after READY")
+    finally:
+        if work.poll() is None:
+            try:
+                work.stdin.write("stop\n")
+                work.stdin.flush()
+                work.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                work.kill()
+                work.wait()
+        prom.terminate()
+        prom.wait(timeout=30)
+
+
+def _label_values(base: str, label: str, metric: str) -> list[str]:
+    url = f"{base}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": metric})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)["data"]

@@ -1,0 +1,208 @@
+"""`tubescope serve` as a real process (its own Ray, embedded Redis, the Serve app, feed supervisor, live indexer),
+driven by the real CLI commands `feeds`, `search` and `ask` over HTTP, then stopped with SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from deploy.cli import cli
+from deploy.client import TubescopeClient
+from pipeline.redis_server import free_port
+from streams import free_tcp_port, wait_for
+from videos import encode_video
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(240)
+
+
+class ServeProcess:
+    """`python -m deploy serve` with its output collected line by line."""
+
+    def __init__(self, env: dict[str, str], port: int):
+        self.proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def line_with(self, words: str, timeout_s: float) -> str:
+        def find():
+            if self.proc.poll() is not None and not any(words in x for x in self.lines):
+                raise AssertionError(f"serve exited {self.proc.returncode} before printing {words!r}:\n{self.output}")
+            return next((x for x in self.lines if words in x), None)
+        return wait_for(find, timeout_s, 0.1, f"{words!r} in the output of tubescope serve")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-cli")
+    videos = root / "videos"
+    clip = encode_video(videos / "clip.mp4", 160, 90, 30, seconds=4.0).path
+    live_clip = encode_video(videos / "live.mp4", 160, 90, 30, seconds=6.0).path
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TUBESCOPE_", "RAY_ADDRESS")) and k != "REDIS_URL"}
+    env.update(TUBESCOPE_DATA_DIR=str(root / "data"), TUBESCOPE_FILE_ROOTS=json.dumps([str(videos)]),
+               TUBESCOPE_SEGMENT_SECONDS="2", TUBESCOPE_MIN_PIXELS=str(4 * 784),
+               TUBESCOPE_MAX_PIXELS=str(16 * 784), TUBESCOPE_DECODER_CPUS="0", TUBESCOPE_FEED_RECONCILE_SECONDS="0.5",
+               RAY_USAGE_STATS_ENABLED="0")
+    port = free_port()
+    proc = ServeProcess(env, port)
+    try:
+        url_line = proc.line_with("tubescope API at ", 150)
+        key_line = proc.line_with("admin API key", 10)
+        yield {"proc": proc, "url": url_line.split("tubescope API at ")[1].split()[0],
+               "key": key_line.rsplit(" ", 1)[1], "clip": clip, "live_clip": live_clip, "port": port}
+    finally:
+        proc.kill()
+
+
+def run(server, *args: str, key: str | None = "<admin>") -> "click.testing.Result":
+    env = {"TUBESCOPE_API_URL": server["url"]}
+    if key is not None:
+        env["TUBESCOPE_API_KEY"] = server["key"] if key == "<admin>" else key
+    else:
+        env["TUBESCOPE_API_KEY"] = ""
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_serve_prints_url_and_a_generated_admin_key(server):
+    assert server["url"] == f"http://127.0.0.1:{server['port']}"
+    assert len(server["key"]) >= 32
+    assert f"export TUBESCOPE_API_URL={server['url']} TUBESCOPE_API_KEY={server['key']}" in server["proc"].output
+    assert "outputs are meaningless" in server["proc"].output          # the tiny model is named as such
+    assert httpx.get(server["url"] + "/healthz").json()["status"] == "ok"
+    # the generated key is required: the API does not run open
+    assert httpx.get(server["url"] + "/v1/feeds").status_code == 401
+
+
+def test_feeds_commands(server):
+    refused = f"rtsp://127.0.0.1:{free_tcp_port()}/cam"
+    r = run(server, "feeds", "add", refused, "--id", "door", "--name", "Door")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"added feed door (Door): {refused}"
+    r = run(server, "feeds", "list")
+    assert r.exit_code == 0 and r.stdout.splitlines() == [f"door\tDoor\t{refused}"]
+
+    def reader_up():
+        shown = run(server, "feeds", "show", "door")
+        return shown.exit_code == 0 and json.loads(shown.stdout)["status"].get("state") == "running"
+    wait_for(reader_up, 30, 0.3, "the supervisor in `tubescope serve` to start door's reader")
+
+    r = run(server, "feeds", "add", "ftp://h/x.mp4")
+    assert r.exit_code == 1 and "HTTP 422" in r.stderr and "scheme 'ftp'" in r.stderr
+    r = run(server, "feeds", "list", key=None)
+    assert r.exit_code == 1 and "HTTP 401: missing API key" in r.stderr
+    r = run(server, "feeds", "rm", "door")
+    assert r.exit_code == 0 and r.stdout.strip() == "removed feed door"
+    r = run(server, "feeds", "rm", "door")
+    assert r.exit_code == 1 and "HTTP 404" in r.stderr
+    r = run(server, "feeds", "list")
+    assert r.exit_code == 0 and r.stdout == "" and "no feeds registered" in r.stderr
+
+
+def test_search_and_ask_commands_over_indexed_footage(server):
+    with TubescopeClient(server["url"], server["key"]) as api:
+        job = api.create_job([str(server["clip"])], source_id="clip")
+        wait_for(lambda: api.get_job(job["id"])["state"] not in ("queued", "running"), 120, 0.5, "the job")
+        assert api.get_job(job["id"])["state"] == "succeeded"
+
+    r = run(server, "search", "a white box", "-s", "clip", "--limit", "2")
+    assert r.exit_code == 0, r.output
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert sorted(row[3] for row in rows) == ["clip:0", "clip:2000"] and all(row[1] == "clip" for row in rows)
+
+    r = run(server, "ask", "What moves?", "-s", "clip", "--max-new-tokens", "4", "--json")
+    assert r.exit_code == 0, r.output
+    answer = json.loads(r.stdout)
+    assert [e["segment_id"] for e in answer["evidence"]] == ["clip:0", "clip:2000"] and answer["stream_entry"]
+
+    r = run(server, "ask", "What moves?", "-s", "clip", "--start", "0", "--end", "2", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("answer: ")
+    assert "evidence: clip 0.00-2.00 (clip:0)" in lines
+    assert lines[-1].startswith("model: ") and "Redis stream tubescope:answers entry " in lines[-1]
+
+    r = run(server, "ask", "What moves?", "-s", "nope")
+    assert r.exit_code == 1 and "HTTP 404" in r.stderr
+
+
+def test_live_feed_is_indexed_by_the_live_indexer(server):
+    """A local file registered as a feed: its reader samples it, the LiveIndexer encodes and indexes it."""
+    r = run(server, "feeds", "add", str(server["live_clip"]), "--id", "livecam")
+    assert r.exit_code == 0, r.output
+    with TubescopeClient(server["url"], server["key"]) as api:
+        def indexed():
+            return next((s for s in api.sources() if s["source_id"] == "livecam" and s["segments"] >= 1), None)
+        wait_for(indexed, 90, 0.5, "a live segment of feed 'livecam' in the index")
+        segs = api.segments("livecam")
+        # live segments are stamped in epoch seconds, at most one segment (2 s) long
+        assert segs and all(0 < s["t1"] - s["t0"] <= 2.0 + 1e-6 and abs(s["t0"] - time.time()) < 120 for s in segs)
+        status = httpx.get(server["url"] + "/v1/status", headers={"Authorization": f"Bearer {server['key']}"}).json()
+        assert status["live_indexer"]["running"] and status["live_indexer"]["segments"] >= 1
+        api.remove_feed("livecam")
+
+
+def test_sigterm_stops_serve_cleanly(server):
+    proc = server["proc"]
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(60) == 0, proc.output
+    proc._reader.join(5)
+    assert proc.lines[-1] == "stopped", proc.output
+    with pytest.raises(httpx.ConnectError):                   # the proxy is gone with it
+        httpx.get(server["url"] + "/healthz", timeout=2)
+    redis_url = proc.line_with("[redis] embedded server at ", 1).split(" at ")[1]
+    import redis
+    with pytest.raises(redis.ConnectionError):                # ...and so is the embedded Redis
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+
+
+# ---- cluster deployment files --------------------------------------------------------------------------------------
+def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy import app as app_module
+    from pipeline.settings import load_settings
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)                  # what `serve deploy` validates
+    [application] = schema.applications
+    module, attr = application.import_path.split(":")
+    assert module == "deploy.app" and callable(getattr(app_module, attr))
+    assert {d.name for d in application.deployments} == {app_module.API, app_module.DECODER, app_module.FEEDS}
+    for name, value in application.runtime_env["env_vars"].items():   # the settings it names are valid
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.redis_url and settings.api_keys and settings.api_keys[0].role == "admin"
+
+    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
+               for c in w["template"]["spec"]["containers"])
