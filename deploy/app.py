@@ -10,6 +10,7 @@ Errors are JSON {"error": message}. Overload of the decoder is a 503 with Retry-
 """
 # No `from __future__ import annotations` here: Serve pickles a copy of `api`, and string annotations of the
 # request bodies would not resolve in that copy (the OpenAPI schema then fails to build).
+import asyncio
 import json
 import logging
 import queue
@@ -20,9 +21,10 @@ from typing import Any
 
 import ray
 import redis as redis_lib
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -41,7 +43,7 @@ STATUS_TIMEOUT_S = 5.0
 
 REQUESTS = Counter("tubescope_api_requests_total", "REST API requests by route and status",
                    ["method", "route", "status"])
-LATENCY = Histogram("tubescope_api_request_seconds", "REST API request latency (to the response start)",
+LATENCY = Histogram("tubescope_api_request_seconds", "REST API request time, until the whole response was sent",
                     ["method", "route"])
 OVERLOADED = Counter("tubescope_api_overloaded_total", "requests refused with 503 because the decoder queue was full")
 # Set by ApiIngress from the settings. A module global, not app.state: Serve serves a copy of `api`, while this
@@ -120,10 +122,34 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error: {type(exc).__name__}: {exc}"[:1000])
 
 
-def configure_limits(settings: Settings) -> None:
-    """Set LIMITS of this process. A module function on purpose: ApiIngress's methods are pickled by value (the
-    class name is rebound by serve.ingress), so a global they touched directly would be a copy."""
+def configure_app(settings: Settings) -> None:
+    """Set this process's LIMITS and key checker. A module function on purpose: ApiIngress's methods are pickled by
+    value (serve.ingress rebinds the class name), so module globals they touched directly would be copies."""
     LIMITS.update(max_request_bytes=settings.api_max_request_bytes, retry_after_s=settings.api_retry_after_seconds)
+    _AUTH["authorizer"] = Authorizer(settings.api_keys)
+
+
+# ---- who is calling: FastAPI dependencies, resolved before the body is validated (401/403 before 422) -------------
+_AUTH: dict[str, Authorizer | None] = {"authorizer": None}
+_bearer = HTTPBearer(auto_error=False, description="an API key from the settings (api_keys)")
+
+
+def _authenticate(credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    authorizer = _AUTH["authorizer"]
+    if authorizer is None:
+        raise RuntimeError("the API has no key checker: ApiIngress did not call configure_app")
+    return authorizer.authenticate(f"Bearer {credentials.credentials}" if credentials else None)
+
+
+def reader_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+    """Any valid key (reader or admin)."""
+    return _authenticate(credentials)
+
+
+def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+    caller = _authenticate(credentials)
+    require_role(caller, "admin")
+    return caller
 
 
 def _overload_response() -> JSONResponse:
@@ -242,9 +268,13 @@ class DecoderServer:
         done = object()
 
         def work():
-            out = self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
-                             end=req.get("end"), max_new_tokens=req["max_new_tokens"],
-                             on_token=lambda t: tokens.put({"token": t if isinstance(t, str) else str(t)}))
+            try:
+                out = self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
+                                 end=req.get("end"), max_new_tokens=req["max_new_tokens"],
+                                 on_token=lambda t: tokens.put({"token": t if isinstance(t, str) else str(t)}))
+            except Exception as e:  # noqa: BLE001 - the stream must end with an error event, never hang
+                log.exception("streamed ask failed")
+                out = {"error": f"internal error: {type(e).__name__}: {e}"[:1000], "status": 500}
             tokens.put(out)
             tokens.put(done)
 
@@ -333,18 +363,12 @@ class ApiIngress:
         from pipeline.index import SegmentIndex
 
         self.settings = settings
-        self.auth = Authorizer(settings.api_keys)
         self.redis = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
         self.index = SegmentIndex(settings.index_root)
         self.decoder = decoder
         self.feed_service = feed_service
         self.job_refs: dict[str, Any] = {}          # job id -> ObjectRef of its task (to notice a crashed worker)
-        configure_limits(settings)
-
-    def _caller(self, request: Request, role: str = "reader") -> Caller:
-        caller = self.auth.authenticate(request.headers.get("authorization"))
-        require_role(caller, role)
-        return caller
+        configure_app(settings)
 
     # ---- health and metrics (no key) ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -361,10 +385,9 @@ class ApiIngress:
 
     # ---- feeds --------------------------------------------------------------------------------------------------------
     @api.post("/v1/feeds", status_code=201)
-    def create_feed(self, body: FeedCreate, request: Request):
+    def create_feed(self, body: FeedCreate, caller: Caller = Depends(admin_key)):
         from actors.feeds import add_feed
 
-        caller = self._caller(request, "admin")
         if caller.sources is not None:
             if body.id is None:
                 raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: "
@@ -381,17 +404,15 @@ class ApiIngress:
         return _public_feed(record)
 
     @api.get("/v1/feeds")
-    def list_feeds(self, request: Request):
+    def list_feeds(self, caller: Caller = Depends(reader_key)):
         from actors.feeds import list_feeds
 
-        caller = self._caller(request)
         return {"feeds": [_public_feed(f) for f in list_feeds(self.redis) if caller.may_see(f["id"])]}
 
     @api.get("/v1/feeds/{feed_id}")
-    def get_feed(self, feed_id: str, request: Request):
+    def get_feed(self, feed_id: str, caller: Caller = Depends(reader_key)):
         from actors.feeds import NAMESPACE, get_feed, reader_name
 
-        caller = self._caller(request)
         require_sources(caller, [feed_id])
         try:
             record = get_feed(self.redis, feed_id)
@@ -409,10 +430,9 @@ class ApiIngress:
         return {**_public_feed(record), "status": status}
 
     @api.delete("/v1/feeds/{feed_id}")
-    def delete_feed(self, feed_id: str, request: Request):
+    def delete_feed(self, feed_id: str, caller: Caller = Depends(admin_key)):
         from actors.feeds import remove_feed
 
-        caller = self._caller(request, "admin")
         require_sources(caller, [feed_id])
         try:
             record = remove_feed(self.redis, feed_id)
@@ -427,10 +447,9 @@ class ApiIngress:
 
     # ---- jobs ---------------------------------------------------------------------------------------------------------
     @api.post("/v1/jobs", status_code=202)
-    def create_job(self, body: JobCreate, request: Request):
+    def create_job(self, body: JobCreate, caller: Caller = Depends(admin_key)):
         from deploy.jobs import submit_job
 
-        caller = self._caller(request, "admin")
         if caller.sources is not None:
             if body.source_id is None:
                 raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: "
@@ -444,10 +463,9 @@ class ApiIngress:
         return record
 
     @api.get("/v1/jobs/{job_id}")
-    def get_job(self, job_id: str, request: Request):
+    def get_job(self, job_id: str, _caller: Caller = Depends(admin_key)):
         from deploy.jobs import ACTIVE_STATES, get_job, mark_lost
 
-        self._caller(request, "admin")
         job = self._job(job_id, get_job)
         ref = self.job_refs.get(job_id)
         if job["state"] in ACTIVE_STATES and ref is not None and ray.wait([ref], timeout=0)[0]:
@@ -459,10 +477,9 @@ class ApiIngress:
         return job
 
     @api.delete("/v1/jobs/{job_id}", status_code=202)
-    def cancel_job(self, job_id: str, request: Request):
+    def cancel_job(self, job_id: str, _caller: Caller = Depends(admin_key)):
         from deploy.jobs import request_cancel
 
-        self._caller(request, "admin")
         try:
             return request_cancel(self.redis, job_id)
         except KeyError:
@@ -478,13 +495,12 @@ class ApiIngress:
 
     # ---- sources --------------------------------------------------------------------------------------------------------
     @api.get("/v1/sources")
-    def list_sources(self, request: Request):
-        caller = self._caller(request)
+    def list_sources(self, caller: Caller = Depends(reader_key)):
         return {"sources": [s for s in self.index.sources() if caller.may_see(s["source_id"])]}
 
     @api.get("/v1/sources/{source_id:path}/segments")
-    def list_segments(self, source_id: str, request: Request, start: float | None = None, end: float | None = None):
-        caller = self._caller(request)
+    def list_segments(self, source_id: str, start: float | None = None, end: float | None = None,
+                      caller: Caller = Depends(reader_key)):
         require_sources(caller, [source_id])
         if start is not None and end is not None and end < start:
             raise HTTPException(422, f"window end ({end}) must be >= start ({start})")
@@ -503,10 +519,9 @@ class ApiIngress:
         return list(dict.fromkeys(sources))
 
     @api.post("/v1/search")
-    async def search(self, body: SearchRequest, request: Request):
-        caller = self._caller(request)
+    async def search(self, body: SearchRequest, caller: Caller = Depends(reader_key)):
         s = self.settings
-        sources = self._sources_for(caller, body.sources)
+        sources = await asyncio.to_thread(self._sources_for, caller, body.sources)    # index I/O off the loop
         _check_length("query", body.query, s.api_max_query_chars, "api_max_query_chars")
         _check_window(body.start, body.end, s)
         if body.limit > s.api_max_search_results:
@@ -523,14 +538,14 @@ class ApiIngress:
         return {"results": out["result"]}
 
     @api.post("/v1/ask")
-    async def ask(self, body: AskRequest, request: Request):
-        caller = self._caller(request)
+    async def ask(self, body: AskRequest, caller: Caller = Depends(reader_key)):
         s = self.settings
         if body.source is not None and body.sources is not None:
             raise HTTPException(422, "give either source or sources, not both")
         if body.source is None and body.sources is None:
             raise HTTPException(422, "give the footage to ask about: source (one id) or sources (a list of ids)")
-        sources = self._sources_for(caller, [body.source] if body.source is not None else body.sources)
+        sources = await asyncio.to_thread(self._sources_for, caller,
+                                          [body.source] if body.source is not None else body.sources)
         _check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
         _check_window(body.start, body.end, s)
         max_new = body.max_new_tokens
@@ -578,9 +593,8 @@ class ApiIngress:
 
     # ---- service status (admin) ---------------------------------------------------------------------------------------
     @api.get("/v1/status")
-    async def status(self, request: Request):
-        self._caller(request, "admin")
-        out: dict[str, Any] = {"index": self.index.stats()}
+    async def status(self, _caller: Caller = Depends(admin_key)):
+        out: dict[str, Any] = {"index": await asyncio.to_thread(self.index.stats)}
         out["decoder"] = await self.decoder.stats.remote()
         if self.feed_service is not None:
             out.update(await self.feed_service.status.remote())
@@ -588,10 +602,12 @@ class ApiIngress:
 
 
 def _replica_tag() -> str:
+    """A name for this replica's event outbox that a restarted replica reuses (Serve's rank is stable), so events
+    parked while Redis was away are still delivered after a restart."""
     try:
-        return serve.get_replica_context().replica_tag.replace("#", "-")
-    except Exception:  # noqa: BLE001 - outside Serve (a plain instance in a test)
-        return uuid.uuid4().hex[:8]
+        return f"rank-{serve.get_replica_context().rank.rank}"
+    except Exception:  # noqa: BLE001 - outside Serve (a plain instance), or no rank in this Serve version
+        return f"pid-{uuid.uuid4().hex[:8]}"
 
 
 # ---- building and running the app ---------------------------------------------------------------------------------------

@@ -294,6 +294,18 @@ def feeds_rm(feed_id: str, url: str, key: str | None) -> None:
     click.echo(f"removed feed {feed['id']}")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail fast with a clear message: Serve's proxy would otherwise retry binding a taken port for minutes."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise click.UsageError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+
+
 @cli.command("serve")
 @click.option("--host", default=None, help="bind address (default: settings.host, 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default: settings.port, 8000)")
@@ -312,6 +324,7 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, live: bool
 
     settings = current_settings(ctx)
     host, port = host or settings.host, port or settings.port
+    _check_port_free(host, port)
     stop = threading.Event()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with redis_endpoint(settings) as redis_ep:

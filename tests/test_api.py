@@ -83,8 +83,10 @@ def test_health_metrics_and_docs_need_no_key(served):
     with http(served, None) as c:
         assert c.get("/healthz").json() == {"status": "ok", "redis": True}
         assert c.get("/docs").status_code == 200
-        paths = c.get("/openapi.json").json()["paths"]
-        assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(paths)
+        spec = c.get("/openapi.json").json()
+        assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(spec["paths"])
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"     # /docs can send a key
+        assert "security" in spec["paths"]["/v1/ask"]["post"] and "security" not in spec["paths"]["/healthz"]["get"]
         metrics = c.get("/metrics")
         assert metrics.status_code == 200
         assert 'tubescope_api_requests_total{method="GET",route="/healthz",status="200"}' in metrics.text
@@ -104,6 +106,11 @@ def test_missing_or_unknown_key_is_401(served, method, path, body):
             assert r.headers["www-authenticate"] == "Bearer"
     with http(served, None) as c:                            # a non-bearer scheme is no key either
         err(c.request(method, path, json=body, headers={"Authorization": f"Basic {ADMIN}"}), 401, "missing")
+        if body is not None:                                  # the key is checked before the body
+            err(c.request(method, path, json={"bogus": 1}), 401, "missing API key")
+    with http(served, READER) as c:
+        if method == "POST" and path in ("/v1/feeds", "/v1/jobs"):
+            err(c.request(method, path, json={"bogus": 1}), 403, "needs an admin key")
 
 
 def test_reader_on_admin_routes_is_403(served):
@@ -187,6 +194,20 @@ def test_job_errors(served, tmp_path):
         assert done["state"] == "failed" and done["failures"][0]["path"] == str(bad), done
 
 
+def test_cancel_a_running_job_over_http(served):
+    """The cancel flag is polled after every encoded batch: a job cancelled while Ray Data starts up stops at its
+    first poll, keeping what it wrote."""
+    with http(served) as c:
+        job = c.post("/v1/jobs", json={"paths": [str(served["clip"])], "source_id": "cancel-me"}).json()
+        wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["state"] != "queued", 30, 0.05, "the job to start")
+        r = c.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True, r.text
+        done = wait_job(c, job["id"])
+        assert done["state"] == "cancelled" and done["error"].startswith("cancelled after"), done
+        kept = c.get("/v1/sources").json()["sources"]
+        assert all(s["segments"] == done["segments"] for s in kept if s["source_id"] == "cancel-me")
+
+
 def test_cancel_a_queued_job(served):
     """A cancel that arrives before the job's task starts stops it at once (state cancelled, nothing indexed)."""
     from deploy.jobs import create_job, execute_job, request_cancel
@@ -211,8 +232,11 @@ def test_search_ranks_segments(served):
         assert all(set(x) >= {"source", "segment_id", "t0", "t1", "score"} and x["source"] == SOURCE for x in results)
         scores = [x["score"] for x in results]
         assert scores == sorted(scores, reverse=True)
-        everything = c.post("/v1/search", json={"query": "a white box", "limit": 1}).json()["results"]
-        assert len(everything) == 1 and everything[0]["source"] == SOURCE       # no sources: every visible one
+        # no sources: every source the key may see
+        everything = c.post("/v1/search", json={"query": "a white box", "limit": 10}).json()["results"]
+        indexed = {s["source_id"] for s in c.get("/v1/sources").json()["sources"]}
+        assert {x["source"] for x in everything} == indexed and SOURCE in indexed
+        assert len(c.post("/v1/search", json={"query": "a white box", "limit": 1}).json()["results"]) == 1
         err(c.post("/v1/search", json={"query": "x" * 501}), 422, "query has 501 characters; the limit is 500")
         err(c.post("/v1/search", json={"query": "q", "limit": 101}), 422, "api_max_search_results")
         err(c.post("/v1/search", json={"query": "q", "limit": 0}), 422, "limit")

@@ -206,3 +206,16 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
                for c in w["template"]["spec"]["containers"])
+
+
+def test_serve_on_a_taken_port_fails_fast(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        r = CliRunner().invoke(cli, ["serve", "--port", str(port)], env={"TUBESCOPE_DATA_DIR": str(tmp_path)})
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert time.monotonic() - t0 < 5 and not (tmp_path / "redis").exists()     # nothing was started
