@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,14 @@ def main(argv=None) -> dict:
     if args.quick:
         args.reps, args.new_tokens, args.hour_segments = 1, 8, min(args.hour_segments, 60)
 
+    work = Path(tempfile.mkdtemp(prefix="tubescope-bench-query-"))
+    try:
+        return run(args, work, text, prompt_grid, hour_grid)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)          # the checkpoint alone is ~0.7 GB
+
+
+def run(args, work: Path, text: dict, prompt_grid: tuple, hour_grid: tuple) -> dict:
     from deploy.decoder import Decoder
     from deploy.footage import build_prompt, group_blocks, list_window
     from pipeline.checkpoints import model_id
@@ -127,7 +136,6 @@ def main(argv=None) -> dict:
     from pipeline.settings import load_settings
     from qwen2vl.checkpoint import load_pretrained
 
-    work = Path(tempfile.mkdtemp(prefix="tubescope-bench-query-"))
     ckpt = work / "model"
     ref = build_checkpoint(ckpt, text)
     mid = model_id(ckpt)

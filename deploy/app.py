@@ -25,12 +25,13 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline import metrics
 from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
 from pipeline.settings import Settings, redact_url
 
@@ -41,11 +42,6 @@ API, DECODER, FEEDS = "Api", "Decoder", "Feeds"      # deployment names (deploy/
 LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
-REQUESTS = Counter("tubescope_api_requests_total", "REST API requests by route and status",
-                   ["method", "route", "status"])
-LATENCY = Histogram("tubescope_api_request_seconds", "REST API request time, until the whole response was sent",
-                    ["method", "route"])
-OVERLOADED = Counter("tubescope_api_overloaded_total", "requests refused with 503 because the decoder queue was full")
 # Set by ApiIngress from the settings. A module global, not app.state: Serve serves a copy of `api`, while this
 # module (and so _Guard and the handlers, pickled by reference) is the replica's own.
 LIMITS: dict[str, int] = {"max_request_bytes": 64 * 1024, "retry_after_s": 5}
@@ -153,7 +149,6 @@ def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer
 
 
 def _overload_response() -> JSONResponse:
-    OVERLOADED.inc()
     retry = int(LIMITS["retry_after_s"])
     return _error(503, f"the decoder is busy (its queue is full); retry in {retry} s", {"Retry-After": str(retry)})
 
@@ -196,8 +191,8 @@ class _Guard:
 
             await self.app(scope, receive_limited, send_counted)
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        REQUESTS.labels(scope["method"], route, str(status_seen[0] if status_seen else 0)).inc()
-        LATENCY.labels(scope["method"], route).observe(time.perf_counter() - t0)
+        metrics.record_query(f'{scope["method"]} {route}', status_seen[0] if status_seen else 500,
+                             time.perf_counter() - t0)
 
 
 api.add_middleware(_Guard)
@@ -380,8 +375,12 @@ class ApiIngress:
         return {"status": "ok", "redis": True}
 
     @api.get("/metrics", response_class=PlainTextResponse)
-    def metrics(self):
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    def metrics_text(self):
+        """This node's tubescope_* metrics (from every actor and replica on it, via Ray's metrics export) followed by
+        this replica's process metrics. A Prometheus server should scrape Ray's export port on every node instead
+        (dashboards/prometheus.yml); this endpoint is for a quick look without one."""
+        return PlainTextResponse(metrics.node_exposition() + generate_latest().decode(),
+                                 media_type=CONTENT_TYPE_LATEST)
 
     # ---- feeds --------------------------------------------------------------------------------------------------------
     @api.post("/v1/feeds", status_code=201)

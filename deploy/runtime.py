@@ -40,10 +40,29 @@ def init_ray(settings: Settings) -> None:
 
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")     # local, loopback-only cluster owned by this process
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING,
-             ignore_reinit_error=True, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}
-             if not os.environ.get("RAY_ADDRESS") else None)
+    # a fixed metrics export port is what dashboards/prometheus.yml scrapes (every actor's tubescope_* metrics)
+    # (when that port is taken, e.g. by another local tubescope, Ray picks one: a clash would stop Ray from starting)
+    port = settings.metrics_export_port
+    if port and not _port_free(port):
+        logging.getLogger(__name__).warning("metrics export port %d is in use; Ray picks another", port)
+        port = 0
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, ignore_reinit_error=True,
+             _metrics_export_port=port or None)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -390,7 +390,36 @@ def record_search(seconds: float) -> None:
     _export("tubescope_search_duration_seconds", "observe", _number("seconds", seconds))
 
 
-__all__ = ["DECODE_ERROR_KINDS", "METRICS", "MetricSpec", "PIPELINES", "PREFIX", "RAY_PREFIX", "RETENTION_REASONS",
+def node_exposition(timeout_s: float = 3.0) -> str:
+    """The tubescope_* series this Ray node exports (every process on it), in Prometheus text format, named as
+    Prometheus sees them after dashboards/prometheus.yml's relabelling. Empty outside Ray or when the node's
+    metrics agent does not answer: a /metrics endpoint must never fail because of it."""
+    if not enabled():
+        return ""
+    import urllib.request
+
+    import ray
+
+    try:
+        me = ray.util.get_node_ip_address()
+        node = next((n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == me), None)
+        port = node and node.get("MetricsExportPort")
+        if not port:
+            return ""
+        with urllib.request.urlopen(f"http://{me}:{port}/metrics", timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except Exception as e:  # noqa: BLE001 - an unreachable agent means "nothing to add", not an error page
+        log.debug("node metrics not available: %s", e)
+        return ""
+    keep = []
+    for line in text.splitlines():
+        body = line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line
+        if body.startswith(RAY_PREFIX + PREFIX):
+            keep.append(line.replace(RAY_PREFIX + PREFIX, PREFIX, 1))
+    return "\n".join(keep) + ("\n" if keep else "")
+
+
+__all__ = ["node_exposition", "DECODE_ERROR_KINDS", "METRICS", "MetricSpec", "PIPELINES", "PREFIX", "RAY_PREFIX", "RETENTION_REASONS",
            "decode_error_kind", "enabled", "exported_series_names", "record_ask", "record_decode_error",
            "record_encoder_batch", "record_events_dropped", "record_feed_status", "record_feed_stopped",
            "record_index_source", "record_index_sources", "record_live_latency", "record_outbox_depth",

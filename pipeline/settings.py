@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
     retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap
+    metrics_export_port: int = Field(8080, ge=0, le=65535)     # Ray's metrics export on a local cluster; 0: any port
 
     # ---- validation ---------------------------------------------------------------------------------------------
     @field_validator("data_dir", "model_path", mode="after")

@@ -18,7 +18,8 @@ RAY_TEMP_PARENT = "/tmp"
 RAY_TEMP_PREFIX = "tsray"
 RAY_TEST_CPUS = 2
 # Environment for a local test cluster: token auth off (it would write ~/.ray/auth_token), no usage reports.
-RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_metrics_report_interval_ms": "1000"}     # metrics visible within ~2 s, not 10
 
 
 def start_redis(workdir: str | Path, port: int | None = None) -> RedisServer:
