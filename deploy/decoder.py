@@ -26,7 +26,8 @@ from deploy.footage import PrefixMemo, PromptPlan, build_prompt, check_question,
 from deploy.prefix_cache import PrefixCache, prefill_kv
 from deploy.search import SegmentRanker
 from pipeline.checkpoints import model_id as checkpoint_model_id
-from pipeline.events import ANSWERS_STREAM
+from pipeline import metrics
+from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.generate import generate
@@ -80,20 +81,31 @@ class Decoder:
             raise
         self._count("asks")
         self._count("narrowed", int(result["narrowed"]))
-        self._count("new_tokens", result["timings"]["new_tokens"])
+        t = result["timings"]
+        self._count("new_tokens", t["new_tokens"])
+        metrics.record_ask(t["ttft_s"] if t["new_tokens"] else None, t["total_s"], t["new_tokens"],
+                           t["prefix_cache"] == "hit")
         return result
 
     def search(self, query: str, sources: list[str], start: float | None = None, end: float | None = None,
                limit: int = 10) -> list[dict]:
         """Segments of the window ranked for `query`: [{source, segment_id, t0, t1, score}], best first."""
+        t_start = time.perf_counter()
         check_question(query)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
             raise ValueError(f"limit must be an int in [1, {MAX_SEARCH_LIMIT}], got {limit!r}")
         rows = list_window(self.index, sources, start, end, self.model_id)
         ranked = self.ranker.rank(query, rows, self._segment_tokens)
         self._count("searches")
-        return [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
-                 "score": float(score)} for r, score in ranked[:limit]]
+        results = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
+                    "score": float(score)} for r, score in ranked[:limit]]
+        metrics.record_search(time.perf_counter() - t_start)
+        if self.events is not None:          # DESIGN 5: search results and their evidence go to Redis too
+            self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
+                                               "sources": list(dict.fromkeys([sources] if isinstance(sources, str)
+                                                                             else sources)),
+                                               "start": start, "end": end})
+        return results
 
     def stats(self) -> dict:
         with self._count_lock:

@@ -33,7 +33,7 @@ except Exception:  # ImportError, or a flash-attn built against another CUDA/tor
 LN_EPS = 1e-6
 ROPE_THETA = 10000.0
 QUICK_GELU_SCALE = 1.702          # quick_gelu(x) = x * sigmoid(1.702 x)
-CPU_TILE_BYTES = 16 * 2**20       # widest per-tile intermediate (rows x mlp_dim) on CPU; see module docstring
+CPU_TILE_BYTES = 28 * 2**20       # widest per-tile intermediate on CPU: under glibc's 32 MiB mmap ceiling
 
 
 # ---- grids, segments, positions -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import qwen2vl
 from deploy.decoder import Decoder
 from deploy.search import REFINE_CAP, SAMPLE_CAP
 from pipeline.checkpoints import model_id
-from pipeline.events import ANSWERS_STREAM, EventSink
+from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM, EventSink
 from pipeline.index import SegmentIndex
 from pipeline.records import IndexedSegment
 from pipeline.settings import load_settings
@@ -211,6 +211,11 @@ def test_answers_land_in_redis(world, tmp_path, redis_server):
     assert fields["id"] == result["id"] and fields["question"] == QUESTION and fields["answer"] == result["answer"]
     assert fields["model"] == world["mid"] and json.loads(fields["evidence"]) == result["evidence"]
     assert json.loads(fields["timings"]) == result["timings"] and json.loads(fields["sources"]) == ["cam2"]
+    # a search and its ranked segments go to their own stream
+    ranked = dec.search("a person", ["cam2"], limit=3)
+    (_, sfields), = redis_server.client().xrange(SEARCHES_STREAM)
+    sfields = {k.decode(): v.decode() for k, v in sfields.items()}
+    assert sfields["query"] == "a person" and json.loads(sfields["results"]) == ranked
     sink.close()
 
 
