@@ -18,6 +18,7 @@ from pipeline.records import IndexedSegment, Segment
 
 log = logging.getLogger(__name__)
 
+RETENTION_SWEEP_S = 60.0       # how often the service enforces the retention settings (DESIGN 6)
 PULL_TIMEOUT_S = 0.25          # how long one round waits for readers that have nothing queued
 MAX_SEGMENTS_PER_FEED = 8      # per round; the rest stays in the reader's bounded queue
 
@@ -92,6 +93,8 @@ class LiveIndexer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
+        self.swept = 0                     # segments deleted by retention sweeps
+        self._last_sweep = float("-inf")
         self.last_error = ""
 
     def start(self) -> bool:
@@ -110,7 +113,8 @@ class LiveIndexer:
 
     def status(self) -> dict:
         return {"running": bool(self._thread and self._thread.is_alive()), "rounds": self.rounds,
-                "segments": self.core.segments, "errors": self.core.errors, "last_error": self.last_error,
+                "segments": self.core.segments, "swept": self.swept, "errors": self.core.errors,
+                "last_error": self.last_error,
                 "last_latency_s": self.core.last_latency_s, "encoder_batches": self.core.encoder.stats.batches,
                 "encoder_fill": self.core.encoder.stats.mean_fill}
 
@@ -136,8 +140,22 @@ class LiveIndexer:
                 self.last_error = f"{type(e).__name__}: {e}"
         return segments
 
+    def _sweep_if_due(self) -> None:
+        s = self.settings
+        if s.retention_max_age_hours is None and s.retention_max_bytes is None:
+            return
+        if time.monotonic() - self._last_sweep < RETENTION_SWEEP_S:
+            return
+        self._last_sweep = time.monotonic()
+        max_age = None if s.retention_max_age_hours is None else s.retention_max_age_hours * 3600.0
+        self.swept += self.core.index.sweep(max_age_s=max_age, max_bytes=s.retention_max_bytes)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            try:
+                self._sweep_if_due()
+            except Exception as e:  # noqa: BLE001 - retention must not stop indexing; visible in status()
+                self.last_error = f"retention sweep: {type(e).__name__}: {e}"
             try:
                 segments = self._pull()
                 if segments:
