@@ -128,6 +128,8 @@ def bench_live(work: Path, settings, n_feeds: int, run_s: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--archive-seconds", type=float, default=None,
+                    help="length of each archive clip (default 30; long clips show the steady state)")
     args = ap.parse_args()
     from pipeline.settings import load_settings
 
@@ -135,7 +137,7 @@ def main() -> None:
     try:
         settings = load_settings(data_dir=work / "data")
         print("archive ...", file=sys.stderr)
-        archive = bench_archive(work, settings, 6.0 if args.quick else 30.0)
+        archive = bench_archive(work, settings, args.archive_seconds or (6.0 if args.quick else 30.0))
         print("live ...", file=sys.stderr)
         live_settings = load_settings(data_dir=work / "data", segment_seconds=2.0)
         live = bench_live(work, live_settings, 2 if args.quick else 4, 8.0 if args.quick else 20.0)
