@@ -1,7 +1,7 @@
 """tubescope metrics: naming, the no-op path outside Ray, and end to end through a real Prometheus.
 
 The end-to-end test runs a real workload (an archive job and two live feeds with the tiny model, a retention
-sweep, an event outbox that overflows, and the query helpers in a Ray actor standing in for a Serve replica)
+sweep, an event outbox that overflows, and real asks and a search by the Decoder in a Ray actor, as in its Serve replica)
 in a subprocess that starts its own Ray with a known metrics export port and a 1 s report interval. A real
 Prometheus scrapes that port with dashboards/prometheus.yml (targets rewritten); then every PromQL expression of
 every dashboard panel must return data, and the exported values must equal what the workload did.
@@ -31,10 +31,7 @@ PROMETHEUS = "/usr/bin/prometheus"
 LIVE_OPTIONS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784, backoff_initial_s=0.2,
                     backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0, queue_size=1)
 BAD_FILES = {"empty.mp4": "empty", "notes.mp4": "corrupt"}          # file -> expected decode error kind
-ASKS = [  # (ttft_s, total_s, new_tokens, cache_hit): what the stand-in replica answers
-    (0.25, 1.2, 16, False),
-    (0.05, 0.6, 16, True),
-]
+QUESTIONS = ("what moves across the yard?", "what colour is the bar?")   # asked twice each: a miss, then hits
 
 
 def _log(msg: str) -> None:
@@ -103,20 +100,49 @@ def run_workload(args: dict) -> None:
         f"http://127.0.0.1:{args['metrics_port']}/metrics", timeout=5).read(), 30, 0.05, "the export of a counter")
     out["export_visible_s"] = time.monotonic() - t0
 
-    # queries: a Ray actor stands in for the Serve replica (the app calls the same helpers)
-    @ray.remote(num_cpus=0)
-    class ApiReplica:
-        def handle(self, asks):
-            metrics.record_search(0.08)
-            metrics.record_query("/v1/search", 200, 0.09)
-            for ttft, total_s, tokens, hit in asks:
-                metrics.record_ask(ttft, total_s, tokens, hit)
-                metrics.record_query("/v1/ask", 200, total_s + 0.01)
-            metrics.record_query("/v1/ask", 500, 0.01)
-            return True
+    # queries: the real Decoder in a Ray actor, as in its Serve replica; requests are recorded as the API's
+    # middleware records them (test_api covers that path over HTTP)
+    from deploy.decoder import Decoder
 
-    replica = ApiReplica.remote()
-    ray.get(replica.handle.remote(ASKS))
+    @ray.remote(num_cpus=0)
+    class DecoderReplica:
+        def __init__(self):
+            self.decoder = Decoder(settings, model, index=SegmentIndex(settings.index_root))
+
+        def run(self):
+            asks = []
+            t = time.perf_counter()
+            self.decoder.search("a moving bar", ["yard"], limit=3)
+            metrics.record_query("POST /v1/search", 200, time.perf_counter() - t)
+            for q in QUESTIONS + QUESTIONS:
+                t = time.perf_counter()
+                timings = self.decoder.ask(q, ["yard"], max_new_tokens=4)["timings"]
+                metrics.record_query("POST /v1/ask", 200, time.perf_counter() - t)
+                asks.append((timings["prefix_cache"] == "hit", timings["new_tokens"]))
+            t = time.perf_counter()
+            try:
+                self.decoder.ask("anything?", ["nowhere"])
+            except LookupError:
+                metrics.record_query("POST /v1/ask", 404, time.perf_counter() - t)
+            # an index holding a corrupt segment file: the replica fails and the API answers 500
+            broken = Path(settings.data_dir) / "corrupt-index"
+            (broken / "source=yard").mkdir(parents=True)
+            (broken / "source=yard" / "seg-0000000000000000-0000000000000000.parquet").write_bytes(b"garbage" * 99)
+            good, self.decoder.index = self.decoder.index, SegmentIndex(broken)
+            t = time.perf_counter()
+            try:
+                self.decoder.ask("anything?", ["yard"])
+            except LookupError:
+                raise AssertionError("a corrupt index must fail as an error, not as 'no footage'")
+            except Exception:  # noqa: BLE001 - whatever the storage raised, the API maps it to 500
+                metrics.record_query("POST /v1/ask", 500, time.perf_counter() - t)
+            finally:
+                self.decoder.index = good
+            return asks
+
+    out["asks"] = ray.get(DecoderReplica.remote().run.remote())
+    assert any(hit for hit, _ in out["asks"]) and not all(hit for hit, _ in out["asks"]), out["asks"]
+    _log("queries done")
 
     # live: a file feed (loops at EOF: a reconnect) and a refused RTSP feed; a queue of one segment drops
     r = __import__("redis").Redis.from_url(args["redis_url"])
@@ -369,14 +395,14 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
             assert _values(base, 'max(tubescope_index_segments{source="gate"})') == {None: 0.0}
             assert _values(base, "sum(tubescope_events_dropped_total)") == {None: 2.0}
             assert _values(base, "sum(tubescope_events_outbox_events)") == {None: 1.0}
-            assert _values(base, "sum(tubescope_prefix_cache_hits_total)") == \
-                {None: float(sum(a[3] is True for a in ASKS))}
+            asks = done["asks"]
+            assert _values(base, "sum(tubescope_prefix_cache_hits_total)") == {None: float(sum(h for h, _ in asks))}
             assert _values(base, "sum(tubescope_prefix_cache_misses_total)") == \
-                {None: float(sum(a[3] is False for a in ASKS))}
-            assert _values(base, "sum(tubescope_generated_tokens_total)") == {None: float(sum(a[2] for a in ASKS))}
-            assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(ASKS))}
+                {None: float(sum(not h for h, _ in asks))}
+            assert _values(base, "sum(tubescope_generated_tokens_total)") == {None: float(sum(n for _, n in asks))}
+            assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(asks))}
             assert _values(base, "sum by (status) (tubescope_requests_total)", "status") == \
-                {"200": float(len(ASKS) + 1), "500": 1.0}
+                {"200": float(len(asks) + 1), "404": 1.0, "500": 1.0}
             assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == {"lobby": 1.0, "dead": 0.0}
             lobby = done["lobby"]
             assert _scalar(base, 'sum(tubescope_feed_dropped_segments_total{feed="lobby"})') >= lobby["drops"]
