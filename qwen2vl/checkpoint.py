@@ -159,8 +159,10 @@ def write_tiny_checkpoint(directory: str | Path, *, seed: int = 0, dtype: torch.
     config = tiny_config(tie_word_embeddings=tie_word_embeddings, **config_overrides)
     config.torch_dtype = _DTYPE_NAMES[dtype]
 
+    _write_processing_files(directory)
     model = Qwen2VL(config)
     randomize_(model, seed)
+    _silence_unknown_ids_(model, directory)
     state = {name: t.detach().to(dtype).contiguous() for name, t in model.state_dict().items()}
     if tie_word_embeddings:
         del state["lm_head.weight"]
@@ -175,8 +177,20 @@ def write_tiny_checkpoint(directory: str | Path, *, seed: int = 0, dtype: torch.
         stops.append(pad)
     (directory / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config.bos_token_id, "eos_token_id": stops, "pad_token_id": pad, "do_sample": False}, indent=2))
-    _write_processing_files(directory)
     return directory
+
+
+def _silence_unknown_ids_(model: torch.nn.Module, directory: Path) -> None:
+    """Zero the output rows of ids the tiny tokenizer has no token for (most of the 151k-id space), so a random
+    model's greedy answer is made of decodable tokens rather than an empty string."""
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    known = torch.tensor(sorted(_HFTokenizer.from_file(str(directory / "tokenizer.json")).get_vocab(True).values()))
+    with torch.no_grad():
+        weight = model.lm_head.weight                                   # (vocab, hidden); tied: embed_tokens too
+        unknown = torch.ones(weight.shape[0], dtype=torch.bool)
+        unknown[known[known < weight.shape[0]]] = False
+        weight[unknown] = 0.0
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
