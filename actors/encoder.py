@@ -45,10 +45,8 @@ class VisionEncoder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _DTYPES[dtype]
         self.token_budget = int(token_budget)
-        model = qwen2vl.load_pretrained(model_path, dtype=self.dtype, device=self.device)
-        self.visual = model.visual.eval()          # the decoder is not needed here; let it be collected
-        vcfg = model.config.vision
-        del model
+        self.visual = qwen2vl.load_vision(model_path, dtype=self.dtype, device=self.device)
+        vcfg = self.visual.cfg
         self.merge = vcfg.spatial_merge_size ** 2
         self.model_id = checkpoint_model_id(model_path)
         mean, std = pixel_norm(model_path)

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import redis as redis_lib
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.stream_sampler import ALLOWED_SCHEMES, SamplerConfig, StreamSampler, local_file_path, validate_feed_url
 from pipeline import metrics
 from pipeline.records import Segment
+from pipeline.redis_server import as_client
 from pipeline.settings import Settings, load_settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ METRICS_INTERVAL_S = 1.0            # how often a reader exports its feed's stat
 
 
 # ---------------------------------------------------------------- registry
-
-def _client(redis: Any) -> redis_lib.Redis:
-    if isinstance(redis, redis_lib.Redis):
-        return redis
-    if isinstance(redis, str) and "://" in redis:
-        return redis_lib.Redis.from_url(redis, socket_connect_timeout=2.0, socket_timeout=5.0)
-    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {redis!r}")
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -109,20 +101,20 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
                          f"got {feed_id!r}")
     record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
               "max_pixels": max_pixels, "created": time.time()}
-    if not _client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
+    if not as_client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
         raise ValueError(f"a feed with id {feed_id!r} already exists")
     return record
 
 
 def list_feeds(redis: Any) -> list[dict]:
     """Every registered feed, oldest first."""
-    feeds = [json.loads(_text(v)) for v in _client(redis).hvals(FEEDS_KEY)]
+    feeds = [json.loads(_text(v)) for v in as_client(redis).hvals(FEEDS_KEY)]
     return sorted(feeds, key=lambda f: (f.get("created", 0), f["id"]))
 
 
 def get_feed(redis: Any, feed_id: str) -> dict:
     """The feed's record; KeyError for an unknown id."""
-    raw = _client(redis).hget(FEEDS_KEY, feed_id)
+    raw = as_client(redis).hget(FEEDS_KEY, feed_id)
     if raw is None:
         raise KeyError(f"no feed with id {feed_id!r}")
     return json.loads(_text(raw))
@@ -130,7 +122,7 @@ def get_feed(redis: Any, feed_id: str) -> dict:
 
 def remove_feed(redis: Any, feed_id: str) -> dict:
     """Unregister a feed and return its record; KeyError for an unknown id. A supervisor stops its reader."""
-    client = _client(redis)
+    client = as_client(redis)
     raw = client.hget(FEEDS_KEY, feed_id)
     if raw is None or not client.hdel(FEEDS_KEY, feed_id):
         raise KeyError(f"no feed with id {feed_id!r}")
@@ -236,7 +228,7 @@ class FeedSupervisor:
     def __init__(self, redis: Any, settings: Settings | None = None, *, namespace: str = NAMESPACE,
                  detached: bool = False, reader_cpus: float = READER_CPUS, sampler_options: dict | None = None,
                  call_timeout_s: float = 10.0, max_unresponsive: int = 3, events: bool = True):
-        self.redis = _client(redis)
+        self.redis = as_client(redis)
         self.settings = settings or load_settings()
         self.namespace, self.detached = namespace, detached
         self.reader_cpus = reader_cpus

@@ -198,6 +198,15 @@ class _Guard:
 api.add_middleware(_Guard)
 
 
+def _require_named_source(caller: Caller, source_id: str | None, how: str) -> None:
+    """A source-limited key may only create feeds/jobs whose source it names, and that it may use."""
+    if caller.sources is None:
+        return
+    if source_id is None:
+        raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: {how}")
+    require_sources(caller, [source_id])
+
+
 # ---- helpers ----------------------------------------------------------------------------------------------------------
 def _check_window(start: float | None, end: float | None, settings: Settings) -> None:
     if start is not None and end is not None:
@@ -387,11 +396,7 @@ class ApiIngress:
     def create_feed(self, body: FeedCreate, caller: Caller = Depends(admin_key)):
         from actors.feeds import add_feed
 
-        if caller.sources is not None:
-            if body.id is None:
-                raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: "
-                                     "give the feed an id among them")
-            require_sources(caller, [body.id])
+        _require_named_source(caller, body.id, "give the feed an id among them")
         schemes = list(self.settings.feed_schemes) + (["file"] if self.settings.file_roots else [])
         try:
             record = add_feed(self.redis, body.url, body.name, body.fps, body.max_pixels, feed_id=body.id,
@@ -449,11 +454,7 @@ class ApiIngress:
     def create_job(self, body: JobCreate, caller: Caller = Depends(admin_key)):
         from deploy.jobs import submit_job
 
-        if caller.sources is not None:
-            if body.source_id is None:
-                raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: "
-                                     "give the job a source_id among them")
-            require_sources(caller, [body.source_id])
+        _require_named_source(caller, body.source_id, "give the job a source_id among them")
         try:
             record, ref = submit_job(self.settings.redis_url, self.settings, body.paths, body.source_id)
         except ValueError as e:

@@ -19,6 +19,7 @@ import ray
 import redis as redis_lib
 
 from pipeline.settings import Settings
+from pipeline.redis_server import as_client
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ _MAX_SOURCE_ID = 200
 
 def job_key(job_id: str) -> str:
     return JOBS_PREFIX + job_id
-
-
-def _client(redis: Any) -> redis_lib.Redis:
-    if isinstance(redis, redis_lib.Redis):
-        return redis
-    if isinstance(redis, str) and "://" in redis:
-        return redis_lib.Redis.from_url(redis, socket_connect_timeout=2.0, socket_timeout=5.0)
-    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {redis!r}")
 
 
 # ---- input checks ----------------------------------------------------------------------------------------------------
@@ -99,7 +92,7 @@ def _write(client: redis_lib.Redis, job_id: str, **fields: Any) -> None:
 
 def get_job(redis: Any, job_id: str) -> dict:
     """The job's status; KeyError for an unknown (or expired) id."""
-    raw = _client(redis).hgetall(job_key(job_id))
+    raw = as_client(redis).hgetall(job_key(job_id))
     if not raw:
         raise KeyError(f"no job with id {job_id!r}")
     return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
@@ -112,13 +105,13 @@ def create_job(redis: Any, paths: list[str], source_id: str | None) -> dict:
               "created": time.time(), "started": None, "finished": None, "files_total": None, "segments": 0,
               "skipped": 0, "source_seconds": 0.0, "indexed": [], "failures": [], "error": None,
               "cancel_requested": False}
-    _write(_client(redis), job_id, **record)
+    _write(as_client(redis), job_id, **record)
     return record
 
 
 def request_cancel(redis: Any, job_id: str) -> dict:
     """Ask a job to stop; returns its status. KeyError unknown id; ValueError when it has already finished."""
-    client = _client(redis)
+    client = as_client(redis)
     job = get_job(client, job_id)
     if job["state"] in FINAL_STATES:
         raise ValueError(f"job {job_id!r} has already finished (state {job['state']!r})")
@@ -128,7 +121,7 @@ def request_cancel(redis: Any, job_id: str) -> dict:
 
 def mark_lost(redis: Any, job_id: str, error: str) -> None:
     """Record that the job's task died without writing a final state (worker crash)."""
-    client = _client(redis)
+    client = as_client(redis)
     job = get_job(client, job_id)
     if job["state"] in ACTIVE_STATES:
         _write(client, job_id, state="failed", error=error, finished=time.time())
@@ -149,7 +142,7 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     from pipeline.index import SegmentIndex
 
     _quiet_ray_data()
-    client = _client(redis_url)
+    client = as_client(redis_url)
     if get_job(client, job_id).get("cancel_requested"):
         _write(client, job_id, state="cancelled", finished=time.time())
         client.expire(job_key(job_id), JOB_TTL_S)

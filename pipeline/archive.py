@@ -186,6 +186,7 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
         encoder_cls = importlib.import_module("actors.encoder").VisionEncoder
 
     from pipeline import metrics
+    from pipeline.checkpoints import model_id
     from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM
     from pipeline.index import SegmentIndex
     from pipeline.records import IndexedSegment
@@ -195,8 +196,7 @@ def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: st
     files, failures = expand_sources(list(paths))
     index = index or SegmentIndex(settings.index_root)
     model_path = str(settings.resolved_model_path())
-    from pipeline.checkpoints import model_id as _model_id
-    mid = _model_id(model_path)
+    mid = model_id(model_path)
 
     def fail(path: str, error: str):
         report.failed.append({"path": path, "error": error})

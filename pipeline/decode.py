@@ -190,27 +190,12 @@ def _target_size_for(path: str, info: VideoInfo, min_pixels: int, max_pixels: in
 
 # ---------------------------------------------------------------- decoding
 
-def decode_window(
-    path: Any,
-    start: float = 0.0,
-    end: float | None = None,
-    fps: float = 2.0,
-    max_pixels: int = VIDEO_MAX_PIXELS,
-    min_pixels: int = VIDEO_MIN_PIXELS,
-    backend: str = DEFAULT_BACKEND,
-    interpolation: str = "BICUBIC",
-    threads: int = 0,
-    skip_nonref: bool = True,
-) -> list[tuple[float, np.ndarray]]:
+def decode_window(path: Any, start: float = 0.0, end: float | None = None, **options: Any) -> list[tuple[float, np.ndarray]]:
     """Decode [start, end) of a video at `fps`: a list of (media time, uint8 RGB frame [H', W', 3]).
 
-    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]. threads=0 lets FFmpeg pick.
-    A frame shown at several sample times (source slower than `fps`) appears once per time, same array.
-    skip_nonref (PyAV): let the decoder drop non-reference frames that no sample time shows (1.2-1.4x faster
-    on x264 files in bench/decode.py; the frames returned are the same).
+    The options are iter_window's (fps, max_pixels, min_pixels, backend, interpolation, threads, skip_nonref).
     """
-    return list(iter_window(path, start, end, fps, max_pixels, min_pixels, backend, interpolation, threads,
-                            skip_nonref))
+    return list(iter_window(path, start, end, **options))
 
 
 def iter_window(
@@ -225,7 +210,13 @@ def iter_window(
     threads: int = 0,
     skip_nonref: bool = True,
 ) -> Iterator[tuple[float, np.ndarray]]:
-    """Generator form of decode_window (frames come out while the file is decoded)."""
+    """(media time, uint8 RGB frame [H', W', 3]) at `fps` over [start, end), yielded while the file is decoded.
+
+    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]. threads=0 lets FFmpeg pick.
+    A frame shown at several sample times (source slower than `fps`) appears once per time, same array.
+    skip_nonref (PyAV): let the decoder drop non-reference frames that no sample time shows (1.2-1.4x faster
+    on x264 files in bench/decode.py; the frames returned are the same).
+    """
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     if start < 0:

@@ -228,6 +228,15 @@ def redis_endpoint(settings: "Settings", *, persist: bool = True) -> Iterator[Re
         server.stop()
 
 
+def as_client(client_or_url: "redis.Redis | str") -> redis.Redis:
+    """A client from a client (returned as is) or a redis:// URL (short timeouts: callers report, never hang)."""
+    if isinstance(client_or_url, redis.Redis):
+        return client_or_url
+    if isinstance(client_or_url, str) and "://" in client_or_url:
+        return redis.Redis.from_url(client_or_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {client_or_url!r}")
+
+
 @contextlib.contextmanager
 def redis_client(settings: "Settings", *, decode_responses: bool = True, **kwargs) -> Iterator[redis.Redis]:
     """A client of tubescope's Redis (embedded server started and stopped around it when REDIS_URL is unset)."""

@@ -13,7 +13,8 @@ _EXPORTS = {
     "get_rope_index": "rope",
     "TokenIteratorStreamer": "generate",
     "Tokenizer": "tokenizer", "Processor": "processor",
-    "load_pretrained": "checkpoint", "write_tiny_checkpoint": "checkpoint", "tiny_config": "checkpoint",
+    "load_pretrained": "checkpoint", "load_vision": "checkpoint", "write_tiny_checkpoint": "checkpoint",
+    "tiny_config": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

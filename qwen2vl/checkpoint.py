@@ -24,12 +24,7 @@ _NEW_TO_ORIGINAL = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Qwen2VL:
     """A Qwen2VL from a local HF-layout folder (config.json + model.safetensors or shards + index), in eval mode."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = Qwen2VLConfig.from_json(config_file)
+    config = _read_config(path)
 
     # Text weights are allocated by the load itself (meta first); the vision tower is built for real so that its
     # non-persistent buffers (rotary tables) exist, then its parameters are replaced by the loaded ones.
@@ -49,12 +44,39 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     return model.eval().requires_grad_(False)
 
 
-def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, device) -> dict[str, torch.Tensor]:
+def load_vision(path: str | Path, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> VisionTransformer:
+    """Only the vision tower, reading only the `visual.*` tensors: what encoder actors need (a 7B checkpoint's text
+    weights would be ~15 GB read and held for nothing). `.cfg` is its VisionConfig."""
+    path = Path(path)
+    config = _read_config(path)
+    with torch.device(device):
+        visual = VisionTransformer(config.vision)
+    expected = {f"visual.{name}": t.shape for name, t in visual.state_dict().items()}
+    state = _read_state_dict(path, expected, False, dtype, device, only="visual.")
+    visual.load_state_dict({name[len("visual."):]: t for name, t in state.items()}, strict=True, assign=True)
+    return visual.eval().requires_grad_(False)
+
+
+def _read_config(path: Path) -> Qwen2VLConfig:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return Qwen2VLConfig.from_json(config_file)
+
+
+def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, device,
+                     only: str | None = None) -> dict[str, torch.Tensor]:
+    """only: read just the tensors whose (original) name starts with this prefix; the others are not opened."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for stored_name in f.keys():
                 name = original_name(stored_name)
+                if only is not None and not name.startswith(only):
+                    continue
                 if tied and name == "lm_head.weight":
                     continue                      # some tied files carry a copy; the tie wins
                 if name not in expected:

@@ -136,3 +136,15 @@ def test_bad_tensors(tiny, tmp_path, edit, message):
     save_file(tensors, str(file))
     with pytest.raises(ValueError, match=message):
         qwen2vl.load_pretrained(folder)
+
+
+@pytest.mark.parametrize("naming,shards", [("original", 1), ("new", 2)])
+def test_load_vision_reads_only_the_tower_and_equals_the_full_model(tmp_path, naming, shards):
+    path = qwen2vl.write_tiny_checkpoint(tmp_path / "ckpt", naming=naming, shards=shards)
+    full = qwen2vl.load_pretrained(path)
+    tower = qwen2vl.load_vision(path)
+    assert tower.cfg == full.config.vision
+    assert tower.state_dict().keys() == full.visual.state_dict().keys()
+    grid = torch.tensor([[2, 4, 6], [1, 8, 4]])
+    rows = torch.randn(int(grid.prod(1).sum()), full.config.vision.patch_dim)
+    assert torch.equal(tower(rows, grid), full.visual(rows, grid))

@@ -59,6 +59,7 @@ def test_video_factory_writes_what_was_asked(video_factory, kwargs):
     assert (got.width, got.height) == (kwargs["width"], kwargs["height"])
     assert got.frames == spec.frames == kwargs.get("frames", round(kwargs.get("seconds", 0) * kwargs["fps"]))
     assert got.avg_fps == pytest.approx(kwargs["fps"])
+    # the muxer stores timestamps in its own time base (milliseconds or the mp4 timescale): equal to 1 ms
     np.testing.assert_allclose(got.pts_s, spec.pts_s, atol=1e-3)
     assert not got.has_audio
 
@@ -96,7 +97,7 @@ def test_sample_videos_decode_with_the_promised_properties(sample_videos):
         got = probe_video(spec.path)
         assert (got.width, got.height) == (spec.width, spec.height), name
         assert got.frames == spec.frames, name
-        np.testing.assert_allclose(got.pts_s, spec.pts_s, atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(got.pts_s, spec.pts_s, atol=1e-3, err_msg=name)   # 1 ms: container time base
         assert got.has_audio == spec.audio, name
         assert read_frame_index(got.first_rgb) == 0 and read_frame_index(got.last_rgb) == spec.frames - 1, name
         if not spec.vfr:
