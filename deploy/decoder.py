@@ -50,6 +50,7 @@ class Decoder:
         self.dtype = dtype
         self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
         self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
+        self.model.argmax_head()          # built now (fp32 only), not inside the first question's timings
         self.processor = Processor.from_pretrained(self.model_path)
         if index is None:
             from pipeline.index import SegmentIndex
@@ -134,13 +135,15 @@ class Decoder:
         embeds = None if key in self.prefix_cache else self._plan_tokens(plan)
         stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
         with self._lock:
-            cache = self.prefix_cache.get(key)              # a private clone: extended below
+            room = len(plan.suffix_ids) + max_new_tokens    # the question and answer grow the clone in place
+            cache = self.prefix_cache.get(key, spare=room)  # a private clone: extended below
             hit = cache is not None
             if not hit:
                 if embeds is None:                          # evicted since the check
                     embeds = self._plan_tokens(plan)
                 cache = self._prefill_prefix(plan, embeds)
-                self.prefix_cache.put(key, cache.clone())
+                self.prefix_cache.put(key, cache)           # stored as is; this request extends a clone
+                cache = cache.clone(spare=room)
             suffix = torch.tensor([plan.suffix_ids], device=self.device)
             new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
                                streamer=stream.put)[0].tolist()

@@ -54,24 +54,29 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         pad_id = stop_ids[0] if stop_ids else 0
     put, end = _streamer_hooks(streamer)
 
+    # Greedy without a penalty needs only the argmax: an fp32 output layer then goes through the screened head.
+    head = model.argmax_head() if not do_sample and repetition_penalty == 1.0 else None
     cache = past_key_values if past_key_values is not None else model.new_cache()
     out = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, position_ids=position_ids,
                 image_embeds=image_embeds, video_embeds=video_embeds, past_key_values=cache, use_cache=True,
-                logits_to_keep=1, rope_deltas=rope_deltas)
+                logits_to_keep=1, rope_deltas=rope_deltas, compute_logits=head is None)
     seen = input_ids                                                   # for the repetition penalty
     stop = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     try:
         for step in range(max_new_tokens):
-            scores = out.logits[:, -1].float()                          # (B, V)
-            if repetition_penalty != 1.0:
-                scores = _penalize_repeats(scores, seen, repetition_penalty)
-            if do_sample:
-                token = _sample(scores, temperature, top_k, top_p, generator)
+            if head is not None:
+                token = head(out.hidden[:, -1])                             # (B,)
             else:
-                token = scores.argmax(dim=-1)
+                scores = out.logits[:, -1].float()                      # (B, V)
+                if repetition_penalty != 1.0:
+                    scores = _penalize_repeats(scores, seen, repetition_penalty)
+                if do_sample:
+                    token = _sample(scores, temperature, top_k, top_p, generator)
+                else:
+                    token = scores.argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, pad_id), token)   # (B,)
             new_tokens.append(token)
             put(token)
@@ -79,7 +84,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             seen = torch.cat([seen, token[:, None]], dim=1)
-            out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                        compute_logits=head is None)
     finally:
         end()
     return torch.stack(new_tokens, dim=1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .argmax_head import ArgmaxHead
 from .config import Qwen2VLConfig
 from .rope import get_rope_index
 from .text import KVCache, TextDecoder
@@ -24,9 +25,10 @@ class GenerationDefaults:
 
 @dataclass
 class Qwen2VLOutput:
-    logits: torch.Tensor                    # (B, S or logits_to_keep, vocab)
+    logits: torch.Tensor | None             # (B, S or logits_to_keep, vocab); None when compute_logits=False
     past_key_values: KVCache | None
     rope_deltas: torch.Tensor               # (B, 1)
+    hidden: torch.Tensor | None = None      # (B, S or logits_to_keep, D) final normed states, when compute_logits=False
 
 
 class Qwen2VL(nn.Module):
@@ -39,6 +41,23 @@ class Qwen2VL(nn.Module):
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.generation_config = GenerationDefaults()
+        self._argmax_head: tuple[tuple, ArgmaxHead | None] | None = None    # (weight version, head)
+
+    def argmax_head(self) -> ArgmaxHead | None:
+        """The screened greedy head of an fp32 output layer (built once; rebuilt when the weights change in place or
+        move). None for other dtypes, whose output layer is read at its own width anyway, and for weights outside
+        the fp16 range."""
+        weight = self.lm_head.weight
+        if weight.dtype != torch.float32:
+            return None
+        version = (id(weight), weight.data_ptr(), weight._version)
+        if self._argmax_head is None or self._argmax_head[0] != version:
+            try:
+                head = ArgmaxHead(weight.detach())
+            except ValueError:
+                head = None
+            self._argmax_head = (version, head)
+        return self._argmax_head[1]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.text.num_hidden_layers)
@@ -87,8 +106,11 @@ class Qwen2VL(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, image_embeds=None,
                 video_embeds=None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0, rope_deltas: torch.Tensor | None = None) -> Qwen2VLOutput:
-        """attention_mask covers the new tokens (B, S) or the cache plus them (B, past+S); 1 = real, 0 = padding.
+                logits_to_keep: int = 0, rope_deltas: torch.Tensor | None = None,
+                compute_logits: bool = True) -> Qwen2VLOutput:
+        """compute_logits=False skips the output layer and returns the final hidden states instead.
+
+        attention_mask covers the new tokens (B, S) or the cache plus them (B, past+S); 1 = real, 0 = padding.
 
         Without position_ids, positions follow the reference get_rope_index; after a cache they continue from
         (cache length + rope_delta). A given cache is extended in place.
@@ -111,10 +133,11 @@ class Qwen2VL(nn.Module):
         hidden = self.model(inputs_embeds, position_ids, key_mask, cache)                 # (B, S, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]                                            # output layer only where asked
-        logits = self.lm_head(hidden)
         if cache is not None:
             cache.key_mask, cache.rope_deltas = key_mask, rope_deltas
-        return Qwen2VLOutput(logits=logits, past_key_values=cache, rope_deltas=rope_deltas)
+        if not compute_logits:
+            return Qwen2VLOutput(logits=None, past_key_values=cache, rope_deltas=rope_deltas, hidden=hidden)
+        return Qwen2VLOutput(logits=self.lm_head(hidden), past_key_values=cache, rope_deltas=rope_deltas)
 
     def _positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, position_ids, rope_deltas,
                    cache, past) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,13 +53,18 @@ class KVCache:
         self.lengths[i] = n + new
         return self.layer(i)
 
-    def clone(self) -> "KVCache":
+    def clone(self, spare: int = 0) -> "KVCache":
+        """An independent copy; `spare` extra positions of capacity let it grow that far without another copy."""
         out = KVCache(len(self._keys))
         for i in range(len(self._keys)):
             if self._keys[i] is not None:
                 k, v = self.layer(i)
-                out._keys[i], out._values[i] = k.clone(), v.clone()
-                out.lengths[i] = self.lengths[i]
+                n = self.lengths[i]
+                out._keys[i] = k.new_empty(k.shape[0], k.shape[1], n + spare, k.shape[3])
+                out._values[i] = v.new_empty(v.shape[0], v.shape[1], n + spare, v.shape[3])
+                out._keys[i][:, :, :n] = k
+                out._values[i][:, :, :n] = v
+                out.lengths[i] = n
         out.key_mask = None if self.key_mask is None else self.key_mask.clone()
         out.rope_deltas = None if self.rope_deltas is None else self.rope_deltas.clone()
         return out

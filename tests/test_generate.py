@@ -65,6 +65,10 @@ def test_prefix_cache_reuse_equals_full_prompt(pair):
         assert cache.seq_len == full_ids.shape[1]
         expected = ours.generate(**full, max_new_tokens=8)
         assert torch.equal(ours.generate(question[None], past_key_values=cached.clone(), max_new_tokens=8), expected)
+        roomy = cached.clone(spare=question.shape[0] + 8)           # grows in place: no copy while answering
+        buffer = roomy.layer(0)[0].data_ptr()
+        assert torch.equal(ours.generate(question[None], past_key_values=roomy, max_new_tokens=8), expected)
+        assert roomy.layer(0)[0].data_ptr() == buffer
     assert cached.seq_len == prefix["input_ids"].shape[1]          # the clones left the prefix untouched
 
 
