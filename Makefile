@@ -39,7 +39,7 @@ bench: $(STAMP)
 		[ -e "$$f" ] || continue; case "$$(basename $$f)" in _*) continue;; esac; \
 		found=1; echo "== $$f"; $(PY) $$f | tee $(BENCH_OUT)/$$(basename $$f .py).json || exit 1; \
 	done; \
-	if [ $$found = 0 ]; then echo "no benchmarks yet: bench/*.py land with issues 3, 4 and 5" >&2; exit 2; fi
+	if [ $$found = 0 ]; then echo "no benchmarks found in bench/" >&2; exit 2; fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,8 +1,4 @@
-"""`tubescope`: the command line.
-
-Commands whose issue has not landed yet are stubs: they say so on stderr and exit 2, and never print a made-up
-result. When an issue lands, replace its entry in STUBS with the real command.
-"""
+"""`tubescope`: the command line. Benchmarks run from the repository (`make bench`, bench/*.py), not from here."""
 from __future__ import annotations
 
 import json
@@ -16,22 +12,12 @@ import click
 
 from pipeline.settings import Settings, load_settings, redact_url, settings_json
 
-STUB_EXIT = 2
 DEMO_STREAM = "tubescope:demo"
 DEMO_CLIP = dict(width=320, height=180, fps=30, seconds=4.0)   # small, 16:9, moving content
 TINY_MODEL_NOTE = ("the tiny model has random weights: its outputs are meaningless; set TUBESCOPE_MODEL_PATH to a "
                    "Qwen2-VL checkpoint folder (Hugging Face layout) for real answers")
 
-# name -> (issue, what it does); help text and the stub message come from here
-STUBS: dict[str, tuple[int, str]] = {
-    "bench": (3, "run the benchmarks (encoder: issue 3; decode/ingest: issue 4; query: issue 5)"),
-}
 DEMO_QUESTION = "What moves in this clip, and when?"
-
-
-def not_implemented(name: str, issue: int, what: str) -> None:
-    click.echo(f"not implemented yet: lands with issue {issue} ({name}: {what})", err=True)
-    sys.exit(STUB_EXIT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,19 +39,6 @@ def current_settings(ctx: click.Context) -> Settings:
         return load_settings(config_file=ctx.obj.get("config_file"))
     except ValueError as e:
         raise click.UsageError(f"bad settings: {e}") from e
-
-
-def _make_stub(name: str, issue: int, what: str) -> click.Command:
-    @click.command(name, help=f"{what} [not implemented yet: issue {issue}]",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def stub(args):
-        not_implemented(name, issue, what)
-    return stub
-
-
-for _name, (_issue, _what) in STUBS.items():
-    cli.add_command(_make_stub(_name, _issue, _what))
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
