@@ -8,7 +8,8 @@ prompt ids, same dtype, same process; runs interleave so background load hits bo
   cold      our time to first token with an empty prefix cache (listing, token reads, prefill, first token)
             vs the reference prefill (one forward over the prompt; it computes logits at every position)
   warm      our time to first token for a NEW question over the same footage (cached video prefix) vs cold
-  decode    tokens/s after the first token, ours (Decoder.ask) vs the reference generate (greedy, same max tokens)
+  decode    tokens/s after the first token, ours (Decoder.ask) vs the reference generate (greedy, same max tokens);
+            ours picks each fp32 argmax through qwen2vl.argmax_head (exact; `answers_equal` checks the text)
 Headline numbers are the best rep of each side (other processes share the cores); medians are printed beside them.
   hour      ask latency over 1 hour of indexed footage (450 segments of 8 s), narrowed by search to the budget
 The footage is a SYNTHETIC index: random pixel rows encoded by the checkpoint's own tiny vision tower (depth 1,
