@@ -5,11 +5,15 @@
 
 Each clip is H.264 (libx264 veryfast, yuv420p, ffmpeg's testsrc2 pattern), made once with the ffmpeg CLI into a
 cache folder. Per round, for each clip, every contender runs once, interleaved, so background load hits all of
-them alike; the best round of each is reported (other processes share these cores).
+them alike; the best round of each is reported (other processes share these cores). Before each timed run the
+bench waits (up to --idle-wait seconds) until both cores were idle for a moment, so a burst of someone else's
+work does not land on one contender; the idle fraction seen before each run is in the report.
 Contenders, all at 2 fps over the whole clip with the same decoder thread count:
   ffmpeg        `ffmpeg -threads N -i X -vf fps=2 -f null -` (decode + fps filter; no resize, no RGB)
   tubes         pipeline.decode (PyAV, default) -> segments -> uint8 pixel rows (decode, resize, patchify):
-                what archive jobs ship to the encoder, which normalizes on its own device
+                what archive jobs ship to the encoder, which normalizes on its own device. With N threads
+                pipeline.decode runs N single-threaded decoders over parts of the clip cut at keyframes (at
+                most N decoding at once); ffmpeg runs one decoder with N threads
   tubes_f32     the same plus CLIP normalization to float32 rows on this CPU (4x the bytes to write)
   tubes_noskip  the same as tubes with every frame decoded (skip_nonref=False), to show what skipping buys
   tubes_decord  the same as tubes with the decord backend
@@ -89,6 +93,31 @@ def time_read_videos(path: Path) -> tuple[float, dict]:
     return time.perf_counter() - t, {"frames": n}
 
 
+def _idle_fraction(seconds: float = 0.3) -> float:
+    """Share of all cores' time spent idle over the next `seconds` (Linux /proc/stat; 1.0 elsewhere)."""
+    def idle_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)   # idle + iowait, all
+
+    try:
+        i0, t0 = idle_total()
+        time.sleep(seconds)
+        i1, t1 = idle_total()
+    except OSError:
+        return 1.0
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_idle_cpus(timeout: float, min_idle: float = 0.9) -> float:
+    """Wait until the cores are at least `min_idle` idle (other engineers' jobs share them); the last fraction seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        idle = _idle_fraction()
+        if idle >= min_idle or time.monotonic() >= deadline:
+            return idle
+
+
 def _cpu_seconds() -> float:
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -113,12 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decoder threads for every contender")
     ap.add_argument("--clips", default=",".join(CLIPS), help=f"comma list of {list(CLIPS)}")
+    ap.add_argument("--idle-wait", type=float, default=None,
+                    help="seconds to wait at most for idle cores before each timed run (default 10, quick 0)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TUBESCOPE_BENCH_CACHE",
                                                                          "/tmp/tubescope_bench")))
     args = ap.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 30.0)
     rounds = args.rounds or (1 if args.quick else 3)
     with_ray = args.ray or not args.quick
+    idle_wait = args.idle_wait if args.idle_wait is not None else (0.0 if args.quick else 10.0)
     clips = [c for c in args.clips.split(",") if c]
     for c in clips:
         if c not in CLIPS:
@@ -148,9 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     samples: dict[str, dict[str, list[float]]] = {c: {k: [] for k in contenders} for c in clips}
     cpu: dict[str, dict[str, list[float]]] = {c: {k: [] for k in contenders if k != "read_videos"} for c in clips}
     details: dict[str, dict[str, dict]] = {c: {} for c in clips}
+    idle: dict[str, list[float]] = {c: [] for c in clips}
     for _ in range(rounds):
         for c in clips:
             for name, fn in contenders.items():
+                if idle_wait > 0:
+                    idle[c].append(wait_for_idle_cpus(idle_wait))
                 cpu0 = _cpu_seconds()
                 wall, extra = fn(paths[c])
                 samples[c][name].append(wall)
@@ -178,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     if k.startswith("tubes")},
             "work": details[c],
         }
+        if idle[c]:
+            entry["idle_before_runs"] = {"min": round(min(idle[c]), 2),
+                                         "median": round(sorted(idle[c])[len(idle[c]) // 2], 2)}
         if "read_videos" in best:
             entry["ratio_vs_read_videos"] = {k: round(best["read_videos"] / best[k], 2)
                                              for k in best if k.startswith("tubes")}

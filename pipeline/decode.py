@@ -6,15 +6,23 @@ sits at media time k / fps (0, 0.5, 1.0, ... at 2 fps) and takes the frame shown
 frame whose time is <= the sample time. Only sampled frames are converted, straight from the decoder's
 YUV to RGB at the target size (one swscale call each); every other frame is only decoded.
 
-Two backends: "pyav" (sequential decode with codec threading; the default, measured faster for 2 fps on
-these machines, see bench/decode.py) and "decord" (random access: get_batch at the sampled indices).
+Two backends: "pyav" (the default, measured faster for 2 fps on these machines, see bench/decode.py) and
+"decord" (random access: get_batch at the sampled indices). With more than one decoder thread, PyAV cuts a
+window at keyframes into parts decoded at once by single-threaded decoders (GOP-parallel: FFmpeg's frame
+threading gains almost nothing once non-reference frames are skipped, independent decoders scale), yielded in
+order. A part starts where a seek to its keyframe lands, as a window start already does, so the frames are
+exactly those of one sequential walk (tests/test_decode_parallel.py).
 Paths may be local files or pyarrow.fs URIs ("s3://...", "file:///..."); URIs always use PyAV.
 """
 from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections import deque
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterator
@@ -30,6 +38,9 @@ DEFAULT_BACKEND = "pyav"
 INTERPOLATIONS = ("BICUBIC", "BILINEAR", "FAST_BILINEAR", "AREA", "LANCZOS", "POINT")
 _EPS = 1e-6                        # seconds; absorbs float error in pts * time_base
 _DECORD_CHUNK = 32                 # sample times fetched per decord get_batch call
+_PART_SAMPLES = 32                 # GOP-parallel: aim for parts of at most this many sample times (memory bound)
+_RAW_BACKLOG_BYTES = 48 << 20     # GOP-parallel: unread decoded frames a part holds before converting its own
+_AUTO_DECODERS_MAX = 4             # threads=0: one decoder per CPU, at most this many (Ray runs tasks side by side)
 
 
 class DecodeError(ValueError):
@@ -212,7 +223,9 @@ def iter_window(
 ) -> Iterator[tuple[float, np.ndarray]]:
     """(media time, uint8 RGB frame [H', W', 3]) at `fps` over [start, end), yielded while the file is decoded.
 
-    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]. threads=0 lets FFmpeg pick.
+    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]. threads: decoder threads (0: one per CPU, up to 4);
+    PyAV uses them as that many single-threaded decoders over parts of the window cut at keyframes, or as
+    codec threads of one decoder when the window holds no keyframe to cut at.
     A frame shown at several sample times (source slower than `fps`) appears once per time, same array.
     skip_nonref (PyAV): let the decoder drop non-reference frames that no sample time shows (1.2-1.4x faster
     on x264 files in bench/decode.py; the frames returned are the same).
@@ -236,31 +249,222 @@ def iter_window(
 
 def _iter_pyav(path, start, end, fps, max_pixels, min_pixels, interpolation, threads, skip_nonref):
     path_s = os.fspath(path)
+    if threads == 1:   # the caller wants one thread: decode and convert right here
+        with _opened_span(path_s, start, end, fps, max_pixels, min_pixels, 1, skip_nonref) as (samples, size):
+            to_rgb = _RGBConverter(path_s, size, interpolation)
+            for t, frame in samples:
+                yield t, to_rgb(frame)
+        return
+    decoders = threads or min(_cpu_count(), _AUTO_DECODERS_MAX)
+    cuts = _keyframe_cuts(path_s, start, end, fps, decoders) if decoders > 1 else []
+    spans = list(zip([start, *cuts], [*cuts, end]))
+    # Several parts: one single-threaded decoder each. One part (no keyframe to cut at): its decoder gets all
+    # the threads, and this thread still converts frames while it decodes.
+    codec_threads = 1 if cuts else threads
+    yield from _iter_parallel(path_s, spans, min(decoders, len(spans)), interpolation, lambda a, b: _opened_span(
+        path_s, a, b, fps, max_pixels, min_pixels, codec_threads, skip_nonref))
+
+
+@contextmanager
+def _opened_span(path_s, start, end, fps, max_pixels, min_pixels, threads, skip_nonref):
+    """One decoder over [start, end): yields (samples, (H', W')), samples being (time, decoded frame) pairs."""
     container, file_obj = _open(path_s)
     try:
         stream = _video_stream(container, path_s)
         info = _info_from_stream(path_s, container, stream)
-        out_h, out_w = _target_size_for(path_s, info, min_pixels, max_pixels)
+        size = _target_size_for(path_s, info, min_pixels, max_pixels)
         stream.thread_type = "AUTO"           # frame + slice threads: ~1.5x faster than the default here
         stream.codec_context.thread_count = threads
-        sampler = _HoldSampler(path_s, stream, info, start, end, fps, out_h, out_w, interpolation, skip_nonref)
-        yield from sampler.run(container)
+        samples = _HoldSampler(path_s, stream, info, start, end, fps, skip_nonref).run(container)
+        try:
+            yield samples, size
+        finally:
+            samples.close()   # restores the decoder's settings before the container goes
     finally:
         container.close()
         if file_obj is not None:
             file_obj.close()
 
 
-class _HoldSampler:
-    """Walks decoded frames in presentation order; each sample time takes the frame on screen at that time."""
+class _RGBConverter:
+    """Decoded frame -> uint8 RGB [H', W', 3], straight from the decoder's YUV (one swscale call).
 
-    def __init__(self, path, stream, info, start, end, fps, out_h, out_w, interpolation, skip_nonref):
+    One reformatter per converter keeps its swscale context (frame.to_ndarray(width=...) builds a new one per
+    frame, which costs more than the bicubic scaling itself at 360p). A frame shown at several sample times is
+    converted once: the same array comes back for it.
+    """
+
+    def __init__(self, path: str, size: tuple[int, int], interpolation: str):
+        self.path, (self.height, self.width), self.interpolation = path, size, interpolation
+        self.reformatter = VideoReformatter()
+        self.last_frame = self.last_rgb = None
+
+    def __call__(self, frame) -> np.ndarray:
+        if frame is not self.last_frame:
+            try:
+                out = self.reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
+                                                interpolation=self.interpolation)
+            except av.FFmpegError as e:
+                raise DecodeError(self.path, f"cannot convert a decoded frame to RGB ({e})") from e
+            self.last_frame, self.last_rgb = frame, out.to_ndarray()
+        return self.last_rgb
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- GOP-parallel decoding
+
+def _keyframe_cuts(path_s: str, start: float, end: float | None, fps: float, decoders: int) -> list[float]:
+    """Media times of keyframes that cut [start, end) into parts of about equal length, in order.
+
+    At least `decoders` parts, more when parts would exceed _PART_SAMPLES sample times. Each cut is the
+    presentation time of a keyframe, so a part starts where a seek lands and shares no frame with the part
+    before; every part holds at least one sample time. [] when there is nothing to cut (one GOP, a short
+    window, a container that cannot seek): the caller then uses one decoder.
+    """
+    try:
+        container, file_obj = _open(path_s)
+    except DecodeError:
+        return []   # the sequential path raises the same error with its full context
+    try:
+        stream = _video_stream(container, path_s)
+        info = _info_from_stream(path_s, container, stream)
+        if stream.start_time is None:
+            return []
+        stop = info.duration if end is None else min(end, info.duration)
+        first, last = _sample_index(start, fps), _sample_index(stop, fps)   # sample times first .. last-1
+        n_parts = min(max(decoders, math.ceil((last - first) / _PART_SAMPLES)), last - first)
+        if n_parts < 2:
+            return []
+        finder = _KeyframeFinder(container, stream)
+        cuts: list[float] = []
+        for j in range(1, n_parts):
+            cut = finder.nearest(start + (stop - start) * j / n_parts, lo=cuts[-1] if cuts else start, hi=stop)
+            # Keep a cut only if it leaves at least one sample time on each side.
+            if cut is not None and _sample_index(cuts[-1] if cuts else start, fps) < _sample_index(cut, fps) < last:
+                cuts.append(cut)
+        return cuts
+    except (DecodeError, av.FFmpegError, OSError):
+        return []
+    finally:
+        container.close()
+        if file_obj is not None:
+            file_obj.close()
+
+
+def _sample_index(t: float, fps: float) -> int:
+    """Index of the first sample time >= t."""
+    return math.ceil(t * fps - _EPS)
+
+
+class _KeyframeFinder:
+    """Keyframe presentation times found by seeking (the container's index) and reading one packet."""
+
+    def __init__(self, container, stream):
+        self.container, self.stream = container, stream
+        self.tb, self.start_pts = stream.time_base, stream.start_time
+
+    def at_or_before(self, t: float) -> float | None:
+        """The keyframe a backward seek to media time t lands on (None: not a keyframe with a timestamp)."""
+        self.container.seek(self.start_pts + int(Fraction(t) / self.tb), stream=self.stream, backward=True,
+                            any_frame=False)
+        for packet in self.container.demux(self.stream):
+            if packet.pts is None or not packet.is_keyframe:
+                return None
+            return float((packet.pts - self.start_pts) * self.tb)
+        return None
+
+    def nearest(self, target: float, lo: float, hi: float) -> float | None:
+        """The keyframe in (lo, hi) nearest to target, looking forward in doubling steps for one after it."""
+        before = self.at_or_before(target)
+        candidates = [before] if before is not None and lo < before < hi else []
+        step = 0.5
+        while target + step < hi:
+            after = self.at_or_before(target + step)
+            if after is not None and after > target + _EPS:
+                if after < hi:
+                    candidates.append(after)
+                break
+            step *= 2
+        return min(candidates, key=lambda c: abs(c - target)) if candidates else None
+
+
+class _PartEnd:
+    """Queue marker: the part's decoder has stopped (finished, failed or told to stop)."""
+
+
+def _iter_parallel(path_s, spans, decoders, interpolation, open_span) -> Iterator[tuple[float, np.ndarray]]:
+    """(time, RGB frame) of every span in order, the spans decoded by `decoders` threads at once.
+
+    PyAV releases the GIL while it decodes and scales, so the threads run in parallel. Frames are converted
+    where there is time: the caller's thread converts the frames of every part it reaches (overlapping the
+    decoders), and a decoder whose part waits behind _RAW_BACKLOG_BYTES of unread decoded frames converts its
+    own (memory stays bounded, at the cost of converting on the decoder's core). At most decoders + 1 parts
+    are in flight.
+    """
+    stop = threading.Event()
+
+    def decode(span, out):
+        try:
+            with open_span(*span) as (samples, size):
+                to_rgb = _RGBConverter(path_s, size, interpolation)
+                last_frame = item = None
+                raw_allowed = 0
+                for t, frame in samples:
+                    if stop.is_set():
+                        return
+                    if frame is not last_frame:   # one decision per frame, so a repeated frame is one array
+                        raw_allowed = raw_allowed or max(2, _RAW_BACKLOG_BYTES // _decoded_bytes(frame))
+                        last_frame, item = frame, to_rgb(frame) if out.qsize() >= raw_allowed else (frame, size)
+                    out.put((t, item))
+        finally:
+            out.put(_PartEnd)
+
+    pool = ThreadPoolExecutor(decoders, thread_name_prefix="decode-part")
+    pending: deque = deque()
+    todo = iter(spans)
+    to_rgb = None
+    try:
+        while True:
+            while len(pending) < decoders + 1 and (span := next(todo, None)) is not None:
+                out = queue.SimpleQueue()
+                pending.append((out, pool.submit(decode, span, out)))
+            if not pending:
+                return
+            out, future = pending.popleft()
+            while (got := out.get()) is not _PartEnd:
+                t, item = got
+                if not isinstance(item, np.ndarray):
+                    frame, size = item
+                    to_rgb = to_rgb or _RGBConverter(path_s, size, interpolation)
+                    item = to_rgb(frame)
+                yield t, item
+            future.result()   # re-raises the part's DecodeError
+    finally:
+        stop.set()           # the consumer stopped early or a part failed: running parts end at their next frame
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decoded_bytes(frame) -> int:
+    """Bytes of a decoded frame's planes (what a frame waiting unconverted holds)."""
+    return sum(plane.buffer_size for plane in frame.planes)
+
+
+class _HoldSampler:
+    """Walks decoded frames in presentation order; each sample time takes the frame on screen at that time.
+
+    run() yields (sample time, decoded frame): converting to RGB is the caller's (see _RGBConverter).
+    """
+
+    def __init__(self, path, stream, info, start, end, fps, skip_nonref):
         self.path, self.stream, self.info = path, stream, info
         self.skip_nonref = skip_nonref
         self.start, self.end, self.fps = start, end, fps
-        self.out_h, self.out_w = out_h, out_w
-        self.interp = interpolation
-        self.reformatter = VideoReformatter()
         self.tb = stream.time_base
         self.start_pts = stream.start_time  # None: taken from the first decoded frame
         self.default_frame_s = 1.0 / info.fps if info.fps else 1.0 / 30
@@ -274,13 +478,6 @@ class _HoldSampler:
         if self.start_pts is None:
             self.start_pts = pts
         return float((pts - self.start_pts) * self.tb)
-
-    def _rgb(self, frame) -> np.ndarray:
-        # One reformatter for the whole walk: it keeps its swscale context (frame.to_ndarray(width=...) builds
-        # a new one per frame, which costs more than the bicubic scaling itself at 360p).
-        out = self.reformatter.reformat(frame, width=self.out_w, height=self.out_h, format="rgb24",
-                                        interpolation=self.interp)
-        return out.to_ndarray()   # (H', W', 3) uint8
 
     def _seek(self, container, t: float) -> None:
         start_pts = self.start_pts or 0
@@ -350,7 +547,6 @@ class _HoldSampler:
     def _walk(self, container, k: int, check_overshoot: bool):
         end = self.end
         held = None            # (time, frame) currently on screen
-        held_rgb = None
         t_frame = None
         last_t = -math.inf
         try:
@@ -364,19 +560,16 @@ class _HoldSampler:
                     raise _Overshoot
                 if held is not None:
                     while k / self.fps < t_frame - _EPS and (end is None or k / self.fps < end - _EPS):
-                        if held_rgb is None:
-                            held_rgb = self._rgb(held[1])
-                        yield k / self.fps, held_rgb
+                        yield k / self.fps, held[1]
                         k += 1
                 elif k / self.fps < t_frame - _EPS:
                     # Sample times before the first frame (stream starts late): show the first frame.
-                    first_rgb = self._rgb(frame)
                     while k / self.fps < t_frame - _EPS and (end is None or k / self.fps < end - _EPS):
-                        yield k / self.fps, first_rgb
+                        yield k / self.fps, frame
                         k += 1
                 if end is not None and k / self.fps >= end - _EPS:
                     return
-                held, held_rgb, last_t = (t_frame, frame), None, t_frame
+                held, last_t = (t_frame, frame), t_frame
         except av.FFmpegError as e:
             at = f" near {t_frame:.3f} s" if t_frame is not None else ""
             raise DecodeError(self.path, f"corrupt or truncated video data{at} ({e})") from e
@@ -390,9 +583,7 @@ class _HoldSampler:
         data_end = held[0] + frame_s
         self._check_truncated(data_end)
         while k / self.fps < data_end - _EPS and (end is None or k / self.fps < end - _EPS):
-            if held_rgb is None:
-                held_rgb = self._rgb(frame)
-            yield k / self.fps, held_rgb
+            yield k / self.fps, frame
             k += 1
 
     def _check_truncated(self, data_end: float) -> None:
