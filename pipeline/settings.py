@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     # ---- vision encoder actors ----------------------------------------------------------------------------------
     encoder_token_budget: int = Field(16_384, ge=1)   # patches (pre-merge) per packed encoder batch
     num_encoder_actors: int = Field(1, ge=1)
-    encoder_cpus: float = Field(0.5, gt=0)    # per actor; a whole CPU each starves Ray Data's read tasks on 2 cores
+    # CPUs Ray reserves per encoder actor. 0: it shares the cores of the decode tasks, which take whole CPUs; any
+    # reservation leaves fewer decode tasks running while the encoder waits for their output (on 2 cores, one).
+    encoder_cpus: float = Field(0.0, ge=0)
     gpus_per_encoder: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
     encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     encoder_batch_segments: int = Field(8, ge=1)  # segments handed to one encoder call by Ray Data
