@@ -109,6 +109,7 @@ class SegmentIndex:
             raise ValueError(f"index root must be a local path or a pyarrow.fs URI, got {root!r}")
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
         self.fs.create_dir(self.root, recursive=True)
+        self._tables: dict[tuple, pa.Table] = {}           # parsed metadata by (path, size, mtime): see _read_meta
 
     def __repr__(self) -> str:
         return f"SegmentIndex({self.root!r}, fs={self.fs.type_name})"
@@ -181,9 +182,10 @@ class SegmentIndex:
             infos = self._ls(folder)
             data = {i.base_name: i for i in infos if i.base_name.startswith(DATA_PREFIX)
                     and i.base_name.endswith(SUFFIX)}
-            manifests = sorted(i.path for i in infos if i.base_name.startswith(MANIFEST_PREFIX))
+            manifest_infos = sorted((i for i in infos if i.base_name.startswith(MANIFEST_PREFIX)), key=lambda i: i.path)
+            manifests = [i.path for i in manifest_infos]
             try:
-                parts = [pq.read_table(m, filesystem=self.fs, schema=MANIFEST_SCHEMA) for m in manifests]
+                parts = [self._read_meta(i, None, MANIFEST_SCHEMA) for i in manifest_infos]
             except FileNotFoundError:
                 continue
             break
@@ -194,7 +196,7 @@ class SegmentIndex:
             covered.update(p.column("file").to_pylist())
         for name in sorted(set(data) - covered):
             try:
-                t = pq.read_table(data[name].path, filesystem=self.fs, columns=META_COLUMNS, schema=DATA_SCHEMA)
+                t = self._read_meta(data[name], META_COLUMNS, DATA_SCHEMA)
             except FileNotFoundError:                     # deleted since the listing
                 continue
             parts.append(t.append_column("file", pa.array([name] * t.num_rows, pa.string())))
@@ -209,6 +211,21 @@ class SegmentIndex:
         table = table.append_column("bytes", pa.array([data[n].size for n in table.column("file").to_pylist()],
                                                       pa.int64()))
         return table, data, manifests
+
+    def _read_meta(self, info: pafs.FileInfo, columns, schema) -> pa.Table:
+        """A metadata file's table, parsed once: files are written whole under fresh names (atomic renames), so one
+        with the same path, size and mtime has the same content. Every listing still starts from a directory read,
+        so deletions and new files are always seen; this only saves re-parsing (most of a listing's time)."""
+        key = (info.path, info.size, info.mtime_ns, tuple(columns or ()))
+        table = self._tables.get(key)
+        if table is None:
+            table = pq.read_table(info.path, filesystem=self.fs, columns=columns, schema=schema)
+            if info.mtime_ns is None:                       # a filesystem without mtimes: nothing to key on
+                return table
+            if len(self._tables) >= 4096:                   # bounded: forget everything, re-parse on demand
+                self._tables.clear()
+            self._tables[key] = table
+        return table
 
     def _compact(self, source_id: str) -> None:
         """Write one manifest covering every data file present, then drop the manifests it replaces."""

@@ -387,3 +387,15 @@ def test_records_validate_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="IndexedSegment"):
         SegmentIndex(tmp_path).add([{"segment_id": "cam:0"}])
     assert data_file_name("cam:0", "m") != data_file_name("cam:0", "n") != data_file_name("cam:8000", "m")
+
+
+def test_a_long_lived_index_sees_other_writers_adds_deletes_and_compactions(tmp_path):
+    """Listings reuse parsed metadata files, but never miss what another SegmentIndex did in between."""
+    reader, writer = SegmentIndex(tmp_path), SegmentIndex(tmp_path)
+    writer.add([make_segment("cam", 8.0 * k) for k in range(3)])
+    assert [r["t0"] for r in reader.list("cam")] == [0.0, 8.0, 16.0]
+    writer.add([make_segment("cam", 8.0 * k) for k in range(3, 40)])        # enough files to compact
+    assert len(reader.list("cam")) == 40
+    assert writer.delete("cam", before=80.0) == 10
+    assert [r["t0"] for r in reader.list("cam")][:2] == [80.0, 88.0] and len(reader.list("cam")) == 30
+    assert reader.list("cam") == SegmentIndex(tmp_path).list("cam")          # same as a fresh reader
