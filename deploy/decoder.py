@@ -60,6 +60,7 @@ class Decoder:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.tube_seconds = self.model.config.vision.temporal_patch_size / settings.fps
         self._lock = threading.Lock()     # model calls
+        self._scratch = None              # KVCache whose buffers each question reuses (under _lock)
         self._count_lock = threading.Lock()
         self.prompt_memo = PrefixMemo()   # tokenized prefixes (pure function results, shared with search)
         self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
@@ -135,15 +136,18 @@ class Decoder:
         embeds = None if key in self.prefix_cache else self._plan_tokens(plan)
         stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
         with self._lock:
-            room = len(plan.suffix_ids) + max_new_tokens    # the question and answer grow the clone in place
-            cache = self.prefix_cache.get(key, spare=room)  # a private clone: extended below
+            # The prefix is copied into the scratch cache (its buffers are reused: no fresh pages per question),
+            # which the question and answer then extend in place; only one generate runs at a time (this lock).
+            room = len(plan.suffix_ids) + max_new_tokens
+            cache = self.prefix_cache.get(key, spare=room, into=self._scratch)
             hit = cache is not None
             if not hit:
                 if embeds is None:                          # evicted since the check
                     embeds = self._plan_tokens(plan)
                 cache = self._prefill_prefix(plan, embeds)
-                self.prefix_cache.put(key, cache)           # stored as is; this request extends a clone
-                cache = cache.clone(spare=room)
+                self.prefix_cache.put(key, cache)           # stored as is; this request extends a copy
+                cache = cache.clone(spare=room, into=self._scratch)
+            self._scratch = cache
             suffix = torch.tensor([plan.suffix_ids], device=self.device)
             new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
                                streamer=stream.put)[0].tolist()

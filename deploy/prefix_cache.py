@@ -121,9 +121,9 @@ class PrefixCache:
         self.evictions = 0
         self.rejected = 0          # entries larger than the whole budget: never stored
 
-    def get(self, key: Hashable, copy: bool = True, spare: int = 0) -> KVCache | None:
-        """A private clone of the cached prefix (safe to extend; room for `spare` more positions), or None. Counts a
-        hit or a miss.
+    def get(self, key: Hashable, copy: bool = True, spare: int = 0, into: KVCache | None = None) -> KVCache | None:
+        """A private clone of the cached prefix (safe to extend; room for `spare` more positions; written into the
+        buffers of `into` when they are large enough), or None. Counts a hit or a miss.
 
         copy=False returns the stored object itself, for callers that only read it (e.g. stack_caches)."""
         with self._lock:
@@ -134,7 +134,7 @@ class PrefixCache:
             self._entries.move_to_end(key)
             self.hits += 1
             stored = entry[0]
-        return stored.clone(spare) if copy else stored   # entries are never mutated: cloning outside the lock is safe
+        return stored.clone(spare, into) if copy else stored   # entries are never mutated: cloning outside the lock is safe
 
     def put(self, key: Hashable, cache: KVCache) -> bool:
         """Store `cache` (the caller must not mutate it afterwards; pass a clone). False when it cannot fit."""

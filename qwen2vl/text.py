@@ -53,18 +53,27 @@ class KVCache:
         self.lengths[i] = n + new
         return self.layer(i)
 
-    def clone(self, spare: int = 0) -> "KVCache":
-        """An independent copy; `spare` extra positions of capacity let it grow that far without another copy."""
-        out = KVCache(len(self._keys))
+    def clone(self, spare: int = 0, into: "KVCache | None" = None) -> "KVCache":
+        """An independent copy; `spare` extra positions of capacity let it grow that far without another copy.
+
+        into: a cache whose buffers may be reused when large enough (same layout); it is overwritten and returned.
+        A long-lived scratch cache saves allocating (and page-faulting) fresh buffers for every copy."""
+        out = KVCache(len(self._keys)) if into is None else into
+        if out.num_layers != self.num_layers:
+            raise ValueError(f"cannot clone a {self.num_layers}-layer cache into a {out.num_layers}-layer one")
         for i in range(len(self._keys)):
-            if self._keys[i] is not None:
-                k, v = self.layer(i)
-                n = self.lengths[i]
+            out.lengths[i] = 0
+            if self._keys[i] is None:
+                out._keys[i] = out._values[i] = None
+                continue
+            k, v = self.layer(i)
+            n = self.lengths[i]
+            if not _fits(out._keys[i], k, n + spare) or not _fits(out._values[i], v, n + spare):
                 out._keys[i] = k.new_empty(k.shape[0], k.shape[1], n + spare, k.shape[3])
                 out._values[i] = v.new_empty(v.shape[0], v.shape[1], n + spare, v.shape[3])
-                out._keys[i][:, :, :n] = k
-                out._values[i][:, :, :n] = v
-                out.lengths[i] = n
+            out._keys[i][:, :, :n] = k
+            out._values[i][:, :, :n] = v
+            out.lengths[i] = n
         out.key_mask = None if self.key_mask is None else self.key_mask.clone()
         out.rope_deltas = None if self.rope_deltas is None else self.rope_deltas.clone()
         return out
@@ -92,6 +101,13 @@ class KVCache:
         self.lengths = [min(n, length) for n in self.lengths]
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :length]
+
+
+def _fits(buffer: torch.Tensor | None, like: torch.Tensor, capacity: int) -> bool:
+    """True when `buffer` can hold `capacity` positions of tensors shaped like `like` (B, heads, S, hd)."""
+    return (buffer is not None and buffer.dtype == like.dtype and buffer.device == like.device
+            and buffer.shape[:2] == like.shape[:2] and buffer.shape[3] == like.shape[3]
+            and buffer.shape[2] >= capacity)
 
 
 class RMSNorm(nn.Module):

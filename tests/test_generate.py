@@ -69,7 +69,17 @@ def test_prefix_cache_reuse_equals_full_prompt(pair):
         buffer = roomy.layer(0)[0].data_ptr()
         assert torch.equal(ours.generate(question[None], past_key_values=roomy, max_new_tokens=8), expected)
         assert roomy.layer(0)[0].data_ptr() == buffer
+        reused = cached.clone(spare=8, into=roomy)                   # a scratch cache: its big buffers are reused
+        assert reused is roomy and reused.layer(0)[0].data_ptr() == buffer
+        assert reused.seq_len == cached.seq_len
+        assert torch.equal(ours.generate(question[None], past_key_values=reused, max_new_tokens=8), expected)
     assert cached.seq_len == prefix["input_ids"].shape[1]          # the clones left the prefix untouched
+    small = type(cached)(cached.num_layers)
+    small.append(0, *[t[:, :, :1].clone() for t in cached.layer(0)])
+    grown = cached.clone(into=small)                                  # too small: fresh buffers, same content
+    assert grown is small and torch.equal(grown.layer(0)[0], cached.layer(0)[0])
+    with pytest.raises(ValueError, match="1-layer"):
+        cached.clone(into=type(cached)(1))
 
 
 @torch.no_grad()
