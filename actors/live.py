@@ -15,6 +15,7 @@ import ray
 
 from pipeline import metrics
 from pipeline.records import IndexedSegment, Segment
+from pipeline.redis_server import as_client
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,13 @@ class LiveIndexer:
     """One per service. `start()` runs the pull/encode/index loop in a thread; `stop()` ends it."""
 
     def __init__(self, settings, model_path: str, redis_url: str, namespace: str = "tubescope"):
-        import redis as redis_lib
-
         from actors.encoder import VisionEncoder
         from pipeline.events import EventSink
         from pipeline.index import SegmentIndex
 
         self.settings = settings
         self.namespace = namespace
-        self.redis = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+        self.redis = as_client(redis_url)
         self.events = EventSink(redis_url, settings.outbox_dir / "live", maxlen=settings.stream_maxlen,
                                 outbox_max=settings.outbox_max_events)
         encoder = VisionEncoder(str(model_path), token_budget=settings.encoder_token_budget,

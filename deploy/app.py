@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import metrics
 from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
+from pipeline.redis_server import as_client
 from pipeline.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class ApiIngress:
         from pipeline.index import SegmentIndex
 
         self.settings = settings
-        self.redis = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+        self.redis = as_client(settings.redis_url)
         self.index = SegmentIndex(settings.index_root)
         self.decoder = decoder
         self.feed_service = feed_service

@@ -119,14 +119,20 @@ def segments_cmd(ctx: click.Context, source: str, start: float | None, end: floa
 
     settings = current_settings(ctx)
     rows = SegmentIndex(settings.index_root).list(source, start=start, end=end)
+    print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}"
+                                       f"\t{r['n_tokens']} tokens\t{r['model_id']}",
+               f"no segments for source {source!r} in that window")
+
+
+def print_rows(rows: list[dict], as_json: bool, line, empty: str) -> None:
+    """Rows as JSON, or one `line(row)` each; `empty` goes to stderr when there are none."""
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=list))
         return
     for r in rows:
-        click.echo(f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}\t{r['n_tokens']} tokens"
-                   f"\t{r['model_id']}")
+        click.echo(line(r))
     if not rows:
-        click.echo(f"no segments for source {source!r} in that window", err=True)
+        click.echo(empty, err=True)
 
 
 # ---- REST API commands (issue 5) ------------------------------------------------------------------------------------
@@ -204,13 +210,9 @@ def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_
     """Rank indexed segments for QUERY."""
     with _api(url, key) as api:
         rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}")
-    if not rows:
-        click.echo(f"no segments in {_window(start, end)}", err=True)
+    print_rows(rows, as_json,
+               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}",
+               f"no segments in {_window(start, end)}")
 
 
 @cli.group("feeds")
@@ -239,13 +241,7 @@ def feeds_list(as_json: bool, url: str, key: str | None) -> None:
     """List the registered feeds."""
     with _api(url, key) as api:
         feeds = _api_call(api.list_feeds)
-    if as_json:
-        click.echo(json.dumps(feeds, indent=2))
-        return
-    for f in feeds:
-        click.echo(f"{f['id']}\t{f['name']}\t{f['url']}")
-    if not feeds:
-        click.echo("no feeds registered", err=True)
+    print_rows(feeds, as_json, lambda f: f"{f['id']}\t{f['name']}\t{f['url']}", "no feeds registered")
 
 
 @feeds_group.command("show")

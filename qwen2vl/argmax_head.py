@@ -45,7 +45,6 @@ class ArgmaxHead:
             sums = 2 * weight.shape[1] * _U32 * weight.norm(dim=1)         # (V,) fp32 summation error per unit ||x||
             self.row_error = float(((weight - half32).norm(dim=1) + sums).max())
             self.half_norm = float(half32.norm(dim=1).max())
-        self.steps = 0
         self.fallbacks = 0
         self.candidates_seen = 0
 
@@ -54,7 +53,6 @@ class ArgmaxHead:
         if hidden.ndim != 2 or hidden.shape[1] != self.weight.shape[1]:
             raise ValueError(f"hidden must be (batch, {self.weight.shape[1]}), got {tuple(hidden.shape)}")
         x = hidden.to(torch.float32)                                       # (B, D)
-        self.steps += 1
         if not bool(torch.isfinite(x).all()) or not bool(x.abs().max() <= _FP16_MAX):
             return self._full(x)
         x_half = x.to(torch.float16)
@@ -68,11 +66,13 @@ class ArgmaxHead:
             floor = top[b] - _U16 * abs(top[b]) - 2 * c                    # the winner's a_r + 2^-11|a_r| reaches this
             threshold = floor / (1 + _U16) if floor >= 0 else floor / (1 - _U16)
             threshold -= abs(threshold) * 2 * _U16 + _U32                   # so rounding it to fp16 cannot raise it
+            if not math.isfinite(threshold):                               # fp16 logits overflowed
+                tokens.append(self._full(x[b:b + 1]))
+                continue
             rows = torch.nonzero(approx[b] >= threshold).view(-1)          # ascending ids
             self.candidates_seen += rows.numel()
-            if not math.isfinite(threshold) or rows.numel() > self.max_candidates:   # fp16 logits overflowed / flat
-                self.fallbacks += 1
-                tokens.append(F.linear(x[b:b + 1], self.weight).argmax(dim=-1))
+            if rows.numel() > self.max_candidates:                         # near-flat logits
+                tokens.append(self._full(x[b:b + 1]))
                 continue
             exact = self.weight.index_select(0, rows) @ x[b]               # (C,) fp32 logits of the candidates
             tokens.append(rows[exact.argmax()].view(1))
