@@ -13,6 +13,17 @@ from actors.feeds import (FEEDS_KEY, NAMESPACE, FeedReader, FeedSupervisor, add_
 from pipeline.settings import load_settings
 from streams import free_tcp_port, make_stream_video, wait_for
 
+
+def _is_dead(actor) -> bool:
+    try:
+        ray.get(actor.status.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
 SMALL_FEEDS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784,
                    backoff_initial_s=0.2, backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0)
 
@@ -111,6 +122,7 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
         # a crashed reader is recreated under the same name and reads again
         old_pid = st["lobby"]["pid"]
         ray.kill(lobby)
+        wait_for(lambda: _is_dead(lobby), 30, what="the killed reader to be gone")   # ray.kill is asynchronous
         assert sup.reconcile()["restarted"] == ["lobby"]
         lobby2 = sup.readers()["lobby"]
         assert ray.get(lobby2.status.remote())["pid"] != old_pid and sup.statuses()["lobby"]["restarts"] == 1
