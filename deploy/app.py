@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import metrics
 from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
+from pipeline.index import IndexUnavailable
 from pipeline.redis_server import as_client
 from pipeline.settings import Settings, redact_url
 
@@ -111,6 +112,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return _error(exc.status, exc.message, headers)
+
+
+@api.exception_handler(IndexUnavailable)
+async def _index_unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
+    return _error(503, str(exc))
 
 
 @api.exception_handler(Exception)
@@ -256,6 +262,8 @@ class DecoderServer:
             return {"result": fn(*args, **kwargs)}
         except LookupError as e:        # unknown source, nothing indexed in the window
             return {"error": str(e).strip("'\""), "status": 404}
+        except IndexUnavailable as e:   # the index root vanished: not the caller's fault, and not "nothing indexed"
+            return {"error": str(e), "status": 503}
         except ValueError as e:
             return {"error": str(e), "status": 422}
 
@@ -382,7 +390,12 @@ class ApiIngress:
             self.redis.ping()
         except redis_lib.RedisError as e:
             return JSONResponse({"status": "degraded", "redis": False, "error": str(e)}, status_code=503)
-        return {"status": "ok", "redis": True}
+        try:
+            self.index.check_root()
+        except IndexUnavailable as e:
+            return JSONResponse({"status": "degraded", "redis": True, "index": False, "error": str(e)},
+                                status_code=503)
+        return {"status": "ok", "redis": True, "index": True}
 
     @api.get("/metrics", response_class=PlainTextResponse)
     def metrics_text(self):

@@ -91,6 +91,11 @@ def _check_number(name: str, value) -> float | None:
     return float(value)
 
 
+class IndexUnavailable(OSError):
+    """The index root itself is gone (an unmounted volume, a deleted folder). Without this check a missing root reads
+    as an empty index and a write would quietly start a new one on whatever lies beneath the mount point."""
+
+
 class SegmentIndex:
     """Visual tokens of indexed segments, one Parquet file per (segment_id, model_id), partitioned by source."""
 
@@ -161,10 +166,19 @@ class SegmentIndex:
         except OSError:
             pass
 
+    def check_root(self) -> None:
+        """Raise IndexUnavailable unless the root folder exists (one stat; called where a listing came back empty)."""
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise IndexUnavailable(f"the index root {self.root!r} is missing (unmounted or deleted); "
+                                   "nothing indexed there can be read and nothing new is written")
+
     def _source_dirs(self) -> list[tuple[str, str]]:
         """(source_id, folder) of every source folder, empty ones included."""
         sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
-        return sorted((unquote(d.base_name[len(SOURCE_PREFIX):]), d.path) for d in self.fs.get_file_info(sel)
+        infos = self.fs.get_file_info(sel)
+        if not infos:
+            self.check_root()
+        return sorted((unquote(d.base_name[len(SOURCE_PREFIX):]), d.path) for d in infos
                       if d.type == pafs.FileType.Directory and d.base_name.startswith(SOURCE_PREFIX))
 
     def _remove(self, path: str) -> bool:
@@ -180,6 +194,8 @@ class SegmentIndex:
         folder = self._dir(source_id)
         for _attempt in range(5):                          # a manifest may vanish under a concurrent compaction
             infos = self._ls(folder)
+            if not infos:
+                self.check_root()
             data = {i.base_name: i for i in infos if i.base_name.startswith(DATA_PREFIX)
                     and i.base_name.endswith(SUFFIX)}
             manifest_infos = sorted((i for i in infos if i.base_name.startswith(MANIFEST_PREFIX)), key=lambda i: i.path)
@@ -269,6 +285,8 @@ class SegmentIndex:
         for source_id, group in by_source.items():
             folder = self._dir(source_id)
             infos = self._ls(folder)
+            if not infos:
+                self.check_root()                       # never recreate a vanished root by writing into it
             present = {i.base_name for i in infos}
             data_bytes = {i.base_name: i.size for i in infos if i.base_name.startswith(DATA_PREFIX)}
             for s in group:
@@ -322,11 +340,13 @@ class SegmentIndex:
         if model_id is not None:
             path = f"{folder}/{data_file_name(segment_id, model_id)}"
             if self.fs.get_file_info(path).type != pafs.FileType.File:
+                self.check_root()
                 raise KeyError(f"segment {segment_id!r} is not indexed under model {model_id!r}")
             return path
         prefix = f"{DATA_PREFIX}{_h(segment_id)}-"
         matches = sorted(i.path for i in self._ls(folder) if i.base_name.startswith(prefix))
         if not matches:
+            self.check_root()
             raise KeyError(f"segment {segment_id!r} is not in the index")
         if len(matches) > 1:
             models = [pq.read_table(m, filesystem=self.fs, columns=["model_id"], schema=DATA_SCHEMA)
@@ -384,6 +404,8 @@ class SegmentIndex:
         folder = self._dir(source_id)
         if before is None:
             infos = self._ls(folder)
+            if not infos:
+                self.check_root()                         # "deleted 0" must not hide a vanished root
             n = sum(self._remove(i.path) for i in infos if i.base_name.startswith(DATA_PREFIX))
             for i in infos:
                 if not i.base_name.startswith(DATA_PREFIX):

@@ -92,7 +92,7 @@ def wait_for_metric(c: httpx.Client, pattern: str, timeout_s: float = 20.0) -> s
 # ---- health, metrics, docs ------------------------------------------------------------------------------------------
 def test_health_metrics_and_docs_need_no_key(served):
     with http(served, None) as c:
-        assert c.get("/healthz").json() == {"status": "ok", "redis": True}
+        assert c.get("/healthz").json() == {"status": "ok", "redis": True, "index": True}
         assert c.get("/docs").status_code == 200
         spec = c.get("/openapi.json").json()
         assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(spec["paths"])
@@ -293,6 +293,29 @@ def test_ask_streams_tokens_as_server_sent_events(served):
         with pytest.raises(ApiError) as info:                   # an error before the stream starts is plain HTTP
             tc.ask("What moves?", ["nope"], on_token=pieces.append)
         assert info.value.status == 404
+
+
+def test_a_vanished_index_root_is_503_not_an_empty_index(served):
+    """An unmounted or deleted index volume must not read as 'nothing indexed' (404) or be recreated by a write."""
+    root = Path(served["settings"].index_root)
+    away = root.with_name(root.name + "-unmounted")
+    root.rename(away)
+    try:
+        with http(served, READER) as c:
+            r = c.get("/healthz")
+            assert r.status_code == 503 and r.json()["index"] is False and r.json()["redis"] is True
+            err(c.get("/v1/sources"), 503, "index root")
+            err(c.get(f"/v1/sources/{SOURCE}/segments"), 503, "index root")
+            err(c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "max_new_tokens": 2}), 503,
+                "index root")
+            err(c.post("/v1/search", json={"query": "a car", "sources": [SOURCE]}), 503, "index root")
+        assert not root.exists()
+    finally:
+        away.rename(root)                                  # the volume comes back: everything indexed is there
+    with http(served, READER) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        r = c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "max_new_tokens": 2})
+        assert r.status_code == 200 and r.json()["answer"] == "!!" and len(r.json()["evidence"]) == 2
 
 
 def test_ask_limits_and_bad_requests(served):

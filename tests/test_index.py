@@ -399,3 +399,25 @@ def test_a_long_lived_index_sees_other_writers_adds_deletes_and_compactions(tmp_
     assert writer.delete("cam", before=80.0) == 10
     assert [r["t0"] for r in reader.list("cam")][:2] == [80.0, 88.0] and len(reader.list("cam")) == 30
     assert reader.list("cam") == SegmentIndex(tmp_path).list("cam")          # same as a fresh reader
+
+
+def test_a_vanished_root_is_an_error_not_an_empty_index(tmp_path):
+    root = tmp_path / "volume" / "index"
+    ix = SegmentIndex(root)
+    segs = [make_segment("cam1", t0) for t0 in (0.0, 8.0)]
+    ix.add(segs)
+    assert SegmentIndex(tmp_path / "fresh").list("cam1") == [] == SegmentIndex(tmp_path / "fresh").sources()
+    away = tmp_path / "volume-unmounted"
+    (tmp_path / "volume").rename(away)                          # the volume goes away under a running index
+    for call in (lambda: ix.list("cam1"), lambda: ix.list("other"), ix.sources, ix.stats,
+                 lambda: ix.tokens(segs[0].segment_id), lambda: ix.get(segs[0].segment_id),
+                 lambda: ix.tokens(segs[0].segment_id, model_id=MODEL), lambda: ix.delete("cam1"),
+                 lambda: ix.add([make_segment("cam1", 16.0)])):
+        with pytest.raises(index_mod.IndexUnavailable, match="index root .* is missing"):
+            call()
+    assert not (tmp_path / "volume").exists()                  # the failed add recreated nothing
+    away.rename(tmp_path / "volume")                            # it comes back: everything indexed is still there
+    assert [r["t0"] for r in ix.list("cam1")] == [0.0, 8.0]
+    assert same_bits(ix.tokens(segs[1].segment_id), segs[1].tokens)
+    with pytest.raises(KeyError):                               # a plain miss is still a KeyError
+        ix.tokens("cam1:99000")
