@@ -557,10 +557,12 @@ class StreamSampler:
         if not self._rate.take(t):
             return
         size = self._target(frame.height, frame.width)
-        rgb = frame.to_ndarray(height=size[0], width=size[1], format="rgb24", interpolation=INTERPOLATION)
+        from pipeline.decode import upright             # here, like smart_resize in _target: it loads torch
+        rgb = upright(frame, frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                              interpolation=INTERPOLATION))
         self.frames_sampled += 1
         self.last_frame_time = t
-        self.frame_size = size
+        self.frame_size = rgb.shape[:2]
         self._emit_segments(self._builder.add(t, rgb))
 
     def _target(self, height: int, width: int) -> tuple[int, int]:

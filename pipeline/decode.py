@@ -223,7 +223,8 @@ def iter_window(
 ) -> Iterator[tuple[float, np.ndarray]]:
     """(media time, uint8 RGB frame [H', W', 3]) at `fps` over [start, end), yielded while the file is decoded.
 
-    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]. threads: decoder threads (0: one per CPU, up to 4);
+    H', W' = smart_resize(H, W) under [min_pixels, max_pixels]; a frame with a display rotation comes out upright
+    (H' and W' swap for a quarter turn, see `upright`). threads: decoder threads (0: one per CPU, up to 4);
     PyAV uses them as that many single-threaded decoders over parts of the window cut at keyframes, or as
     codec threads of one decoder when the window holds no keyframe to cut at.
     A frame shown at several sample times (source slower than `fps`) appears once per time, same array.
@@ -286,6 +287,24 @@ def _opened_span(path_s, start, end, fps, max_pixels, min_pixels, threads, skip_
             file_obj.close()
 
 
+def upright(frame, rgb: np.ndarray) -> np.ndarray:
+    """The converted frame `rgb` [H, W, 3] turned as the stream's display matrix says (phones store portrait video
+    sideways and mark it so; players and ffmpeg show it upright). Rotation is
+    applied after resizing: smart_resize treats height and width alike, so the result has the size of the upright
+    frame resized. Angles are rounded to quarter turns, as ffmpeg's autorotate does."""
+    turns = _quarter_turns(frame)
+    return rgb if turns == 0 else np.ascontiguousarray(np.rot90(rgb, k=turns))
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns for display (0-3) from a decoded frame's display matrix."""
+    try:
+        degrees = frame.rotation                          # PyAV: counter-clockwise degrees, 0 without a matrix
+    except (AttributeError, ValueError):
+        return 0
+    return int(round(float(degrees) / 90.0)) % 4 if degrees else 0
+
+
 class _RGBConverter:
     """Decoded frame -> uint8 RGB [H', W', 3], straight from the decoder's YUV (one swscale call).
 
@@ -306,7 +325,7 @@ class _RGBConverter:
                                                 interpolation=self.interpolation)
             except av.FFmpegError as e:
                 raise DecodeError(self.path, f"cannot convert a decoded frame to RGB ({e})") from e
-            self.last_frame, self.last_rgb = frame, out.to_ndarray()
+            self.last_frame, self.last_rgb = frame, upright(frame, out.to_ndarray())
         return self.last_rgb
 
 
@@ -616,6 +635,7 @@ def _iter_decord(path, start, end, fps, max_pixels, min_pixels, threads):
         raise
     except Exception as e:   # decord raises DECORDError / RuntimeError with FFmpeg's message
         raise DecodeError(path_s, f"decord could not read the video ({e})") from e
+    turns = _display_turns(path_s)                       # decord ignores the display matrix
     starts = spans[:, 0].astype(np.float64) - float(spans[0, 0])   # media time relative to the first frame
     times = sample_times(float(spans[-1, 1] - spans[0, 0]), fps, start, end)
     if not times:
@@ -631,5 +651,22 @@ def _iter_decord(path, start, end, fps, max_pixels, min_pixels, threads):
             batch = reader.get_batch(unique.tolist()).asnumpy()   # (u, H', W', 3) uint8
         except Exception as e:
             raise DecodeError(path_s, f"decord failed while decoding ({e})") from e
+        if turns:
+            batch = np.ascontiguousarray(np.rot90(batch, k=turns, axes=(1, 2)))
         for t, j in zip(times[lo:lo + _DECORD_CHUNK], inverse):
             yield t, batch[j]
+
+
+def _display_turns(path_s: str) -> int:
+    """Quarter turns of a file's display matrix, read from its first decoded frame with PyAV."""
+    container, file_obj = _open(path_s)
+    try:
+        for frame in container.decode(video=0):
+            return _quarter_turns(frame)
+        return 0
+    except av.FFmpegError:
+        return 0
+    finally:
+        container.close()
+        if file_obj is not None:
+            file_obj.close()

@@ -1,6 +1,7 @@
 """pipeline.decode on real PyAV-encoded files: 2 fps by timestamp, windows, sizes, backends, bad input."""
 from __future__ import annotations
 
+import subprocess
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pipeline.decode import DecodeError, VideoInfo, decode_window, probe, sample_times
-from pipeline.tubes import segment_frames
+from pipeline.tubes import segment_frames, tubes_from_segment
 from qwen2vl.processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
-from videos import frame_pixels, read_frame_index
+from videos import encode_video, frame_pixels, read_frame_index
 
 BAD_INPUT_SECONDS = 2.0   # every bad input must fail at least this fast (never hang)
 
@@ -253,3 +254,36 @@ def test_bad_arguments_raise_value_error(sample_videos):
                    dict(interpolation="NEAREST_PLEASE"), dict(min_pixels=10**6, max_pixels=10**5)):
         with pytest.raises(ValueError):
             decode_window(path, **kwargs)
+
+
+# ---------------------------------------------------------------- display rotation (phone video)
+
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_display_rotation_is_applied_like_ffmpeg(tmp_path, rotation):
+    """Phones store portrait video sideways with a display matrix. Every decode path turns frames upright, exactly
+    the stored frames turned, in ffmpeg's autorotate direction; the tubes take the upright size."""
+    size = dict(min_pixels=4 * 784, max_pixels=16 * 784)            # 112x56 is already a valid model size
+    plain = encode_video(tmp_path / "plain.mp4", 112, 56, 10, seconds=1.0, gop=5).path
+    turned = encode_video(tmp_path / f"turned{rotation}.mp4", 112, 56, 10, seconds=1.0, gop=5,
+                          rotation=rotation).path
+    stored = decode_window(plain, fps=2, threads=1, **size)
+    k = rotation // 90
+    for options in (dict(threads=1), dict(threads=2), dict(backend="decord")):
+        got = decode_window(turned, fps=2, **size, **options)
+        assert [t for t, _ in got] == [t for t, _ in stored], options
+        for (_, a), (_, b) in zip(got, stored):
+            if options.get("backend") != "decord":                  # decord converts YUV with its own swscale
+                assert np.array_equal(a, np.rot90(b, k=k)), options
+            assert a.shape == np.rot90(b, k=k).shape and a.flags.c_contiguous, options
+    # ffmpeg's own autorotate agrees on the direction (its RGB conversion differs by a few levels)
+    raw = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(turned), "-frames:v", "1",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+    first = decode_window(turned, fps=2, threads=1, **size)[0][1]
+    ref = np.frombuffer(raw, np.uint8).reshape(first.shape)
+    right = np.abs(first.astype(int) - ref).mean()
+    wrong = min(np.abs(np.rot90(first, k=j).astype(int) - ref).mean() for j in (1, 2, 3)
+                if np.rot90(first, k=j).shape == ref.shape)
+    assert right < 3 < wrong
+    seg = segment_frames("phone", decode_window(turned, fps=2, threads=1, **size), segment_seconds=1.0, fps=2)[0]
+    tubes = tubes_from_segment(seg, as_uint8=True)
+    assert tuple(tubes.grid_thw)[1:] == (first.shape[0] // 14, first.shape[1] // 14)

@@ -336,3 +336,13 @@ def test_unusable_frames_give_a_clear_error(tmp_path, samplers):
     assert st["backoff_s"] == pytest.approx(0.8) and st["connects"] == 3
     assert "16x16 cannot be resized" in st["last_error"] and st["frames_sampled"] == 0
     assert st["segments_produced"] == 0 and st["frames_decoded"] >= 3
+
+
+def test_a_phone_video_is_sampled_upright(tmp_path, samplers):
+    from videos import encode_video
+
+    clip = encode_video(tmp_path / "portrait.mp4", 320, 240, 10, seconds=1.5, rotation=-90).path   # stored sideways
+    s = samplers(clip, segment_seconds=1.0, **FAST_RETRY)
+    segs = drain(s, lambda got, st: len(got) >= 1, 15, "a segment of the rotated file")
+    h, w = smart_resize(240, 320, factor=28, **SMALL)
+    assert segs[0].frames.shape[1:] == (w, h, 3) and tuple(s.status()["frame_size"]) == (w, h)

@@ -113,11 +113,13 @@ def _frame_times(n: int, fps: float, vfr: bool) -> list[float]:
 def encode_video(path: str | Path, width: int, height: int, fps: float, seconds: float | None = None,
                  frames: int | None = None, codec: str = "libx264", audio: bool = False, vfr: bool = False,
                  gop: int | None = None, pattern: str = "moving", preset: str = "veryfast", seed: int = 0,
-                 codec_options: dict[str, str] | None = None) -> VideoSpec:
+                 codec_options: dict[str, str] | None = None, rotation: int = 0) -> VideoSpec:
     """Encode a clip of `frames` frames (or round(seconds * fps)) and return what was written.
 
     vfr: frame durations cycle through VFR_PERIOD_CYCLE nominal periods (pts in ms). gop: keyframe every gop frames
     exactly (libx264's default is 250, too sparse for seek tests). audio: a mono AAC sine tone of the same length.
+    rotation: a display matrix turning the stored frames that many degrees counter-clockwise for display, as phones
+    write for portrait video (stored sideways; players and ffmpeg turn them upright).
     """
     path = Path(path)
     if (seconds is None) == (frames is None):
@@ -146,6 +148,8 @@ def encode_video(path: str | Path, width: int, height: int, fps: float, seconds:
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         stream.codec_context.time_base = time_base
+        if rotation:
+            stream.set_display_rotation(rotation)
         astream = None
         if audio:
             astream = container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
