@@ -17,6 +17,7 @@ FeedReader (actors/feeds.py) wraps one StreamSampler in a Ray actor; tests drive
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import random
@@ -39,6 +40,36 @@ NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt")
 INTERPOLATION = "BICUBIC"          # the reference processor resizes with bicubic (QWEN2VL_SPEC 2.1)
 _EPS = 1e-6                         # seconds; absorbs float error in pts * time_base and grid arithmetic
 _MIN_STEP_S = 1e-3                  # re-anchored times stay at least this far after the previous frame
+
+
+# The FFmpeg protocol a network scheme needs (rtsp runs over tcp, rtsps over tls). PyAV wheels bundle their own
+# FFmpeg, whose build may leave some out: the one measured here has no libsrt.
+_PROTOCOL_OF = {"rtsp": "tcp", "rtsps": "tls", "http": "http", "https": "https", "udp": "udp", "srt": "srt"}
+
+
+@functools.cache
+def ffmpeg_protocols() -> frozenset[str] | None:
+    """Names of the protocols of the libavformat PyAV runs (its avio_enum_protocols), or None when that library
+    cannot be found (then nothing is refused up front and a missing protocol shows as the feed's open error)."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+
+    wheel_libs = os.path.join(os.path.dirname(av.__file__), os.pardir, "av.libs")
+    found = sorted(glob.glob(os.path.join(wheel_libs, "libavformat*"))) or [ctypes.util.find_library("avformat")]
+    if not found[0]:
+        return None
+    try:
+        lib = ctypes.CDLL(found[0])
+        lib.avio_enum_protocols.restype = ctypes.c_char_p
+        lib.avio_enum_protocols.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    cursor, names = ctypes.c_void_p(None), set()
+    while (name := lib.avio_enum_protocols(ctypes.byref(cursor), 0)) is not None:    # 0: input protocols
+        names.add(name.decode())
+    return frozenset(names)
 
 
 class UnusableVideo(ValueError):
@@ -78,6 +109,11 @@ def validate_feed_url(url: Any, schemes: tuple[str, ...] | list[str] = ALLOWED_S
         raise ValueError(f"feed url {redact_url(url)!r} has a bad port: {e}") from None
     if not parts.hostname and port is None:
         raise ValueError(f"feed url {redact_url(url)!r} names no host; expected {scheme}://HOST[:PORT]/...")
+    protocols = ffmpeg_protocols()
+    if protocols is not None and _PROTOCOL_OF[scheme] not in protocols:
+        raise ValueError(f"{scheme}:// feeds need FFmpeg's {_PROTOCOL_OF[scheme]!r} protocol, which the FFmpeg that "
+                         f"PyAV {av.__version__} runs here was built without; use another scheme or a PyAV built "
+                         "against an FFmpeg that has it")
     return url
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actors.stream_sampler import (Backoff, PtsClock, SamplerConfig, SegmentBuilder, SegmentQueue, RateSampler,
-                                   StreamSampler, open_arguments, validate_feed_url)
+                                   StreamSampler, ffmpeg_protocols, open_arguments, validate_feed_url)
 from qwen2vl.processor import smart_resize
 from streams import HlsServer, RtspServer, UdpSender, free_tcp_port, make_stream_video, wait_for
 
@@ -68,9 +68,17 @@ def check_times(segments, fps=2.0, tol=0.08):
 
 def test_validate_feed_url_allowlist():
     for ok in ("rtsp://cam.local:554/stream1", "rtsps://u:p@10.0.0.2/live", "http://h/live.m3u8",
-               "https://h/x.ts", "udp://127.0.0.1:5600", "udp://:5600", "srt://h:9000", "file:///tmp/a.mp4",
+               "https://h/x.ts", "udp://127.0.0.1:5600", "udp://:5600", "file:///tmp/a.mp4",
                "/tmp/a.mp4", "  rtsp://h/x  "):
         assert validate_feed_url(ok) == ok.strip()
+    # srt is allowed, but only where PyAV's FFmpeg has the protocol (the wheel installed here has no libsrt)
+    protocols = ffmpeg_protocols()
+    assert {"file", "tcp", "udp", "http", "https", "tls"} <= protocols
+    if "srt" in protocols:
+        assert validate_feed_url("srt://h:9000") == "srt://h:9000"
+    else:
+        with pytest.raises(ValueError, match="srt:// feeds need FFmpeg's 'srt' protocol"):
+            validate_feed_url("srt://h:9000")
     for bad, words in (("ftp://h/a.mp4", "scheme 'ftp'"), ("rtmp://h/live", "scheme 'rtmp'"),
                        ("javascript://x", "scheme"), ("", "non-empty"), (None, "non-empty"),
                        ("rtsp://", "names no host"), ("http://h:99999/x", "bad port"), ("file://", "no path"),
