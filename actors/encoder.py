@@ -6,6 +6,7 @@ rows = segments) for archive jobs, and as a plain object inside the live indexer
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,9 @@ class VisionEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["segment_id"])
         ok = [i for i in range(n) if not batch["error"][i] and batch["segment_id"][i]]   # skip error and empty rows
-        rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
+        with warnings.catch_warnings():   # Ray hands read-only object-store memory; rows are only ever read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
         grids = [tuple(int(x) for x in batch["grid_thw"][i]) for i in ok]
         tokens = self.encode(rows, grids) if ok else []
         out_tokens = [b""] * n
