@@ -88,7 +88,7 @@ class LiveIndexer:
                                 outbox_max=settings.outbox_max_events)
         encoder = VisionEncoder(str(model_path), token_budget=settings.encoder_token_budget,
                                 dtype=settings.encoder_dtype, pipeline="live")
-        self.core = LiveIndexing(encoder, SegmentIndex(settings.index_root), self.events)
+        self.core = LiveIndexing(encoder, SegmentIndex(settings.index_root, create=False), self.events)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0

@@ -254,7 +254,8 @@ class DecoderServer:
         replica = _replica_tag()
         self.events = EventSink(redis_url, settings.outbox_dir / "decoder" / replica, maxlen=settings.stream_maxlen,
                                 outbox_max=settings.outbox_max_events)
-        self.decoder = Decoder(settings, model_path, index=SegmentIndex(settings.index_root), events=self.events)
+        index = SegmentIndex(settings.index_root, create=False)
+        self.decoder = Decoder(settings, model_path, index=index, events=self.events)
 
     @staticmethod
     def _call(fn, *args, **kwargs) -> dict:
@@ -377,7 +378,7 @@ class ApiIngress:
 
         self.settings = settings
         self.redis = as_client(settings.redis_url)
-        self.index = SegmentIndex(settings.index_root)
+        self.index = SegmentIndex(settings.index_root, create=False)
         self.decoder = decoder
         self.feed_service = feed_service
         self.job_refs: dict[str, Any] = {}          # job id -> ObjectRef of its task (to notice a crashed worker)
@@ -469,6 +470,7 @@ class ApiIngress:
         from deploy.jobs import submit_job
 
         _require_named_source(caller, body.source_id, "give the job a source_id among them")
+        self.index.check_root()                     # 503 now rather than a job that can only fail
         try:
             record, ref = submit_job(self.settings.redis_url, self.settings, body.paths, body.source_id)
         except ValueError as e:
@@ -639,6 +641,11 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
         raise ValueError("build_app needs settings.redis_url: start Redis first (pipeline.redis_server) "
                          "and pass its URL")
     Authorizer(settings.api_keys)              # ValueError now, not in a replica, when no key is configured
+    # the one place the service makes its index: replicas, jobs and the live indexer open it with create=False, so
+    # an index volume that goes away later is reported (503, /healthz degraded), never silently started afresh
+    from pipeline.index import SegmentIndex
+
+    SegmentIndex(settings.index_root)
     if model_path is None:
         from deploy.runtime import ensure_model
 

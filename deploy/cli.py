@@ -115,10 +115,13 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
 @click.pass_context
 def segments_cmd(ctx: click.Context, source: str, start: float | None, end: float | None, as_json: bool) -> None:
     """List the indexed segments of SOURCE that overlap [start, end)."""
-    from pipeline.index import SegmentIndex
+    from pipeline.index import IndexUnavailable, SegmentIndex
 
     settings = current_settings(ctx)
-    rows = SegmentIndex(settings.index_root).list(source, start=start, end=end)
+    try:                                  # a query never creates an index: a wrong or unmounted root is an error
+        rows = SegmentIndex(settings.index_root, create=False).list(source, start=start, end=end)
+    except IndexUnavailable as e:
+        raise click.ClickException(str(e)) from None
     print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}"
                                        f"\t{r['n_tokens']} tokens\t{r['model_id']}",
                f"no segments for source {source!r} in that window")

@@ -31,7 +31,7 @@ from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.generate import generate
-from qwen2vl.packed_linear import pack_linears_
+from qwen2vl.onednn_linear import use_onednn_linears_
 from qwen2vl.processor import Processor
 
 MAX_NEW_TOKENS = 1024             # per question; larger requests are refused (ValueError)
@@ -52,12 +52,11 @@ class Decoder:
         self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
         self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
         self.model.argmax_head()          # built now (fp32 only), not inside the first question's timings
-        if self.device.type == "cpu":     # the body's fp32 linears run from oneDNN's layout (qwen2vl/packed_linear)
-            pack_linears_(self.model.model.layers)
+        use_onednn_linears_(self.model.model.layers)    # fp32 CPU matmuls through oneDNN (qwen2vl/onednn_linear)
         self.processor = Processor.from_pretrained(self.model_path)
         if index is None:
             from pipeline.index import SegmentIndex
-            index = SegmentIndex(settings.index_root)
+            index = SegmentIndex(settings.index_root, create=False)
         self.index = index
         self.events = events
         self.prefix_cache = PrefixCache(prefix_cache_bytes)

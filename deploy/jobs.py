@@ -160,8 +160,9 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
         return bool(json.loads(client.hget(job_key(job_id), "cancel_requested") or "false"))
 
     try:
-        report = index_archive(paths, settings, source_id=source_id, index=SegmentIndex(settings.index_root),
-                               events=events, progress=False, on_progress=on_progress, should_cancel=should_cancel)
+        index = SegmentIndex(settings.index_root, create=False)     # made by the service; a vanished one fails
+        report = index_archive(paths, settings, source_id=source_id, index=index, events=events,
+                               progress=False, on_progress=on_progress, should_cancel=should_cancel)
         state = _final_state(report)
         _write(client, job_id, state=state, segments=report.segments, skipped=report.skipped,
                source_seconds=report.source_seconds, indexed=report.indexed, failures=report.failed,

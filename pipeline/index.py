@@ -5,6 +5,7 @@ Layout under `root` (a local path or any pyarrow.fs URI):
     source=<percent-escaped source_id>/seg-<h(segment_id)>-<h(model_id)>.parquet   one segment per file
     source=<...>/_manifest-<time_ns>-<uuid>.parquet                                metadata rows of many files
     source=<...>/.tmp-<uuid>.parquet                                               a write in progress (ignored)
+    _tubescope_index                                                               marks the root as an index
 
 Why this shape:
 - One file per (segment_id, model_id) with a name derived from both: re-adding is a name check (idempotent),
@@ -16,6 +17,9 @@ Why this shape:
   exist, takes their rows from manifests where covered and reads the metadata columns of the rest directly.
   Manifests have unique names and are compacted by whoever writes, so concurrent writers never lose rows.
 - Hive-style `source=` folders with URI escaping: `pyarrow.dataset.dataset(root, partitioning="hive")` reads it.
+- The marker file tells "this index is empty" from "the volume holding it is gone": an unmounted volume leaves an
+  empty mount-point folder behind, which must not read as an empty index nor quietly become a new one. Only an
+  instance built with create=True (the entry points: `tubescope index`, `tubescope serve`, the demo) makes a root.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ DATA_PREFIX = "seg-"
 MANIFEST_PREFIX = "_manifest-"
 TMP_PREFIX = ".tmp-"
 SUFFIX = ".parquet"
+MARKER = "_tubescope_index"
 MAX_ESCAPED_SOURCE = 200          # folder names must stay under common 255-byte limits
 COMPACT_AFTER = 32                # data files not covered by a manifest before a writer compacts
 MAX_MANIFESTS = 4                 # concurrent compactions can leave several; a writer merges them past this
@@ -99,7 +104,9 @@ class IndexUnavailable(OSError):
 class SegmentIndex:
     """Visual tokens of indexed segments, one Parquet file per (segment_id, model_id), partitioned by source."""
 
-    def __init__(self, root: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+    def __init__(self, root: str | os.PathLike, filesystem: pafs.FileSystem | None = None, create: bool = True):
+        """create=False opens an index that must already exist: every call raises IndexUnavailable while it is
+        missing, and the instance never creates it (long-running services and the workers they start use this)."""
         if filesystem is not None:
             self.fs, self.root = filesystem, str(root).rstrip("/")
         elif isinstance(root, (str, os.PathLike)) and "://" in str(root):
@@ -113,7 +120,11 @@ class SegmentIndex:
         else:
             raise ValueError(f"index root must be a local path or a pyarrow.fs URI, got {root!r}")
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.fs.create_dir(self.root, recursive=True)
+        self.marker = f"{self.root}/{MARKER}"
+        if create and self.fs.get_file_info(self.marker).type != pafs.FileType.File:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(self.marker) as out:
+                out.write(b"tubescope segment index\n")
         self._tables: dict[tuple, pa.Table] = {}           # parsed metadata by (path, size, mtime): see _read_meta
 
     def __repr__(self) -> str:
@@ -140,14 +151,21 @@ class SegmentIndex:
         final = f"{folder}/{name}"
         try:
             if self._local:
-                os.makedirs(folder, exist_ok=True)
+                try:
+                    os.mkdir(folder)           # not makedirs: a vanished root must not be recreated under it
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    self.check_root()
+                    raise
                 with open(tmp, "wb") as f:
                     f.write(payload)
                     f.flush()
                     os.fsync(f.fileno())       # the rename must never expose a file whose bytes are not on disk
                 os.replace(tmp, final)
             else:
-                self.fs.create_dir(folder, recursive=True)
+                self.check_root()
+                self.fs.create_dir(folder, recursive=False)
                 with self.fs.open_output_stream(tmp) as out:
                     out.write(payload)
                 self.fs.move(tmp, final)
@@ -167,10 +185,11 @@ class SegmentIndex:
             pass
 
     def check_root(self) -> None:
-        """Raise IndexUnavailable unless the root folder exists (one stat; called where a listing came back empty)."""
-        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
-            raise IndexUnavailable(f"the index root {self.root!r} is missing (unmounted or deleted); "
-                                   "nothing indexed there can be read and nothing new is written")
+        """Raise IndexUnavailable unless the root's marker exists (one stat; called where a listing came back empty)."""
+        if self.fs.get_file_info(self.marker).type != pafs.FileType.File:
+            raise IndexUnavailable(f"the index root {self.root!r} is missing (unmounted, deleted, or never made: "
+                                   "`tubescope index` or `tubescope serve` makes one); nothing indexed there can "
+                                   "be read and nothing new is written")
 
     def _source_dirs(self) -> list[tuple[str, str]]:
         """(source_id, folder) of every source folder, empty ones included."""

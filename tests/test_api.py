@@ -309,6 +309,8 @@ def test_a_vanished_index_root_is_503_not_an_empty_index(served):
             err(c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "max_new_tokens": 2}), 503,
                 "index root")
             err(c.post("/v1/search", json={"query": "a car", "sources": [SOURCE]}), 503, "index root")
+        with http(served, ADMIN) as c:                     # a job could only fail (or start a new index): refused
+            err(c.post("/v1/jobs", json={"paths": [str(served["clip"])], "source_id": "late"}), 503, "index root")
         assert not root.exists()
     finally:
         away.rename(root)                                  # the volume comes back: everything indexed is there

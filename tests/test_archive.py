@@ -136,3 +136,8 @@ def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny
     assert seg.returncode == 0, seg.stderr
     rows = json.loads(seg.stdout)
     assert [r["segment_id"] for r in rows] == ["lobby:0", "lobby:2000"]
+    env["TUBESCOPE_DATA_DIR"] = str(tmp_path / "typo")                 # a query never makes an index
+    miss = subprocess.run([sys.executable, "-m", "deploy", "segments", "lobby", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert miss.returncode == 1 and "index root" in miss.stderr and "Traceback" not in miss.stderr, miss.stderr
+    assert not (tmp_path / "typo" / "index").exists()

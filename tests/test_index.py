@@ -124,7 +124,7 @@ def test_partitioned_by_source_with_odd_ids(tmp_path):
     for k, sid in enumerate(ODD_IDS):
         assert ix.add([make_segment(sid, 8.0 * j) for j in range(k % 3 + 1)]) == k % 3 + 1
     # one folder per source, all directly under root: nothing escaped the index, no two ids share a folder
-    folders = sorted(p.name for p in root.iterdir())
+    folders = sorted(p.name for p in root.iterdir() if p.name != index_mod.MARKER)
     assert folders == sorted(escape_source(s) for s in ODD_IDS) and len(set(folders)) == len(ODD_IDS)
     assert all(p.parent.parent == root for p in data_files(root))
     assert not (tmp_path / "escape").exists()
@@ -389,6 +389,26 @@ def test_records_validate_and_round_trip(tmp_path):
     assert data_file_name("cam:0", "m") != data_file_name("cam:0", "n") != data_file_name("cam:8000", "m")
 
 
+def test_an_unmounted_volume_leaves_an_empty_folder_that_is_not_an_index(tmp_path):
+    """Unmounting leaves the bare mount point: it must not read as an empty index, nor take new writes."""
+    mount = tmp_path / "mnt"
+    ix = SegmentIndex(mount)
+    assert (mount / index_mod.MARKER).is_file() and ix.list("cam1") == []
+    ix.add([make_segment("cam1", 0.0)])
+    away = tmp_path / "volume-contents"
+    mount.rename(away)
+    mount.mkdir()                                               # what the host shows once the volume is unmounted
+    for index in (ix, SegmentIndex(mount, create=False)):
+        for call in (lambda: index.list("cam1"), index.sources,
+                     lambda: index.add([make_segment("cam2", 8.0)]), lambda: index.delete("cam1")):
+            with pytest.raises(index_mod.IndexUnavailable):
+                call()
+    assert list(mount.iterdir()) == []                          # nothing was written beneath the mount point
+    mount.rmdir()
+    away.rename(mount)                                          # remounted
+    assert [r["t0"] for r in SegmentIndex(mount, create=False).list("cam1")] == [0.0]
+
+
 def test_a_long_lived_index_sees_other_writers_adds_deletes_and_compactions(tmp_path):
     """Listings reuse parsed metadata files, but never miss what another SegmentIndex did in between."""
     reader, writer = SegmentIndex(tmp_path), SegmentIndex(tmp_path)
@@ -416,6 +436,12 @@ def test_a_vanished_root_is_an_error_not_an_empty_index(tmp_path):
         with pytest.raises(index_mod.IndexUnavailable, match="index root .* is missing"):
             call()
     assert not (tmp_path / "volume").exists()                  # the failed add recreated nothing
+    late = SegmentIndex(root, create=False)                     # a worker or replica started while it is away
+    for call in (lambda: late.list("cam1"), lambda: late.add([make_segment("cam1", 16.0)]),
+                 lambda: ix.delete("cam1", before=100.0), ix.sweep):
+        with pytest.raises(index_mod.IndexUnavailable, match="index root .* is missing"):
+            call()
+    assert not (tmp_path / "volume").exists()
     away.rename(tmp_path / "volume")                            # it comes back: everything indexed is still there
     assert [r["t0"] for r in ix.list("cam1")] == [0.0, 8.0]
     assert same_bits(ix.tokens(segs[1].segment_id), segs[1].tokens)
