@@ -30,7 +30,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.stream_sampler import ALLOWED_SCHEMES, SamplerConfig, StreamSampler, local_file_path, validate_feed_url
+from actors.stream_sampler import (ALLOWED_SCHEMES, SamplerConfig, StreamSampler, check_protocol, local_file_path,
+                                   validate_feed_url)
 from pipeline import metrics
 from pipeline.records import Segment
 from pipeline.redis_server import as_client
@@ -78,6 +79,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     """
     settings = settings or load_settings()
     url = validate_feed_url(url, schemes)
+    check_protocol(url)
     _check_file(url, file_roots)
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
         raise ValueError(f"name must be a non-empty string of at most 200 characters, got {name!r}")

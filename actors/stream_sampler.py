@@ -109,12 +109,19 @@ def validate_feed_url(url: Any, schemes: tuple[str, ...] | list[str] = ALLOWED_S
         raise ValueError(f"feed url {redact_url(url)!r} has a bad port: {e}") from None
     if not parts.hostname and port is None:
         raise ValueError(f"feed url {redact_url(url)!r} names no host; expected {scheme}://HOST[:PORT]/...")
+    return url
+
+
+def check_protocol(url: str) -> None:
+    """ValueError when the FFmpeg PyAV runs lacks the protocol the URL's scheme needs. Registration calls this;
+    a feed stored before (or under another PyAV) stays registered and shows "Protocol not found" as its open error."""
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    protocol = _PROTOCOL_OF.get(scheme, scheme)
     protocols = ffmpeg_protocols()
-    if protocols is not None and _PROTOCOL_OF[scheme] not in protocols:
-        raise ValueError(f"{scheme}:// feeds need FFmpeg's {_PROTOCOL_OF[scheme]!r} protocol, which the FFmpeg that "
+    if protocol and protocol != "file" and protocols is not None and protocol not in protocols:
+        raise ValueError(f"{scheme}:// feeds need FFmpeg's {protocol!r} protocol, which the FFmpeg that "
                          f"PyAV {av.__version__} runs here was built without; use another scheme or a PyAV built "
                          "against an FFmpeg that has it")
-    return url
 
 
 def local_file_path(url: str) -> str | None:
@@ -699,4 +706,4 @@ class StreamSampler:
 
 __all__ = ["ALLOWED_SCHEMES", "Backoff", "UnusableVideo", "PtsClock", "SamplerConfig", "SegmentBuilder", "SegmentQueue",
            "RateSampler", "StreamSampler", "describe_error", "local_file_path", "open_arguments",
-           "validate_feed_url"]
+           "validate_feed_url", "check_protocol"]

@@ -10,6 +10,7 @@ import ray
 
 from actors.feeds import (FEEDS_KEY, NAMESPACE, FeedReader, FeedSupervisor, add_feed, get_feed, list_feeds,
                           reader_name, remove_feed, sampler_config)
+from actors.stream_sampler import ffmpeg_protocols
 from pipeline.settings import load_settings
 from streams import free_tcp_port, make_stream_video, wait_for
 
@@ -61,6 +62,9 @@ def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
     for kwargs, words in bad:
         with pytest.raises(ValueError, match=words):
             add_feed(r, settings=settings, **kwargs)
+    if "srt" not in ffmpeg_protocols():                 # allowed scheme, but this PyAV's FFmpeg cannot open it
+        with pytest.raises(ValueError, match="'srt' protocol"):
+            add_feed(r, "srt://10.0.0.9:9000", settings=settings)
     assert len(list_feeds(r)) == 2                                                   # nothing half-stored
     ok = add_feed(r, f"file://{tmp_path}/sub/a.mp4", file_roots=[tmp_path], settings=settings)
     assert remove_feed(r, ok["id"]) == ok
@@ -103,9 +107,14 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
     video = make_stream_video(tmp_path / "lobby.mp4", seconds=3.0)
     add_feed(r, str(video), name="lobby", feed_id="lobby", settings=settings)
     add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)
+    # stored before this PyAV (no libsrt here): registration would refuse it now, but the record must still load
+    r.hset(FEEDS_KEY, "oldsrt", json.dumps({"id": "oldsrt", "url": f"srt://127.0.0.1:{free_tcp_port()}",
+                                            "name": "oldsrt", "fps": None, "max_pixels": None,
+                                            "created": time.time() + 1}))
     sup = FeedSupervisor(redis_server.url, settings, sampler_options=SMALL_FEEDS)
     try:
-        assert sup.reconcile() == {"started": ["lobby", "dead"], "adopted": [], "stopped": [], "restarted": []}
+        assert sup.reconcile() == {"started": ["lobby", "dead", "oldsrt"], "adopted": [], "stopped": [],
+                                   "restarted": []}
         lobby = sup.readers()["lobby"]
         segs = pull(lobby, 2, 60)
         assert all(s.source_id == "lobby" and s.segment_id.startswith("lobby:") for s in segs)
@@ -114,9 +123,14 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
         # a refused feed reports why and keeps retrying; the other feed is unaffected
         assert "Connection refused" in st["dead"]["last_error"] and st["dead"]["open_failures"] >= 1
         assert st["dead"]["running"] and st["lobby"]["connected"] and st["lobby"]["last_error"] is None
-        errors = wait_for(lambda: r.xrange("tubescope:errors"), 10, what="an error event")
-        fields = {k.decode(): v.decode() for k, v in errors[0][1].items()}
-        assert fields["kind"] == "feed_open_failed" and fields["source_id"] == "dead"
+        if "srt" not in ffmpeg_protocols():
+            st = wait_for(lambda: (lambda s: s if s["oldsrt"]["last_error"] else None)(sup.statuses()), 10,
+                          what="the srt feed's open error")
+            assert st["oldsrt"]["running"] and "Protocol not found" in st["oldsrt"]["last_error"]
+        def dead_open_failed():
+            events = [{k.decode(): v.decode() for k, v in e[1].items()} for e in r.xrange("tubescope:errors")]
+            return [f for f in events if f["source_id"] == "dead" and f["kind"] == "feed_open_failed"]
+        wait_for(dead_open_failed, 10, what="the refused feed's error event")
         assert sup.reconcile() == {"started": [], "adopted": [], "stopped": [], "restarted": []}   # steady state
 
         # a crashed reader is recreated under the same name and reads again
@@ -130,7 +144,8 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
 
         # a removed feed's reader is stopped and its actor is gone
         remove_feed(r, "dead")
-        assert sup.reconcile()["stopped"] == ["dead"] and set(sup.readers()) == {"lobby"}
+        remove_feed(r, "oldsrt")
+        assert sorted(sup.reconcile()["stopped"]) == ["dead", "oldsrt"] and set(sup.readers()) == {"lobby"}
         with pytest.raises(ValueError):
             ray.get_actor(reader_name("dead"), namespace=NAMESPACE)
 
@@ -149,7 +164,7 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
         sup3.stop_all()
     finally:
         sup.stop_all()
-        for fid in ("lobby", "dead"):                     # nothing may outlive the test
+        for fid in ("lobby", "dead", "oldsrt"):           # nothing may outlive the test
             try:
                 ray.kill(ray.get_actor(reader_name(fid), namespace=NAMESPACE))
             except ValueError:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from actors.stream_sampler import (Backoff, PtsClock, SamplerConfig, SegmentBuilder, SegmentQueue, RateSampler,
-                                   StreamSampler, ffmpeg_protocols, open_arguments, validate_feed_url)
+                                   StreamSampler, check_protocol, ffmpeg_protocols, open_arguments,
+                                   validate_feed_url)
 from qwen2vl.processor import smart_resize
 from streams import HlsServer, RtspServer, UdpSender, free_tcp_port, make_stream_video, wait_for
 
@@ -71,14 +72,20 @@ def test_validate_feed_url_allowlist():
                "https://h/x.ts", "udp://127.0.0.1:5600", "udp://:5600", "file:///tmp/a.mp4",
                "/tmp/a.mp4", "  rtsp://h/x  "):
         assert validate_feed_url(ok) == ok.strip()
-    # srt is allowed, but only where PyAV's FFmpeg has the protocol (the wheel installed here has no libsrt)
+    # srt is allowed, but registration needs PyAV's FFmpeg to have the protocol (the wheel here has no libsrt)
     protocols = ffmpeg_protocols()
     assert {"file", "tcp", "udp", "http", "https", "tls"} <= protocols
+    assert validate_feed_url("srt://h:9000") == "srt://h:9000"
+    for url in ("rtsp://h/x", "rtsps://h/x", "https://h/x.m3u8", "udp://:5600", "/tmp/a.mp4", "file:///tmp/a.mp4",
+                "rtmp://h/live"):                               # rtmp: a scheme an operator may allow in settings
+        check_protocol(url)
     if "srt" in protocols:
-        assert validate_feed_url("srt://h:9000") == "srt://h:9000"
+        check_protocol("srt://h:9000")
     else:
         with pytest.raises(ValueError, match="srt:// feeds need FFmpeg's 'srt' protocol"):
-            validate_feed_url("srt://h:9000")
+            check_protocol("srt://h:9000")
+    with pytest.raises(ValueError, match="'nosuchproto' protocol"):
+        check_protocol("nosuchproto://h/x")
     for bad, words in (("ftp://h/a.mp4", "scheme 'ftp'"), ("rtmp://h/live", "scheme 'rtmp'"),
                        ("javascript://x", "scheme"), ("", "non-empty"), (None, "non-empty"),
                        ("rtsp://", "names no host"), ("http://h:99999/x", "bad port"), ("file://", "no path"),
