@@ -289,9 +289,10 @@ def _opened_span(path_s, start, end, fps, max_pixels, min_pixels, threads, skip_
 
 def upright(frame, rgb: np.ndarray) -> np.ndarray:
     """The converted frame `rgb` [H, W, 3] turned as the stream's display matrix says (phones store portrait video
-    sideways and mark it so; players and ffmpeg show it upright). Rotation is
-    applied after resizing: smart_resize treats height and width alike, so the result has the size of the upright
-    frame resized. Angles are rounded to quarter turns, as ffmpeg's autorotate does."""
+    sideways and mark it so; players and ffmpeg show it upright). Rotation is applied after resizing: smart_resize
+    treats height and width alike, so the result has the size of the upright frame resized. Quarter turns match
+    ffmpeg's autorotate exactly; any other angle (rare outside editing tools) is rounded to the nearest quarter turn
+    where ffmpeg would rotate by the exact angle, and a mirror in the matrix is ignored."""
     turns = _quarter_turns(frame)
     return rgb if turns == 0 else np.ascontiguousarray(np.rot90(rgb, k=turns))
 
