@@ -66,8 +66,8 @@ def vision_cu_seqlens(grid_thw) -> Tensor:
 @lru_cache(maxsize=512)
 def _grid_pos_ids(h: int, w: int, merge: int) -> Tensor:
     """(h_id, w_id) of each patch of one h x w slice, in pixel-row order (merge blocks in raster order). (h*w, 2)"""
-    h_ids = torch.arange(h).view(h // merge, 1, merge, 1).expand(h // merge, w // merge, merge, merge)
-    w_ids = torch.arange(w).view(1, w // merge, 1, merge).expand(h // merge, w // merge, merge, merge)
+    h_ids = torch.arange(h, device="cpu").view(h // merge, 1, merge, 1).expand(h // merge, w // merge, merge, merge)
+    w_ids = torch.arange(w, device="cpu").view(1, w // merge, 1, merge).expand(h // merge, w // merge, merge, merge)
     return torch.stack([h_ids.reshape(-1), w_ids.reshape(-1)], dim=-1)
 
 
@@ -86,17 +86,19 @@ class VisionRotary:
         if head_dim % 4:
             raise ValueError(f"vision head_dim must be divisible by 4 for the 2D rotary, got {head_dim}")
         dim = head_dim // 2      # each of the h and w axes gets head_dim/4 frequencies
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        # Tables live on the CPU whatever torch's default device was when the tower was built (load_pretrained
+        # builds under `with torch.device(...)`); cos_sin copies each slice's result to the device once.
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
         self.merge = spatial_merge_size
         self.max_cached_grids = max_cached_grids
-        self._table = torch.zeros(0, dim // 2)
+        self._table = torch.zeros(0, dim // 2, device="cpu")
         self._cos_sin: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
     def table(self, n_positions: int) -> Tensor:
         """angles p * inv_freq for p < n_positions, (>= n_positions, head_dim/4) fp32; grows by doubling."""
         if n_positions > self._table.shape[0]:
             size = max(n_positions, 2 * self._table.shape[0])
-            self._table = torch.outer(torch.arange(size, dtype=torch.float), self.inv_freq)
+            self._table = torch.outer(torch.arange(size, dtype=torch.float, device="cpu"), self.inv_freq)
         return self._table
 
     def cos_sin(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -163,6 +163,18 @@ def test_rotary_pos_ids_spec_example_and_reference_angles():
     torch.testing.assert_close(sin, ref_angles.sin(), rtol=0, atol=0)
 
 
+def test_rotary_tables_stay_on_cpu_whatever_the_default_device():
+    """load_pretrained builds the tower under `with torch.device(device)`; a table made there (on cuda) and grown
+    later outside it (on cpu) failed on the first GPU batch. Meta stands in for cuda here."""
+    with torch.device("meta"):
+        rotary = VisionRotary(head_dim=16, spatial_merge_size=2)
+        small = rotary.cos_sin(2, 2, torch.device("cpu"))
+    assert rotary.inv_freq.device.type == "cpu" and small[0].device.type == "cpu"
+    cos, _ = rotary.for_batch([(1, 8, 12)], torch.device("cpu"))          # grows the table outside the context
+    expected = VisionRotary(head_dim=16, spatial_merge_size=2).for_batch([(1, 8, 12)], torch.device("cpu"))[0]
+    assert torch.equal(cos, expected)
+
+
 def test_input_dtype_is_cast_to_weights(towers):
     _, ours = towers
     grid_list = [(1, 4, 4)]
