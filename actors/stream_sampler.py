@@ -31,12 +31,12 @@ import av
 import numpy as np
 
 from pipeline.records import Segment
-from pipeline.settings import redact_url
+from pipeline.settings import FEED_READER_SCHEMES, redact_url
 
 log = logging.getLogger(__name__)
 
-ALLOWED_SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt", "file")
-NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt")
+NETWORK_SCHEMES = FEED_READER_SCHEMES
+ALLOWED_SCHEMES = (*NETWORK_SCHEMES, "file")
 INTERPOLATION = "BICUBIC"          # the reference processor resizes with bicubic (QWEN2VL_SPEC 2.1)
 _EPS = 1e-6                         # seconds; absorbs float error in pts * time_base and grid arithmetic
 _MIN_STEP_S = 1e-3                  # re-anchored times stay at least this far after the previous frame

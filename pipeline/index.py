@@ -195,7 +195,7 @@ class SegmentIndex:
         """(source_id, folder) of every source folder, empty ones included."""
         sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
         infos = self.fs.get_file_info(sel)
-        if not infos:
+        if not any(i.base_name == MARKER for i in infos):  # a bare mount point may still hold lost+found etc.
             self.check_root()
         return sorted((unquote(d.base_name[len(SOURCE_PREFIX):]), d.path) for d in infos
                       if d.type == pafs.FileType.Directory and d.base_name.startswith(SOURCE_PREFIX))

@@ -18,6 +18,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
+# URL schemes actors/stream_sampler opens (its ALLOWED_SCHEMES, "file" aside); feed_schemes may narrow them
+FEED_READER_SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt")
+
 ENV_PREFIX = "TUBESCOPE_"
 CONFIG_FILE_ENV = "TUBESCOPE_CONFIG"
 PATCH_AREA = 14 * 14            # pixels per spatial patch (QWEN2VL_SPEC 1.1)
@@ -70,7 +73,7 @@ class Settings(BaseSettings):
     # ---- live feeds -------------------------------------------------------------------------------------------
     feed_queue_segments: int = Field(4, ge=1)     # bounded per-feed queue; the oldest segment is dropped when full
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
-    feed_schemes: list[str] = ["rtsp", "rtsps", "http", "https", "udp", "srt"]
+    feed_schemes: list[str] = ["rtsp", "rtsps", "http", "https", "udp", "srt"]   # a subset of FEED_READER_SCHEMES
     file_roots: list[Path] = []                   # local files the REST API may read (feeds and jobs); none by default
 
     # ---- serving ----------------------------------------------------------------------------------------------
@@ -122,10 +125,25 @@ class Settings(BaseSettings):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
         return v
 
+    @field_validator("index_dir", mode="after")
+    @classmethod
+    def _absolute_index(cls, v: str | None) -> str | None:
+        # now, in this process: replicas and Ray workers may start in another working directory
+        return v if v is None or "://" in v else str(Path(v).expanduser().resolve())
+
     @field_validator("feed_schemes", "job_uri_schemes", mode="after")
     @classmethod
     def _lower_schemes(cls, v: list[str]) -> list[str]:
         return [s.lower().rstrip(":/") for s in v]
+
+    @field_validator("feed_schemes", mode="after")
+    @classmethod
+    def _readable_schemes(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(FEED_READER_SCHEMES))
+        if unknown:
+            raise ValueError(f"feed_schemes {unknown} are not ones a feed reader opens; choose among "
+                             f"{', '.join(FEED_READER_SCHEMES)} (local files: file_roots)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

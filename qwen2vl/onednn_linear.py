@@ -36,11 +36,12 @@ class OneDNNLinear(nn.Linear):
     """y = x @ W.T + b; x (..., in) -> (..., out). oneDNN for fp32 CPU inference, F.linear otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        w, b = self.weight, self.bias
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32
-                or x.device.type != "cpu" or w.device.type != "cpu"):
-            return F.linear(x, w, self.bias)      # the op has no autograd formula; other dtypes/devices have theirs
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
+                or x.device.type != "cpu" or w.device.type != "cpu"
+                or (b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous()))):
+            return F.linear(x, w, b)     # the op has no autograd formula and reads the bias as dense fp32
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
 def use_onednn_linears_(module: nn.Module) -> int:

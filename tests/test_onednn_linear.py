@@ -58,6 +58,17 @@ def test_training_and_other_dtypes_take_f_linear():
                                                                       half.weight, half.bias))
 
 
+def test_a_bias_the_kernel_cannot_read_takes_f_linear():
+    """oneDNN reads the bias as dense fp32: a strided view (or another dtype) must not reach it."""
+    gen = torch.Generator().manual_seed(2)
+    linear = _linear(False, gen)
+    use_onednn_linears_(linear)
+    linear.bias = nn.Parameter(torch.randn(80, generator=gen)[::2], requires_grad=False)        # stride 2
+    x = torch.randn(5, 96, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))
+
+
 def test_text_decoder_gives_the_same_logits_and_keeps_its_state():
     cfg = qwen2vl.tiny_config()
     torch.manual_seed(0)

@@ -63,11 +63,11 @@ def test_redis_url_from_redis_url_or_prefixed(monkeypatch):
 
 @pytest.mark.parametrize("suffix,text", [
     (".toml", 'fps = 1.0\nsegment_seconds = 6\nmax_pixels = 200704\nredis_url = "redis://127.0.0.1:7000/0"\n'
-              'feed_schemes = ["rtsp", "HLS"]\n'),
+              'feed_schemes = ["rtsp", "RTSPS"]\n'),
     (".yaml", "fps: 1.0\nsegment_seconds: 6\nmax_pixels: 200704\nredis_url: redis://127.0.0.1:7000/0\n"
-              "feed_schemes: [rtsp, HLS]\n"),
+              "feed_schemes: [rtsp, RTSPS]\n"),
     (".json", json.dumps({"fps": 1.0, "segment_seconds": 6, "max_pixels": 200704,
-                          "redis_url": "redis://127.0.0.1:7000/0", "feed_schemes": ["rtsp", "HLS"]})),
+                          "redis_url": "redis://127.0.0.1:7000/0", "feed_schemes": ["rtsp", "RTSPS"]})),
 ])
 def test_settings_file_formats(tmp_path, monkeypatch, suffix, text):
     path = tmp_path / f"tubescope{suffix}"
@@ -76,7 +76,7 @@ def test_settings_file_formats(tmp_path, monkeypatch, suffix, text):
         assert (s.fps, s.segment_seconds, s.frames_per_segment) == (1.0, 6.0, 6)
         assert s.max_pixels == 200704
         assert s.redis_url == "redis://127.0.0.1:7000/0"
-        assert s.feed_schemes == ["rtsp", "hls"]
+        assert s.feed_schemes == ["rtsp", "rtsps"]
 
 
 def _via_env(monkeypatch, path: Path) -> Settings:
@@ -106,6 +106,7 @@ def test_precedence_arguments_over_env_over_file(tmp_path, monkeypatch):
     (dict(fsp=2.0), "fsp"),                                          # a typo is an error, not ignored
     (dict(api_keys=[{"key": "short", "role": "admin"}]), "key"),
     (dict(api_keys=[{"key": "k" * 20, "role": "root"}]), "role"),
+    (dict(feed_schemes=["rtsp", "rtmp"]), r"feed_schemes \['rtmp'\] are not ones a feed reader opens"),
 ])
 def test_bad_values_raise_value_error_naming_the_problem(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -139,6 +140,11 @@ def test_public_json_hides_secrets():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
-def test_index_dir_may_be_a_uri_or_a_local_path(tmp_path):
+def test_index_dir_may_be_a_uri_or_a_local_path(tmp_path, monkeypatch):
     assert load_settings(index_dir="s3://bucket/index").index_root == "s3://bucket/index"
     assert load_settings(index_dir=str(tmp_path / "idx")).index_root == tmp_path / "idx"
+    # a relative folder is fixed where the settings are read, not where each worker happens to run
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(index_dir="rel/idx")
+    monkeypatch.chdir("/")
+    assert s.index_root == tmp_path / "rel" / "idx"

@@ -76,8 +76,7 @@ def test_validate_feed_url_allowlist():
     protocols = ffmpeg_protocols()
     assert {"file", "tcp", "udp", "http", "https", "tls"} <= protocols
     assert validate_feed_url("srt://h:9000") == "srt://h:9000"
-    for url in ("rtsp://h/x", "rtsps://h/x", "https://h/x.m3u8", "udp://:5600", "/tmp/a.mp4", "file:///tmp/a.mp4",
-                "rtmp://h/live"):                               # rtmp: a scheme an operator may allow in settings
+    for url in ("rtsp://h/x", "RTSPS://h/x", "https://h/x.m3u8", "udp://:5600", "/tmp/a.mp4", "file:///tmp/a.mp4"):
         check_protocol(url)
     if "srt" in protocols:
         check_protocol("srt://h:9000")
