@@ -1,4 +1,5 @@
-"""Test helpers: tiny REFERENCE Qwen2-VL checkpoints built with transformers 4.57.6 (the numerical oracle).
+"""Test helpers: tiny REFERENCE Qwen2-VL checkpoints built with transformers 4.57.6 (the numerical oracle), and
+answering_checkpoint (ours, for tests comparing answer text).
 
 The reference init zeroes biases and sets norm weights to 1, which hides bugs (a swapped M-RoPE section moves the
 logits by only ~3e-3), so every parameter is re-drawn before saving: matrices N(0, 1/fan_in), embeddings 0.5*N(0, 1),
@@ -98,6 +99,25 @@ def _rename_to_new_scheme(directory: Path) -> None:
         data = json.loads(index.read_text())
         data["weight_map"] = {_new_name(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data))
+
+
+def answering_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny random checkpoint whose output layer only favours ids the tiny tokenizer can spell.
+
+    The tiny tokenizer has ~1000 tokens but the model 151680 rows; zeroing the rows of ids without text makes
+    greedy answers decode to non-empty text, so tests comparing answer strings compare something.
+    """
+    import qwen2vl
+
+    path = qwen2vl.write_tiny_checkpoint(folder, seed=seed)
+    vocab = len(qwen2vl.Processor.from_pretrained(path).tokenizer)
+    weights = load_file(str(path / "model.safetensors"))
+    lm_head = weights["lm_head.weight"].clone()
+    lm_head[1000:151643] = 0.0
+    weights["lm_head.weight"] = lm_head
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert vocab > 1000
+    return path
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------

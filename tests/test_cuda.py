@@ -1,4 +1,5 @@
-"""The model on a CUDA device against transformers 4.57.6 on the same device (skipped where no GPU is visible).
+"""GPU paths (skipped where no CUDA device is visible): the model against transformers 4.57.6 on the same device,
+the Decoder against the CPU decoder, the encoder actor against the CPU encoder.
 
 CI has no GPU; these run on a GPU machine with `python -m pytest --noconftest tests/test_cuda.py` (the conftest's
 Redis/Ray/video fixtures are not needed here). The tolerances are the CPU tests' own: TF32 is switched off, so both
@@ -101,4 +102,85 @@ def test_vision_tower_bf16_on_cuda_close_to_reference_fp32(pair):
     assert got.dtype == torch.bfloat16 and got.device.type == "cuda"
     scale = expected.abs().max().item()
     err = (got.float() - expected).abs().max().item()
+    assert err <= VISION_BF16_TOL * max(1.0, scale), f"bf16 max abs diff {err} at output scale {scale}"
+
+
+# ---- the decoder deployment's model path on the GPU ---------------------------------------------------------------
+
+def _frames(seconds: float, shift: int) -> list:
+    """(time, uint8 frame) pairs at 2 fps of a moving gradient, already at a 28-multiple size (no decoder needed)."""
+    import numpy as np
+
+    ys, xs = np.mgrid[0:112, 0:168]
+    return [(k / 2.0, np.stack([(xs * 2 + 9 * k + shift) % 256, (ys * 3 + shift) % 256, (xs + ys + 5 * k) % 256],
+                                -1).astype(np.uint8)) for k in range(int(seconds * 2))]
+
+
+@torch.no_grad()
+def test_decoder_on_cuda_answers_and_ranks_like_on_cpu(tmp_path):
+    """Prompt building, temporal M-RoPE positions, the prefix KV cache, the exact greedy head and search, all on the
+    GPU, give the CPU decoder's answers (TF32 off: both are fp32 to summation order)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from deploy.decoder import Decoder
+    from pipeline.checkpoints import model_id
+    from pipeline.index import SegmentIndex
+    from pipeline.records import IndexedSegment
+    from pipeline.settings import load_settings
+    from pipeline.tubes import segment_frames, tubes_from_segment
+    from tests.reference import answering_checkpoint
+
+    ckpt = answering_checkpoint(tmp_path / "tiny")
+    model, mid = qwen2vl.load_pretrained(ckpt), model_id(ckpt)
+    index = SegmentIndex(tmp_path / "index")
+    for source, shift, offset in (("cam1", 0, 0.0), ("cam1", 0, 100.0), ("cam2", 77, 0.0)):
+        records = []
+        for seg in segment_frames(source, [(t + offset, f) for t, f in _frames(6.0, shift)], segment_seconds=2.0,
+                                  fps=2.0):
+            tubes = tubes_from_segment(seg)
+            tokens = model.visual(torch.as_tensor(tubes.pixel_rows), torch.tensor([tubes.grid_thw])).half()
+            records.append(IndexedSegment(segment_id=seg.segment_id, source_id=source, t0=seg.t0, t1=seg.t1,
+                                          grid_thw=tubes.grid_thw, tube_ts=tubes.tube_ts, tokens=tokens,
+                                          model_id=mid))
+        index.add(records)
+    settings = load_settings(data_dir=tmp_path / "data", model_path=ckpt)
+    cpu = Decoder(settings, ckpt, index=index, device="cpu")
+    gpu = Decoder(settings, ckpt, index=index, device="cuda")
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    asks = [("What moves in this footage?", ["cam1"], 0.0, 6.0),       # contiguous window
+            ("What moves in this footage?", ["cam1"], None, None),     # a 94 s gap
+            ("Is anything red?", ["cam1"], None, None),                # same footage, new question: cache hit
+            ("What moves in this footage?", ["cam1", "cam2"], None, None)]
+    for question, sources, start, end in asks:
+        want = cpu.ask(question, sources, start=start, end=end, max_new_tokens=12)
+        got = gpu.ask(question, sources, start=start, end=end, max_new_tokens=12)
+        assert got["answer"] == want["answer"] and got["answer"], (question, sources, got["answer"], want["answer"])
+        assert got["evidence"] == want["evidence"]
+        assert got["timings"]["prefix_cache"] == want["timings"]["prefix_cache"]
+    assert gpu.stats()["prefix_cache"]["hits"] >= 1
+    want = cpu.search("a moving gradient", ["cam1", "cam2"], limit=20)
+    got = gpu.search("a moving gradient", ["cam1", "cam2"], limit=20)
+    assert [r["segment_id"] for r in got] == [r["segment_id"] for r in want]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want)) <= 1e-4
+
+
+@torch.no_grad()
+def test_encoder_actor_on_cuda_matches_cpu(tmp_path):
+    """The encoder actors' compute on a GPU: uint8 rows normalised on the device, packed batches under a token budget,
+    fp16 tokens back on the CPU; fp32 agrees with the CPU encoder to fp16 rounding, bf16 within the tower's bound."""
+    from actors.encoder import VisionEncoder
+
+    ckpt = qwen2vl.write_tiny_checkpoint(tmp_path / "tiny")
+    grids = [(1, 8, 12), (2, 16, 20), (1, 4, 4), (3, 10, 14), (1, 36, 64)]      # mixed sizes, several batches
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 256, (t * h * w, 1176), generator=gen, dtype=torch.uint8) for t, h, w in grids]
+    want = VisionEncoder(str(ckpt), token_budget=600, device="cpu").encode(rows, grids)
+    gpu32 = VisionEncoder(str(ckpt), token_budget=600, device="cuda")
+    got = gpu32.encode(rows, grids)
+    assert gpu32.stats.batches >= 3 and [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16 and g.device.type == "cpu"
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)        # fp16 storage: one ulp is ~1e-3 relative
+    bf16 = VisionEncoder(str(ckpt), token_budget=600, dtype="bfloat16", device="cuda").encode(rows, grids)
+    scale = max(w.abs().max().item() for w in want)
+    err = max((b.float() - w.float()).abs().max().item() for b, w in zip(bf16, want))
     assert err <= VISION_BF16_TOL * max(1.0, scale), f"bf16 max abs diff {err} at output scale {scale}"

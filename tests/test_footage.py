@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import qwen2vl
 from deploy.footage import (block_label, build_prompt, format_span, full_positions, group_blocks, list_window,
@@ -19,7 +18,7 @@ from pipeline.decode import decode_window
 from pipeline.index import SegmentIndex
 from pipeline.records import IndexedSegment
 from pipeline.tubes import segment_frames, tubes_from_segment
-from tests.reference import build_reference_model
+from tests.reference import answering_checkpoint, build_reference_model  # noqa: F401 - test_decoder imports it here
 from tests.videos import encode_video
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 20
@@ -29,23 +28,6 @@ VIDEO_PAD = 151656
 
 
 # ---- shared helpers ------------------------------------------------------------------------------------------------
-
-def answering_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A tiny random checkpoint whose output layer only favours ids the tiny tokenizer can spell.
-
-    The tiny tokenizer has ~1000 tokens but the model 151680 rows; zeroing the rows of ids without text makes
-    greedy answers decode to non-empty text, so tests comparing answer strings compare something.
-    """
-    path = qwen2vl.write_tiny_checkpoint(folder, seed=seed)
-    vocab = len(qwen2vl.Processor.from_pretrained(path).tokenizer)
-    weights = load_file(str(path / "model.safetensors"))
-    lm_head = weights["lm_head.weight"].clone()
-    lm_head[1000:151643] = 0.0
-    weights["lm_head.weight"] = lm_head
-    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    assert vocab > 1000
-    return path
-
 
 def clip_frames(folder: Path, name: str, width: int = 160, height: int = 90, seconds: float = 6.0,
                 pattern: str = "moving", seed: int = 0) -> list:
