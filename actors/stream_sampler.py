@@ -118,7 +118,7 @@ def check_protocol(url: str) -> None:
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     protocol = _PROTOCOL_OF.get(scheme, scheme)
     protocols = ffmpeg_protocols()
-    if protocol and protocol != "file" and protocols is not None and protocol not in protocols:
+    if protocol and protocols is not None and protocol not in protocols:     # bare paths have no scheme
         raise ValueError(f"{scheme}:// feeds need FFmpeg's {protocol!r} protocol, which the FFmpeg that "
                          f"PyAV {av.__version__} runs here was built without; use another scheme or a PyAV built "
                          "against an FFmpeg that has it")

@@ -636,11 +636,11 @@ def _iter_decord(path, start, end, fps, max_pixels, min_pixels, threads):
         raise
     except Exception as e:   # decord raises DECORDError / RuntimeError with FFmpeg's message
         raise DecodeError(path_s, f"decord could not read the video ({e})") from e
-    turns = _display_turns(path_s)                       # decord ignores the display matrix
     starts = spans[:, 0].astype(np.float64) - float(spans[0, 0])   # media time relative to the first frame
     times = sample_times(float(spans[-1, 1] - spans[0, 0]), fps, start, end)
     if not times:
         return
+    turns = _display_turns(path_s)                       # decord ignores the display matrix
     # The frame on screen at time t: the last one starting at or before t.
     idx = np.searchsorted(starts, np.asarray(times) + _EPS, side="right") - 1
     idx = np.clip(idx, 0, n - 1)

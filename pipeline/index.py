@@ -135,8 +135,13 @@ class SegmentIndex:
         return f"{self.root}/{escape_source(source_id)}"
 
     def _ls(self, folder: str) -> list[pafs.FileInfo]:
+        """Files in a source folder. An empty listing costs one more stat: a vanished root raises IndexUnavailable
+        instead of reading as "nothing here" (and before anything is written into it)."""
         sel = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
-        return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        infos = [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        if not infos:
+            self.check_root()
+        return infos
 
     def _write_atomic(self, folder: str, name: str, table: pa.Table) -> int:
         """Write to a hidden temp name, then rename: readers see the whole file or nothing. Returns the bytes."""
@@ -164,7 +169,6 @@ class SegmentIndex:
                     os.fsync(f.fileno())       # the rename must never expose a file whose bytes are not on disk
                 os.replace(tmp, final)
             else:
-                self.check_root()
                 self.fs.create_dir(folder, recursive=False)
                 with self.fs.open_output_stream(tmp) as out:
                     out.write(payload)
@@ -213,8 +217,6 @@ class SegmentIndex:
         folder = self._dir(source_id)
         for _attempt in range(5):                          # a manifest may vanish under a concurrent compaction
             infos = self._ls(folder)
-            if not infos:
-                self.check_root()
             data = {i.base_name: i for i in infos if i.base_name.startswith(DATA_PREFIX)
                     and i.base_name.endswith(SUFFIX)}
             manifest_infos = sorted((i for i in infos if i.base_name.startswith(MANIFEST_PREFIX)), key=lambda i: i.path)
@@ -304,8 +306,6 @@ class SegmentIndex:
         for source_id, group in by_source.items():
             folder = self._dir(source_id)
             infos = self._ls(folder)
-            if not infos:
-                self.check_root()                       # never recreate a vanished root by writing into it
             present = {i.base_name for i in infos}
             data_bytes = {i.base_name: i.size for i in infos if i.base_name.startswith(DATA_PREFIX)}
             for s in group:
@@ -364,8 +364,7 @@ class SegmentIndex:
             return path
         prefix = f"{DATA_PREFIX}{_h(segment_id)}-"
         matches = sorted(i.path for i in self._ls(folder) if i.base_name.startswith(prefix))
-        if not matches:
-            self.check_root()
+        if not matches:                                    # (_ls checked the root if the folder was empty)
             raise KeyError(f"segment {segment_id!r} is not in the index")
         if len(matches) > 1:
             models = [pq.read_table(m, filesystem=self.fs, columns=["model_id"], schema=DATA_SCHEMA)
@@ -423,8 +422,6 @@ class SegmentIndex:
         folder = self._dir(source_id)
         if before is None:
             infos = self._ls(folder)
-            if not infos:
-                self.check_root()                         # "deleted 0" must not hide a vanished root
             n = sum(self._remove(i.path) for i in infos if i.base_name.startswith(DATA_PREFIX))
             for i in infos:
                 if not i.base_name.startswith(DATA_PREFIX):
