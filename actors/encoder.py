@@ -55,7 +55,7 @@ class VisionEncoder:
         self.model_id = checkpoint_model_id(model_path)
         mean, std = pixel_norm(model_path)
         per_channel = vcfg.patch_dim // len(mean)
-        # uint8 rows are normalised here, per column: row layout is (channel, tp, py, px), QWEN2VL_SPEC 1.2
+        # uint8 rows are normalised here, per column: row layout is (channel, tp, py, px) (docs/model.md §2)
         std_t = torch.tensor(std, dtype=torch.float32).repeat_interleave(per_channel)
         mean_t = torch.tensor(mean, dtype=torch.float32).repeat_interleave(per_channel)
         self._scale = (1.0 / (255.0 * std_t)).to(self.device)          # (1176,)
@@ -130,5 +130,6 @@ class VisionEncoder:
         result = {k: v for k, v in batch.items() if k != "pixel_rows"}
         result["tokens"] = np.array(out_tokens, dtype=object)
         result["token_dim"] = np.array(dims, dtype=np.int64)
+        result["n_tokens"] = np.array([len(t) // (2 * d) if d else 0 for t, d in zip(out_tokens, dims)], dtype=np.int64)
         result["model_id"] = np.array([self.model_id] * n, dtype=object)
         return result

@@ -5,7 +5,7 @@ source_id of the feed's segments. add_feed / list_feeds / get_feed / remove_feed
 or a redis:// URL.
 
 FeedReader: a threaded Ray actor (small CPU claim, so several fit on 2 CPUs beside Ray Data tasks) around one
-StreamSampler (actors/stream_sampler.py). Its reading thread never blocks a call: the live indexer pulls
+StreamSampler (pipeline/video/stream.py). Its reading thread never blocks a call: the live indexer pulls
 segments with next_segments() while status() stays answerable.
 
 FeedSupervisor: a plain class, not an actor. The process that serves the app owns it and calls reconcile()
@@ -30,12 +30,14 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.stream_sampler import (ALLOWED_SCHEMES, SamplerConfig, StreamSampler, check_protocol, local_file_path,
-                                   validate_feed_url)
 from pipeline import metrics
 from pipeline.records import Segment
 from pipeline.redis_server import as_client
-from pipeline.settings import Settings, load_settings, redact_url
+from pipeline.settings import Settings, load_settings
+from pipeline.video.protocols import ALL_SCHEMES, check_protocol, local_file_path, redact_url, validate_url
+from pipeline.video.segments import frames_per_segment
+from pipeline.video.stream import SamplerConfig, StreamSampler
+from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def _check_file(url: str, file_roots: list | None) -> None:
 
 def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = None,
              max_pixels: int | None = None, *, feed_id: str | None = None,
-             schemes: tuple[str, ...] | list[str] = ALLOWED_SCHEMES, file_roots: list | None = None,
+             schemes: tuple[str, ...] | list[str] = ALL_SCHEMES, file_roots: list | None = None,
              settings: Settings | None = None) -> dict:
     """Register a feed and return its record. Raises ValueError for bad input (nothing is stored then).
 
@@ -78,7 +80,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     they are checked against `settings` (default: load_settings()).
     """
     settings = settings or load_settings()
-    url = validate_feed_url(url, schemes)
+    url = validate_url(url, schemes)
     check_protocol(url)
     _check_file(url, file_roots)
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
@@ -86,16 +88,13 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     if fps is not None:
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
             raise ValueError(f"fps must be a number in (0, {MAX_FPS:g}], got {fps!r}")
-        frames = fps * settings.segment_seconds
-        if abs(frames - round(frames)) > 1e-6 or round(frames) < 2 or round(frames) % 2:
-            raise ValueError(f"fps * segment_seconds must be an even whole number of frames, got "
-                             f"{fps} * {settings.segment_seconds} = {frames:g}")
+        frames_per_segment(fps, settings.segment_seconds)
         fps = float(fps)
     if max_pixels is not None:
-        budget_px = settings.encoder_token_budget * 14 * 14
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not 28 * 28 <= max_pixels <= budget_px:
-            raise ValueError(f"max_pixels must be an int in [784, {budget_px}] (one frame must fit the encoder "
-                             f"token budget), got {max_pixels!r}")
+        budget_px = settings.encoder_token_budget * PATCH_AREA
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not TOKEN_AREA <= max_pixels <= budget_px:
+            raise ValueError(f"max_pixels must be an int in [{TOKEN_AREA}, {budget_px}] (one frame must fit the "
+                             f"encoder token budget), got {max_pixels!r}")
     if feed_id is None:
         feed_id = uuid.uuid4().hex[:12]
     elif not isinstance(feed_id, str) or not _FEED_ID.match(feed_id):
@@ -139,7 +138,12 @@ def sampler_config(feed: dict, settings: Settings | None = None, **overrides: An
     per_feed = {"fps": feed.get("fps"), "max_pixels": feed.get("max_pixels")}
     if per_feed["max_pixels"] is not None:          # a small per-feed cap lowers the floor with it
         per_feed["min_pixels"] = min(settings.min_pixels, per_feed["max_pixels"])
-    return SamplerConfig.from_settings(feed["id"], feed["url"], settings, **{**per_feed, **overrides})
+    values = dict(fps=settings.fps, segment_seconds=settings.segment_seconds, min_pixels=settings.min_pixels,
+                  max_pixels=settings.max_pixels, queue_size=settings.feed_queue_segments,
+                  backoff_max_s=settings.feed_reconnect_max_seconds)
+    values["backoff_initial_s"] = min(SamplerConfig.backoff_initial_s, values["backoff_max_s"])
+    values.update({k: v for k, v in {**per_feed, **overrides}.items() if v is not None})
+    return SamplerConfig(source_id=feed["id"], url=feed["url"], **values)
 
 
 class _FeedReader:
@@ -156,7 +160,7 @@ class _FeedReader:
         self.sampler = StreamSampler(sampler_config(self.feed, settings, **(sampler_options or {})),
                                      on_event=self._on_event)
         self.sink = None
-        if events_redis_url:                         # failures go to tubescope:errors (DESIGN 6)
+        if events_redis_url:                         # failures go to the tubescope:errors stream
             from pipeline.events import EventSink
             self.sink = EventSink(events_redis_url, settings.outbox_dir / "feeds" / self.feed["id"],
                                   maxlen=settings.stream_maxlen)

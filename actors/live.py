@@ -19,13 +19,12 @@ from pipeline.redis_server import as_client
 
 log = logging.getLogger(__name__)
 
-RETENTION_SWEEP_S = 60.0       # how often the service enforces the retention settings (DESIGN 6)
 PULL_TIMEOUT_S = 0.25          # how long one round waits for readers that have nothing queued
 MAX_SEGMENTS_PER_FEED = 8      # per round; the rest stays in the reader's bounded queue
 
 
 class LiveIndexing:
-    """The Ray-free core: encode + index + emit a list of segments."""
+    """The Ray-free core: encode a list of segments in packed batches, then write them like any other footage."""
 
     def __init__(self, encoder, index, events=None, on_indexed: Callable[[Segment, float], None] | None = None):
         self.encoder, self.index, self.events = encoder, index, events
@@ -35,7 +34,8 @@ class LiveIndexing:
         self.last_latency_s: float | None = None
 
     def process(self, segments: list[Segment]) -> int:
-        from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM
+        from pipeline.events import ERRORS_STREAM
+        from pipeline.indexing import write_segments
         from pipeline.tubes import tubes_from_segment
 
         if not segments:
@@ -47,29 +47,24 @@ class LiveIndexing:
         records = [IndexedSegment(segment_id=t.segment_id, source_id=t.source_id, t0=t.t0, t1=t.t1,
                                   grid_thw=tuple(t.grid_thw), tube_ts=list(t.tube_ts), tokens=tok,
                                   model_id=self.encoder.model_id) for t, tok in zip(tubes, tokens)]
+        now = time.time()
+        latency = {s.segment_id: now - s.frame_ts[-1] for s in segments}   # since the segment's last sampled frame
+        details = {s.segment_id: {"padded": s.padded, "latency_s": f"{latency[s.segment_id]:.3f}"} for s in segments}
         try:
-            written = self.index.add(records)
+            written = write_segments(self.index, records, pipeline="live", events=self.events, details=details)
         except Exception as e:  # noqa: BLE001 - a failed write is reported; the next round goes on
             self.errors += 1
             log.exception("live index write failed")
             if self.events is not None:
                 self.events.emit(ERRORS_STREAM, {"stage": "live-index", "error": f"{type(e).__name__}: {e}"})
             return 0
-        now = time.time()
-        for seg, rec in zip(segments, records):
-            latency = now - seg.frame_ts[-1]          # wall clock since the segment's last sampled frame
-            self.last_latency_s = latency
-            metrics.record_live_latency(rec.source_id, latency)
-            if self.events is not None:
-                self.events.emit(SEGMENTS_STREAM, {"segment_id": rec.segment_id, "source_id": rec.source_id,
-                                                   "t0": f"{rec.t0:.3f}", "t1": f"{rec.t1:.3f}", "live": "1",
-                                                   "tokens": str(rec.n_tokens), "model_id": rec.model_id,
-                                                   "latency_s": f"{latency:.3f}", "padded": str(int(seg.padded))})
+        for seg in segments:
+            self.last_latency_s = latency[seg.segment_id]
+            metrics.record_live_latency(seg.source_id, latency[seg.segment_id])
             if self.on_indexed is not None:
-                self.on_indexed(seg, latency)
-        self.segments += written
-        metrics.record_segments_indexed(written, "live")
-        return written
+                self.on_indexed(seg, latency[seg.segment_id])
+        self.segments += len(written)
+        return len(written)
 
 
 @ray.remote(num_cpus=0.5, max_concurrency=4)
@@ -92,8 +87,6 @@ class LiveIndexer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
-        self.swept = 0                     # segments deleted by retention sweeps
-        self._last_sweep = float("-inf")
         self.last_error = ""
 
     def start(self) -> bool:
@@ -112,7 +105,7 @@ class LiveIndexer:
 
     def status(self) -> dict:
         return {"running": bool(self._thread and self._thread.is_alive()), "rounds": self.rounds,
-                "segments": self.core.segments, "swept": self.swept, "errors": self.core.errors,
+                "segments": self.core.segments, "errors": self.core.errors,
                 "last_error": self.last_error,
                 "last_latency_s": self.core.last_latency_s, "encoder_batches": self.core.encoder.stats.batches,
                 "encoder_fill": self.core.encoder.stats.mean_fill}
@@ -139,22 +132,8 @@ class LiveIndexer:
                 self.last_error = f"{type(e).__name__}: {e}"
         return segments
 
-    def _sweep_if_due(self) -> None:
-        s = self.settings
-        if s.retention_max_age_hours is None and s.retention_max_bytes is None:
-            return
-        if time.monotonic() - self._last_sweep < RETENTION_SWEEP_S:
-            return
-        self._last_sweep = time.monotonic()
-        max_age = None if s.retention_max_age_hours is None else s.retention_max_age_hours * 3600.0
-        self.swept += self.core.index.sweep(max_age_s=max_age, max_bytes=s.retention_max_bytes)
-
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._sweep_if_due()
-            except Exception as e:  # noqa: BLE001 - retention must not stop indexing; visible in status()
-                self.last_error = f"retention sweep: {type(e).__name__}: {e}"
             try:
                 segments = self._pull()
                 if segments:

@@ -10,9 +10,9 @@ bench waits (up to --idle-wait seconds) until both cores were idle for a moment,
 work does not land on one contender; the idle fraction seen before each run is in the report.
 Contenders, all at 2 fps over the whole clip with the same decoder thread count:
   ffmpeg        `ffmpeg -threads N -i X -vf fps=2 -f null -` (decode + fps filter; no resize, no RGB)
-  tubes         pipeline.decode (PyAV, default) -> segments -> uint8 pixel rows (decode, resize, patchify):
+  tubes         pipeline.video (PyAV, default) -> segments -> uint8 pixel rows (decode, resize, patchify):
                 what archive jobs ship to the encoder, which normalizes on its own device. With N threads
-                pipeline.decode runs N single-threaded decoders over parts of the clip cut at keyframes (at
+                pipeline.video runs N single-threaded decoders over parts of the clip cut at keyframes (at
                 most N decoding at once); ffmpeg runs one decoder with N threads
   tubes_f32     the same plus CLIP normalization to float32 rows on this CPU (4x the bytes to write)
   tubes_noskip  the same as tubes with every frame decoded (skip_nonref=False), to show what skipping buys
@@ -38,8 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.decode import probe, iter_window, target_size, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS  # noqa: E402
-from pipeline.tubes import iter_segments, tubes_from_segment  # noqa: E402
+from pipeline.tubes import tubes_from_segment  # noqa: E402
+from pipeline.video.files import iter_window  # noqa: E402
+from pipeline.video.media import probe, target_size  # noqa: E402
+from pipeline.video.segments import iter_segments  # noqa: E402
+from qwen2vl.geometry import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS  # noqa: E402
 
 CLIPS = {  # name: (width, height, fps)
     "1080p30": (1920, 1080, 30),

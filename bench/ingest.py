@@ -4,7 +4,7 @@
     .venv/bin/python bench/ingest.py --quick    # 2 x 6 s clips; 2 feeds for 8 s
 
 archive: source-seconds indexed per wall-second by a real archive job (Ray Data, VisionEncoder actor pool, tiny
-model, SegmentIndex, Redis events), against the decode-only rate (pipeline.decode -> segments -> uint8 tubes, the
+model, SegmentIndex, Redis events), against the decode-only rate (pipeline.video -> segments -> uint8 tubes, the
 same files, in this process) measured in the same run. The job is run twice: the first run includes Ray Data start-up
 and the encoder actor loading the checkpoint; the second indexes copies of the clips under new source ids on the warm
 cluster (steady state). Goal: steady-state ratio >= 0.8. A third run on further copies replaces the vision tower by
@@ -44,8 +44,10 @@ def make_clip(path: Path, seconds: float, width=640, height=360, fps=30) -> Path
 
 def decode_only(paths: list[Path], settings) -> tuple[float, float, list]:
     """(wall s, CPU s of this process, tubes) of decoding the clips to uint8 tubes, one clip after another."""
-    from pipeline.decode import decode_window, probe
-    from pipeline.tubes import segment_frames, tubes_from_segment
+    from pipeline.tubes import tubes_from_segment
+    from pipeline.video.files import decode_window
+    from pipeline.video.media import probe
+    from pipeline.video.segments import segment_frames
 
     t0, c0 = time.perf_counter(), time.process_time()
     tubes = []
@@ -76,25 +78,26 @@ def tower_cpu(model_path: str, tubes: list, threads: int) -> float:
 
 def bench_archive(work: Path, settings, seconds: float) -> dict:
     from deploy.runtime import local_runtime
+    from actors.encoder import VisionEncoder
     from pipeline.archive import index_archive
-    from pipeline.decode import probe
+    from pipeline.video.media import probe
 
     clips = [make_clip(work / f"clip{i}.mp4", seconds) for i in range(2)]
     source_seconds = sum(probe(str(c)).duration for c in clips)
     decode_s, decode_cpu_s, tubes = decode_only(clips, settings)
     with local_runtime(settings) as rt:
-        cold = index_archive([str(c) for c in clips], settings, index=rt.index, events=rt.events, progress=False)
+        cold = index_archive([str(c) for c in clips], settings, VisionEncoder, index=rt.index, events=rt.events, progress=False)
         copies = []
         for c in clips:
             copies.append(work / f"warm_{c.name}")
             shutil.copy(c, copies[-1])
-        warm = index_archive([str(c) for c in copies], settings, index=rt.index, events=rt.events, progress=False)
+        warm = index_archive([str(c) for c in copies], settings, VisionEncoder, index=rt.index, events=rt.events, progress=False)
         probes = []
         for c in clips:
             probes.append(work / f"probe_{c.name}")
             shutil.copy(c, probes[-1])
-        probe_job = index_archive([str(c) for c in probes], settings, index=rt.index, events=rt.events,
-                                  progress=False, encoder_cls=_zero_token_encoder())
+        probe_job = index_archive([str(c) for c in probes], settings, _zero_token_encoder(), index=rt.index,
+                                  events=rt.events, progress=False)
         tower_cpu_s = tower_cpu(str(rt.model_path), tubes, CORES)          # the encoder actor's setting
         tower_cpu_min_s = tower_cpu(str(rt.model_path), tubes, 1)
     decode_rate = source_seconds / decode_s

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.settings import Settings, load_settings, redact_url, settings_json
+from pipeline.settings import Settings, load_settings, settings_json
+from pipeline.video.protocols import redact_url
 
 DEMO_STREAM = "tubescope:demo"
 DEMO_CLIP = dict(width=320, height=180, fps=30, seconds=4.0)   # small, 16:9, moving content
@@ -59,26 +60,13 @@ def model_group() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def model_init_tiny(directory: Path) -> None:
     """Write a tiny random Qwen2-VL checkpoint (Hugging Face layout) into DIRECTORY."""
-    write = _qwen2vl_attr("write_tiny_checkpoint")
-    if write is None:
-        not_implemented("model init-tiny", 3, "tiny random checkpoints")
-    out = write(directory)
+    from qwen2vl.checkpoint import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(directory)
     click.echo(f"wrote a tiny random Qwen2-VL checkpoint to {Path(out).resolve()}")
 
 
-def _qwen2vl_attr(name: str):
-    """qwen2vl.<name>, or None while issue 3 has not provided it."""
-    import importlib
-
-    for module in ("qwen2vl", "qwen2vl.processor", "qwen2vl.checkpoint"):   # public name first
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-# ---- index / segments (issue 4) -------------------------------------------------------------------------------------
+# ---- index / segments ----------------------------------------------------------------------------------------------
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--source-id", default=None, help="source id for the footage (default: each file's name)")
@@ -90,11 +78,12 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
     Exit 0 when everything was indexed, 2 when some inputs failed, 1 when none was indexed.
     """
     from deploy.runtime import local_runtime
+    from actors.encoder import VisionEncoder
     from pipeline.archive import index_archive
 
     settings = current_settings(ctx)
     with local_runtime(settings) as rt:
-        report = index_archive(list(paths), settings, source_id=source_id, index=rt.index, events=rt.events,
+        report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index, events=rt.events,
                                progress=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -138,7 +127,7 @@ def print_rows(rows: list[dict], as_json: bool, line, empty: str) -> None:
         click.echo(empty, err=True)
 
 
-# ---- REST API commands (issue 5) ------------------------------------------------------------------------------------
+# ---- REST API commands ---------------------------------------------------------------------------------------------
 def api_options(fn):
     """--url / --key of the REST API (defaults: $TUBESCOPE_API_URL, $TUBESCOPE_API_KEY)."""
     fn = click.option("--key", envvar="TUBESCOPE_API_KEY", default=None, show_envvar=True,

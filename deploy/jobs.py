@@ -137,6 +137,7 @@ def _final_state(report) -> str:
 
 def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: Settings, redis_url: str) -> str:
     """Run one job to its end, keeping its status in Redis; returns the final state. Never raises for job errors."""
+    from actors.encoder import VisionEncoder
     from pipeline.archive import JobCancelled, expand_sources, index_archive
     from pipeline.events import EventSink
     from pipeline.index import SegmentIndex
@@ -161,7 +162,7 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
 
     try:
         index = SegmentIndex(settings.index_root, create=False)     # made by the service; a vanished one fails
-        report = index_archive(paths, settings, source_id=source_id, index=index, events=events,
+        report = index_archive(paths, settings, VisionEncoder, source_id=source_id, index=index, events=events,
                                progress=False, on_progress=on_progress, should_cancel=should_cancel)
         state = _final_state(report)
         _write(client, job_id, state=state, segments=report.segments, skipped=report.skipped,

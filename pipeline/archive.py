@@ -1,7 +1,14 @@
-"""Archive jobs: files -> (file, time window) rows -> 2 fps decode -> tubes -> [encoder] -> SegmentIndex.
+"""Archive jobs: files -> (file, time window) rows -> 2 fps decode -> tubes -> encoder -> SegmentIndex.
 
-The encoder stage is passed in as a callable class (actors.VisionEncoder), so pipeline never imports actors. The driver
-writes the index and the Redis events as encoded segments arrive: it sees every row, so the report is exact.
+The job is a small pipeline of named steps (docs/architecture.md, "Flow"):
+
+    plan_job         files, globs, folders and URIs -> one row per file, with the segments already indexed
+    encoded_segments the Ray Data plan: plan_windows -> decode_to_tube_rows -> the encoder actor pool
+    JobWriter        the driver writes each encoded batch as it arrives (pipeline.indexing), reports progress,
+                     polls for cancellation, and knows every file's fate, so the report is exact
+
+The encoder stage is an argument (a callable class such as actors.encoder.VisionEncoder): pipeline never imports
+actors. A finished job applies the retention settings once, so an archive-only deployment keeps to them too.
 """
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from qwen2vl.geometry import PATCH_DIM
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp",
                     ".mxf", ".h264", ".hevc"}
@@ -101,7 +110,7 @@ def source_id_for(path: str, given: str | None, n_files: int) -> str:
 # ---- stages (run as Ray tasks) ----------------------------------------------------------------------------------------
 def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, done_ids: frozenset = frozenset()) -> list[dict]:
     """Probe one file and cut it into windows of whole segments; a window whose segments are all indexed is dropped."""
-    from pipeline.decode import DecodeError, probe
+    from pipeline.video.media import DecodeError, probe
     from pipeline.records import segment_id_for
 
     try:
@@ -130,37 +139,33 @@ def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, do
 
 
 def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixels: int, max_pixels: int) -> list[dict]:
-    """One window -> one row per segment with its uint8 pixel rows; failures become a row with `error` set."""
-    from pipeline.decode import DecodeError, decode_window
-    from pipeline.tubes import segment_frames, tubes_from_segment
+    """One window -> one row per segment (Tubes.to_row with uint8 pixel rows); a failure is one row with `error`."""
+    from pipeline.tubes import tubes_from_segment
+    from pipeline.video.files import decode_window
+    from pipeline.video.media import DecodeError
+    from pipeline.video.segments import segment_frames
 
-    base = {"path": row["path"], "source_id": row["source_id"], "duration": row.get("duration", 0.0),
-            "n_skipped": row.get("n_skipped", 0)}
+    base = {"path": row["path"], "duration": row.get("duration", 0.0), "n_skipped": row.get("n_skipped", 0)}
     if row["error"] or row["end"] <= row["start"]:
-        return [_tube_row(base, None, row["error"])]
+        return [_error_row(base, row["source_id"], row["error"])]
     try:
         frames = decode_window(row["path"], row["start"], row["end"], fps=fps, min_pixels=min_pixels,
                                max_pixels=max_pixels)
         segments = segment_frames(row["source_id"], frames, segment_seconds=segment_seconds, fps=fps)
-        out = [_tube_row(base, tubes_from_segment(s, as_uint8=True), "") for s in segments]
+        out = [{**base, **tubes_from_segment(s, as_uint8=True).to_row(), "error": ""} for s in segments]
     except (DecodeError, OSError, ValueError) as e:
-        return [_tube_row(base, None, f"{type(e).__name__}: {e}")]
-    if out:
-        out[0]["n_skipped"] = base["n_skipped"]
-        for r in out[1:]:
-            r["n_skipped"] = 0
-    return out or [_tube_row(base, None, "")]
+        return [_error_row(base, row["source_id"], f"{type(e).__name__}: {e}")]
+    for r in out[1:]:
+        r["n_skipped"] = 0                    # counted once per window
+    return out or [_error_row(base, row["source_id"], "")]
 
 
-def _tube_row(base: dict, tubes, error: str) -> dict:
-    if tubes is None:
-        return {**base, "segment_id": "", "t0": 0.0, "t1": 0.0, "grid_thw": np.zeros(3, np.int64),
-                "tube_ts": np.zeros(0, np.float64), "padded": False, "pixel_rows": np.zeros((0, 1176), np.uint8),
-                "error": error}
-    return {**base, "segment_id": tubes.segment_id, "t0": float(tubes.t0), "t1": float(tubes.t1),
-            "grid_thw": np.asarray(tubes.grid_thw, np.int64), "tube_ts": np.asarray(tubes.tube_ts, np.float64),
-            "padded": bool(getattr(tubes, "padded", False)), "pixel_rows": np.asarray(tubes.pixel_rows),
-            "error": ""}
+def _error_row(base: dict, source_id: str, error: str) -> dict:
+    """A row with the columns of a tube row and no segment: a failed or empty window (Ray Data blocks need one
+    schema)."""
+    return {**base, "segment_id": "", "source_id": source_id, "t0": 0.0, "t1": 0.0,
+            "pixel_rows": np.zeros((0, PATCH_DIM), np.uint8), "grid_thw": np.zeros(3, np.int64),
+            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error}
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------
@@ -168,123 +173,133 @@ class JobCancelled(Exception):
     """Raised inside index_archive when should_cancel() says so; what was indexed before stays indexed."""
 
 
-def index_archive(paths: list[str], settings, *, encoder_cls=None, source_id: str | None = None, index=None,
-                  events=None, progress: bool = True, on_progress=None, should_cancel=None) -> JobReport:
-    """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
+@dataclass
+class JobPlan:
+    files: list[str]                          # every file the job reads, in order
+    failures: list[dict]                      # {"path", "error"} of inputs that name no readable file
+    rows: list[dict]                          # {"path", "source_id"} per file
+    done: dict[str, frozenset]                # source id -> segment ids this model has already indexed
+    model_path: str
 
-    on_progress(report, files_total): called after every batch of encoded segments (job status for the REST API).
-    should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
 
-    encoder_cls: the Ray Data encoder stage, constructed with model_path, token_budget, dtype and threads (None: keep
-    the actor default); None means actors.encoder.VisionEncoder, resolved by name at call time so
-    that pipeline keeps no import-time dependency on actors.
-    """
-    import importlib
+def plan_job(paths: list[str], settings, index, source_id: str | None = None) -> JobPlan:
+    """Expand the inputs into files, name their sources, and look up what is already indexed (idempotent re-runs)."""
+    from pipeline.checkpoints import model_id
 
+    files, failures = expand_sources(list(paths))
+    rows = [{"path": p, "source_id": source_id_for(p, source_id, len(files))} for p in files]
+    model_path = str(settings.resolved_model_path())
+    mid = model_id(model_path) if files else ""
+    done = {r["source_id"]: frozenset(s["segment_id"] for s in index.list(r["source_id"], model_id=mid)) for r in rows}
+    return JobPlan(files, failures, rows, done, model_path)
+
+
+def encoded_segments(plan: JobPlan, settings, encoder_cls):
+    """The Ray Data plan of a job: one row per encoded segment (or per failed or empty window)."""
     import ray
 
-    if encoder_cls is None:
-        encoder_cls = importlib.import_module("actors.encoder").VisionEncoder
-
-    from pipeline import metrics
-    from pipeline.checkpoints import model_id
-    from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM
-    from pipeline.index import SegmentIndex
-    from pipeline.records import IndexedSegment
-
-    t_start = time.perf_counter()
-    report = JobReport()
-    files, failures = expand_sources(list(paths))
-    index = index or SegmentIndex(settings.index_root)
-    model_path = str(settings.resolved_model_path())
-    mid = model_id(model_path)
-
-    def fail(path: str, error: str):
-        report.failed.append({"path": path, "error": error})
-        metrics.record_decode_error(metrics.decode_error_kind(error))
-        if events is not None:
-            events.emit(ERRORS_STREAM, {"path": path, "error": error, "stage": "index"})
-
-    for f in failures:
-        fail(f["path"], f["error"])
-    if not files:
-        report.seconds = time.perf_counter() - t_start
-        return report
-
-    rows = []
-    for p in files:
-        sid = source_id_for(p, source_id, len(files))
-        rows.append({"path": p, "source_id": sid})
-    done = {r["source_id"]: frozenset(s["segment_id"] for s in index.list(r["source_id"], model_id=mid)) for r in rows}
-    seg_s, fps = float(settings.segment_seconds), float(settings.fps)
-    window_segments = max(1, int(getattr(settings, "segments_per_task", 8)))
-
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    seg_s, fps, done = float(settings.segment_seconds), float(settings.fps), plan.done
+    window_segments = max(1, int(settings.segments_per_task))
+    ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
     ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]), num_cpus=0.25)
     ds = ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels),
                      num_cpus=1)
     n_actors = max(1, int(settings.num_encoder_actors))
     gpus = _gpus_per_encoder(settings)
-    ds = ds.map_batches(encoder_cls, fn_constructor_kwargs={"model_path": model_path,
-                                                            "token_budget": settings.encoder_token_budget,
-                                                            "dtype": settings.encoder_dtype,
-                                                            "threads": _encoder_threads(gpus, n_actors)},
-                        compute=ray.data.ActorPoolStrategy(size=n_actors),
-                        num_cpus=settings.encoder_cpus, num_gpus=gpus,
-                        batch_size=int(settings.encoder_batch_segments), batch_format="numpy",
-                        **_cpu_encoder_env(gpus))
+    return ds.map_batches(encoder_cls, fn_constructor_kwargs={"model_path": plan.model_path,
+                                                              "token_budget": settings.encoder_token_budget,
+                                                              "dtype": settings.encoder_dtype,
+                                                              "threads": _encoder_threads(gpus, n_actors)},
+                          compute=ray.data.ActorPoolStrategy(size=n_actors),
+                          num_cpus=settings.encoder_cpus, num_gpus=gpus,
+                          batch_size=int(settings.encoder_batch_segments), batch_format="numpy",
+                          **_cpu_encoder_env(gpus))
 
-    per_file: dict[str, dict] = {p: {"error": None, "segments": 0, "duration": 0.0} for p in files}
-    bar = _progress(progress, len(files))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        new_segments = []
+
+class JobWriter:
+    """The driver's side of a job: writes encoded batches, tracks each file, and builds the report."""
+
+    def __init__(self, plan: JobPlan, index, events=None, progress: bool = True):
+        self.plan, self.index, self.events = plan, index, events
+        self.report = JobReport()
+        self.started = time.perf_counter()
+        self.files: dict[str, dict] = {p: {"error": None, "duration": 0.0} for p in plan.files}
+        self.bar = _progress(progress, len(plan.files))
+        for f in plan.failures:
+            self.fail(f["path"], f["error"])
+
+    def fail(self, path: str, error: str) -> None:
+        from pipeline import metrics
+        from pipeline.events import ERRORS_STREAM
+
+        self.report.failed.append({"path": path, "error": error})
+        metrics.record_decode_error(metrics.decode_error_kind(error))
+        if self.events is not None:
+            self.events.emit(ERRORS_STREAM, {"path": path, "error": error, "stage": "index"})
+
+    def write(self, batch: dict) -> None:
+        """One batch of encoder output rows (numpy columns)."""
+        from pipeline.indexing import write_segments
+        from pipeline.records import IndexedSegment
+
+        segments, details = [], {}
         for i in range(len(batch["path"])):
-            path = str(batch["path"][i])
-            st = per_file[path]
-            st["duration"] = float(batch["duration"][i])
-            report.skipped += int(batch["n_skipped"][i])
-            if batch["error"][i]:
-                st["error"] = str(batch["error"][i])
-                continue
-            if not batch["segment_id"][i]:
-                continue
-            dim = int(batch["token_dim"][i])
-            tokens = np.frombuffer(batch["tokens"][i], dtype=np.float16).reshape(-1, dim)
-            new_segments.append((path, IndexedSegment(
-                segment_id=str(batch["segment_id"][i]), source_id=str(batch["source_id"][i]),
-                t0=float(batch["t0"][i]), t1=float(batch["t1"][i]),
-                grid_thw=tuple(int(x) for x in batch["grid_thw"][i]),
-                tube_ts=[float(x) for x in batch["tube_ts"][i]], tokens=tokens, model_id=str(batch["model_id"][i]))))
-        if new_segments:
-            written = index.add([s for _, s in new_segments])
-            report.segments += written
-            metrics.record_segments_indexed(written, "archive")
-            for path, s in new_segments:
-                per_file[path]["segments"] += 1
-                if events is not None:
-                    events.emit(SEGMENTS_STREAM, {"segment_id": s.segment_id, "source_id": s.source_id,
-                                                  "t0": f"{s.t0:.3f}", "t1": f"{s.t1:.3f}", "path": path,
-                                                  "tokens": str(s.tokens.shape[0]), "model_id": s.model_id})
-        if bar is not None:
-            bar.set_postfix(segments=report.segments)
-            bar.update(0)
-        if on_progress is not None:
-            report.seconds = time.perf_counter() - t_start
-            on_progress(report, len(files))
-        if should_cancel is not None and should_cancel():
-            raise JobCancelled(f"cancelled after {report.segments} segments")
-    for p in files:
-        st = per_file[p]
-        if st["error"]:
-            fail(p, st["error"])
-        else:
-            report.indexed.append(p)
-            report.source_seconds += st["duration"]
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    report.seconds = time.perf_counter() - t_start
+            row = {k: v[i] for k, v in batch.items()}
+            path = str(row["path"])
+            self.files[path]["duration"] = float(row["duration"])
+            self.report.skipped += int(row["n_skipped"])
+            if row["error"]:
+                self.files[path]["error"] = str(row["error"])
+            elif row["segment_id"]:
+                segments.append(IndexedSegment.from_row(row))
+                details[segments[-1].segment_id] = {"padded": bool(row["padded"]), "path": path}
+        if segments:
+            self.report.segments += len(write_segments(self.index, segments, pipeline="archive", events=self.events,
+                                                       details=details))
+        if self.bar is not None:
+            self.bar.set_postfix(segments=self.report.segments)
+            self.bar.update(0)
+
+    def finish(self) -> JobReport:
+        for path, state in self.files.items():
+            if state["error"]:
+                self.fail(path, state["error"])
+            else:
+                self.report.indexed.append(path)
+                self.report.source_seconds += state["duration"]
+        if self.bar is not None:
+            self.bar.update(len(self.files))
+            self.bar.close()
+        return self.elapsed()
+
+    def elapsed(self) -> JobReport:
+        self.report.seconds = time.perf_counter() - self.started
+        return self.report
+
+
+def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | None = None, index=None,
+                  events=None, progress: bool = True, on_progress=None, should_cancel=None) -> JobReport:
+    """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
+
+    encoder_cls: the encoder stage, a callable class constructed with model_path, token_budget, dtype and threads
+    (actors.encoder.VisionEncoder). on_progress(report, files_total): called after every batch (job status for the
+    REST API). should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
+    """
+    from pipeline.index import SegmentIndex
+    from pipeline.retention import sweep_retention
+
+    index = index or SegmentIndex(settings.index_root)
+    plan = plan_job(paths, settings, index, source_id)
+    writer = JobWriter(plan, index, events, progress)
+    if plan.files:
+        for batch in encoded_segments(plan, settings, encoder_cls).iter_batches(batch_size=None, batch_format="numpy"):
+            writer.write(batch)
+            if on_progress is not None:
+                on_progress(writer.elapsed(), len(plan.files))
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled(f"cancelled after {writer.report.segments} segments")
+    report = writer.finish()
+    sweep_retention(index, settings)
     return report
 
 

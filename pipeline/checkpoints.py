@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 
@@ -27,6 +26,8 @@ def model_id(path: str | Path) -> str:
 
 
 def pixel_norm(path: str | Path) -> tuple[list[float], list[float]]:
-    """The checkpoint's per-channel image mean and std (preprocessor_config.json)."""
-    cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
-    return list(cfg["image_mean"]), list(cfg["image_std"])
+    """The checkpoint's per-channel image mean and std, read and checked by the model's own processor config."""
+    from qwen2vl.processor import ProcessorConfig
+
+    config = ProcessorConfig.from_pretrained(path)
+    return list(config.image_mean), list(config.image_std)

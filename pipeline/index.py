@@ -293,22 +293,26 @@ class SegmentIndex:
     # ---- writing ---------------------------------------------------------------------------------------------------
     def add(self, segments: Iterable[IndexedSegment], indexed_at: float | None = None) -> int:
         """Store segments; returns how many were newly written. A (segment_id, model_id) already stored is skipped."""
+        return len(self.add_new(segments, indexed_at))
+
+    def add_new(self, segments: Iterable[IndexedSegment], indexed_at: float | None = None) -> list[IndexedSegment]:
+        """Store segments; returns those newly written, in the order given (already stored ones are skipped)."""
         segments = list(segments)
         for s in segments:
             if not isinstance(s, IndexedSegment):
                 raise ValueError(f"add() takes IndexedSegment records, got {type(s).__name__}")
         stamp = _check_number("indexed_at", indexed_at)
         stamp = time.time() if stamp is None else stamp
-        by_source: dict[str, list[IndexedSegment]] = {}
-        for s in segments:
-            by_source.setdefault(s.source_id, []).append(s)
-        written = 0
+        by_source: dict[str, list[tuple[int, IndexedSegment]]] = {}
+        for i, s in enumerate(segments):
+            by_source.setdefault(s.source_id, []).append((i, s))
+        written: set[int] = set()
         for source_id, group in by_source.items():
             folder = self._dir(source_id)
             infos = self._ls(folder)
             present = {i.base_name for i in infos}
             data_bytes = {i.base_name: i.size for i in infos if i.base_name.startswith(DATA_PREFIX)}
-            for s in group:
+            for i, s in group:
                 name = data_file_name(s.segment_id, s.model_id)
                 if name in present:
                     continue
@@ -316,11 +320,11 @@ class SegmentIndex:
                 table = pa.Table.from_pylist([row], schema=DATA_SCHEMA)
                 data_bytes[name] = self._write_atomic(folder, name, table)
                 present.add(name)
-                written += 1
+                written.add(i)
             metrics.record_index_source(source_id, len(data_bytes), sum(data_bytes.values()))
             if self._needs_compaction(source_id):
                 self._compact(source_id)
-        return written
+        return [s for i, s in enumerate(segments) if i in written]
 
     # ---- reading ---------------------------------------------------------------------------------------------------
     def list(self, source_id: str, start: float | None = None, end: float | None = None,

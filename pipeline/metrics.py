@@ -298,7 +298,7 @@ def record_segments_indexed(count: int, pipeline: str) -> None:
 
 
 def decode_error_kind(message: str) -> str:
-    """A short, bounded label for an archive failure message (pipeline.decode.DecodeError text and the like)."""
+    """A short, bounded label for an archive failure message (pipeline.video.media.DecodeError text and the like)."""
     if not isinstance(message, str):
         raise ValueError(f"message must be a str, got {type(message).__name__}")
     text = message.lower()

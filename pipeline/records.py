@@ -1,4 +1,5 @@
-"""Typed records passed between ingest stages (DESIGN.md section 3), with plain-dict forms for Ray Data rows.
+"""Typed records passed between ingest stages (docs/architecture.md, "Records between stages"), with plain-dict
+forms for Ray Data rows.
 
 Segment -> Tubes -> IndexedSegment. Every record carries `segment_id = f"{source_id}:{t0_ms}"` with
 t0_ms = round(t0 * 1000): deterministic, so re-indexing the same footage hits the same ids (idempotent).
@@ -11,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-PATCH_DIM = 1176          # 3 channels * 2 frames * 14 * 14 (QWEN2VL_SPEC 1.2)
-MERGE_AREA = 4            # spatial_merge_size ** 2: one visual token per 2x2 patches
+from qwen2vl.geometry import PATCH_DIM, PATCHES_PER_TOKEN
 
 
 def segment_id_for(source_id: str, t0: float) -> str:
@@ -103,21 +103,10 @@ class Segment:
         if len(self.frame_ts) != f.shape[0]:
             raise ValueError(f"frame_ts has {len(self.frame_ts)} entries for {f.shape[0]} frames")
 
-    def to_row(self) -> dict:
-        return {"segment_id": self.segment_id, "source_id": self.source_id, "t0": float(self.t0),
-                "t1": float(self.t1), "frame_ts": np.asarray(self.frame_ts, np.float64), "frames": self.frames,
-                "padded": bool(self.padded)}
-
-    @classmethod
-    def from_row(cls, row: dict) -> "Segment":
-        return cls(source_id=str(row["source_id"]), t0=float(row["t0"]), t1=float(row["t1"]),
-                   frame_ts=list(row["frame_ts"]), frames=np.asarray(row["frames"]),
-                   padded=bool(row.get("padded", False)), segment_id=str(row.get("segment_id") or ""))
-
 
 @dataclass
 class Tubes:
-    """Patch rows of one segment: pixel_rows [N, 1176] with N = t*h*w (row order as QWEN2VL_SPEC 1.2)."""
+    """Patch rows of one segment: pixel_rows [N, 1176] with N = t*h*w (row order: docs/model.md §2)."""
     segment_id: str                    # segment_id_for(source_id, t0); "" derives it
     source_id: str
     t0: float
@@ -178,7 +167,7 @@ class IndexedSegment:
         if not isinstance(tok, np.ndarray) or tok.dtype != np.float16 or tok.ndim != 2:
             raise ValueError(f"tokens must be a float16 array [n, D], got {type(tok).__name__} "
                              f"{getattr(tok, 'dtype', None)} {getattr(tok, 'shape', None)}")
-        n_expected = t * h * w // MERGE_AREA
+        n_expected = t * h * w // PATCHES_PER_TOKEN
         if tok.shape[0] != n_expected or tok.shape[1] == 0:
             raise ValueError(f"tokens must be [t*h*w/4, D] = [{n_expected}, D>0] for grid_thw {self.grid_thw}, "
                              f"got {tuple(tok.shape)}")

@@ -215,7 +215,7 @@ def redis_endpoint(settings: "Settings", *, persist: bool = True) -> Iterator[Re
         try:
             client.ping()
         except redis.RedisError as e:
-            from pipeline.settings import redact_url
+            from pipeline.video.protocols import redact_url
             raise ConnectionError(f"Redis at {redact_url(settings.redis_url)} (REDIS_URL) does not answer: {e}") from e
         finally:
             client.close()

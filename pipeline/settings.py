@@ -12,19 +12,18 @@ import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
-# URL schemes actors/stream_sampler opens (its ALLOWED_SCHEMES, "file" aside); feed_schemes may narrow them
-FEED_READER_SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt")
+from pipeline.video.protocols import NETWORK_SCHEMES, redact_url
+from pipeline.video.segments import frames_per_segment
+from qwen2vl.geometry import PATCH_AREA, TEMPORAL_PATCH_SIZE, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 ENV_PREFIX = "TUBESCOPE_"
 CONFIG_FILE_ENV = "TUBESCOPE_CONFIG"
-PATCH_AREA = 14 * 14            # pixels per spatial patch (QWEN2VL_SPEC 1.1)
-MERGE_AREA = 28 * 28            # pixels per merged visual token: the smart_resize factor squared
 TINY_MODEL_DIRNAME = "tiny-qwen2vl"
 
 # load_settings(config_file=...) hands the file to the source hook below (a classmethod with a fixed signature).
@@ -53,11 +52,11 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of every Redis stream
     outbox_max_events: int = Field(10_000, ge=1)  # events kept on disk while Redis is unreachable
 
-    # ---- sampling (QWEN2VL_SPEC 2.3 video budget) -------------------------------------------------------------
+    # ---- sampling (the video pixel budget: docs/model.md §2) ----------------------------------------------------
     fps: float = Field(2.0, gt=0)
     segment_seconds: float = Field(8.0, gt=0)
-    min_pixels: int = Field(128 * MERGE_AREA, ge=MERGE_AREA)   # per frame, 100,352
-    max_pixels: int = Field(768 * MERGE_AREA, ge=MERGE_AREA)   # per frame, 602,112
+    min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=TOKEN_AREA)   # per frame, 100,352
+    max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=TOKEN_AREA)   # per frame, 602,112
 
     # ---- vision encoder actors ----------------------------------------------------------------------------------
     encoder_token_budget: int = Field(16_384, ge=1)   # patches (pre-merge) per packed encoder batch
@@ -73,7 +72,7 @@ class Settings(BaseSettings):
     # ---- live feeds -------------------------------------------------------------------------------------------
     feed_queue_segments: int = Field(4, ge=1)     # bounded per-feed queue; the oldest segment is dropped when full
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
-    feed_schemes: list[str] = ["rtsp", "rtsps", "http", "https", "udp", "srt"]   # a subset of FEED_READER_SCHEMES
+    feed_schemes: list[str] = list(NETWORK_SCHEMES)   # network schemes of the protocol table, or fewer
     file_roots: list[Path] = []                   # local files the REST API may read (feeds and jobs); none by default
 
     # ---- serving ----------------------------------------------------------------------------------------------
@@ -103,6 +102,7 @@ class Settings(BaseSettings):
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
     retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap
+    retention_sweep_seconds: float = Field(60.0, gt=0)         # how often the service applies retention
     metrics_export_port: int = Field(8080, ge=0, le=65535)     # Ray's metrics export on a local cluster; 0: any port
 
     # ---- validation ---------------------------------------------------------------------------------------------
@@ -139,19 +139,15 @@ class Settings(BaseSettings):
     @field_validator("feed_schemes", mode="after")
     @classmethod
     def _readable_schemes(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(FEED_READER_SCHEMES))
+        unknown = sorted(set(v) - set(NETWORK_SCHEMES))
         if unknown:
             raise ValueError(f"feed_schemes {unknown} are not ones a feed reader opens; choose among "
-                             f"{', '.join(FEED_READER_SCHEMES)} (local files: file_roots)")
+                             f"{', '.join(NETWORK_SCHEMES)} (local files: file_roots)")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
-        frames = self.fps * self.segment_seconds
-        if abs(frames - round(frames)) > 1e-6 or round(frames) < 2 or round(frames) % 2:
-            raise ValueError(
-                f"fps * segment_seconds must be an even whole number of frames (two frames per tube), "
-                f"got {self.fps} * {self.segment_seconds} = {frames:g}")
+        frames_per_segment(self.fps, self.segment_seconds)
         if self.max_pixels < self.min_pixels:
             raise ValueError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
         one_tube = self.max_pixels // PATCH_AREA
@@ -164,11 +160,11 @@ class Settings(BaseSettings):
     # ---- derived values -----------------------------------------------------------------------------------------
     @property
     def frames_per_segment(self) -> int:
-        return round(self.fps * self.segment_seconds)
+        return frames_per_segment(self.fps, self.segment_seconds)
 
     @property
     def tubes_per_segment(self) -> int:
-        return self.frames_per_segment // 2
+        return self.frames_per_segment // TEMPORAL_PATCH_SIZE
 
     @property
     def index_root(self) -> Path | str:
@@ -250,22 +246,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         _config_file.reset(token)
 
 
-def redact_url(url: str | None) -> str | None:
-    """The URL with its password replaced by ***, for printing."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
-
-
 def settings_json(settings: Settings) -> str:
     return json.dumps(settings.to_public_dict(), indent=2, sort_keys=True)
 
 
-__all__ = ["ApiKey", "Settings", "load_settings", "redact_url", "settings_json", "ENV_PREFIX", "CONFIG_FILE_ENV"]
+__all__ = ["ApiKey", "Settings", "load_settings", "settings_json", "ENV_PREFIX", "CONFIG_FILE_ENV"]

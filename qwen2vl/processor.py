@@ -16,53 +16,15 @@ import torch
 from PIL import Image
 
 from qwen2vl.chat import render_chat
+from qwen2vl.geometry import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, FRAME_FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS,
+                              VIDEO_FPS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, smart_resize)
 from qwen2vl.tokenizer import Tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Checkpoint preprocessor_config.json bounds (QWEN2VL_SPEC 2.2): 4 .. 16384 LLM tokens per image.
-IMAGE_MIN_PIXELS = 4 * 28 * 28            # 3136
-IMAGE_MAX_PIXELS = 16384 * 28 * 28        # 12845056
-MAX_ASPECT_RATIO = 200
-
-# qwen-vl-utils video constants (QWEN2VL_SPEC 2.3).
-VIDEO_FPS = 2.0
-FRAME_FACTOR = 2
-FPS_MIN_FRAMES = 4
-FPS_MAX_FRAMES = 768
-VIDEO_MIN_PIXELS = 128 * 28 * 28          # 100352
-VIDEO_MAX_PIXELS = 768 * 28 * 28          # 602112
-VIDEO_TOTAL_PIXELS = 24576 * 28 * 28      # 19267584
-
 
 # ---- sizes -------------------------------------------------------------------------------------------------------
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_MIN_PIXELS,
-                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
-    """(h, w) multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept.
-
-    Python round is half-to-even on purpose (70 px -> 56), as in the reference.
-    """
-    if height < factor or width < factor:
-        raise ValueError(f"image is {height}x{width} pixels; height and width must both be at least {factor}")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio of {height}x{width} is {max(height, width) / min(height, width):.1f}; "
-                         f"it must be at most {MAX_ASPECT_RATIO}")
-    if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
 
 def video_frame_indices(total_frames: int, video_fps: float, fps: float = VIDEO_FPS,
                         min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES) -> list[int]:
@@ -197,6 +159,22 @@ class ProcessorConfig:
             kw["video_max_pixels"] = video.get("max_pixels", vsize.get("longest_edge"))
         return cls(**kw)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ProcessorConfig":
+        """The checkpoint folder's preprocessor_config.json (and video_preprocessor_config.json when present)."""
+        path = Path(path)
+        pre_file = path / "preprocessor_config.json"
+        if not pre_file.is_file():
+            raise ValueError(f"no preprocessor_config.json in {path} (expected a Qwen2-VL checkpoint folder)")
+        video_file = path / "video_preprocessor_config.json"
+        video = json.loads(video_file.read_text()) if video_file.is_file() else None
+        return cls.from_dict(json.loads(pre_file.read_text()), video)
+
+    def __post_init__(self):
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"preprocessor_config.json needs 3 image_mean values and 3 positive image_std values, "
+                             f"got {self.image_mean} and {self.image_std}")
+
 
 _PREPROCESSOR_KEYS = {"min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
                       "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize", "do_convert_rgb",
@@ -245,12 +223,7 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Processor":
         path = Path(path)
-        pre_file = path / "preprocessor_config.json"
-        if not pre_file.is_file():
-            raise ValueError(f"no preprocessor_config.json in {path} (expected a Qwen2-VL checkpoint folder)")
-        video_file = path / "video_preprocessor_config.json"
-        video = json.loads(video_file.read_text()) if video_file.is_file() else None
-        config = ProcessorConfig.from_dict(json.loads(pre_file.read_text()), video)
+        config = ProcessorConfig.from_pretrained(path)
         tokenizer = Tokenizer.from_pretrained(path)
         model_file = path / "config.json"
         model = json.loads(model_file.read_text()) if model_file.is_file() else {}

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import qwen2vl
+from actors.encoder import VisionEncoder
 from pipeline.archive import expand_sources, index_archive
-from pipeline.decode import decode_window
 from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM, EventSink
 from pipeline.index import SegmentIndex
 from pipeline.settings import load_settings
-from pipeline.tubes import segment_frames, tubes_from_segment
+from pipeline.tubes import tubes_from_segment
+from pipeline.video.files import decode_window
+from pipeline.video.segments import segment_frames
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,7 +60,7 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     sink = EventSink(redis_server.url, tmp_path / "outbox")
     paths = [str(p) for p in [good[0], empty, good[1], text, good[2], truncated, missing, good[3]]]
 
-    report = index_archive(paths, s, index=index, events=sink, progress=False)
+    report = index_archive(paths, s, VisionEncoder, index=index, events=sink, progress=False)
 
     assert sorted(report.indexed) == sorted(str(p) for p in good)
     assert sorted(f["path"] for f in report.failed) == sorted(str(p) for p in [empty, text, truncated, missing])
@@ -100,14 +102,14 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     torch.testing.assert_close(stored.float(), direct.half().float(), atol=2e-3, rtol=0)
 
     # re-running is idempotent: nothing decoded or written again, everything counted as already indexed
-    again = index_archive([str(p) for p in good], s, index=index, events=sink, progress=False)
+    again = index_archive([str(p) for p in good], s, VisionEncoder, index=index, events=sink, progress=False)
     assert again.segments == 0 and again.skipped == report.segments and again.exit_code == 0
     sink.close()
 
 
 def test_job_with_only_bad_input_exits_1(tmp_path, ray_local, tiny_model):
     s = _settings(tmp_path, tiny_model)
-    report = index_archive([str(tmp_path / "nothing.mp4")], s, progress=False)
+    report = index_archive([str(tmp_path / "nothing.mp4")], s, VisionEncoder, progress=False)
     assert report.exit_code == 1 and report.indexed == [] and report.segments == 0
 
 

@@ -76,6 +76,6 @@ def test_cpu_archive_job_runs_its_encoder_on_the_node_cores_with_sleeping_omp_th
     clip = video_factory("probe.mp4", width=128, height=96, fps=10, seconds=2.0)
     s = load_settings(data_dir=tmp_path / "data", model_path=tiny_model, segment_seconds=2.0,
                       min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40, encoder_token_budget=300)
-    report = index_archive([str(clip)], s, encoder_cls=Probe, progress=False)
+    report = index_archive([str(clip)], s, Probe, progress=False)
     assert report.exit_code == 0 and report.segments == 1
     assert json.loads(seen.read_text()) == {"threads": 2, "omp": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

@@ -126,7 +126,8 @@ def test_decoder_on_cuda_answers_and_ranks_like_on_cpu(tmp_path):
     from pipeline.index import SegmentIndex
     from pipeline.records import IndexedSegment
     from pipeline.settings import load_settings
-    from pipeline.tubes import segment_frames, tubes_from_segment
+    from pipeline.tubes import tubes_from_segment
+    from pipeline.video.segments import segment_frames
     from tests.reference import answering_checkpoint
 
     ckpt = answering_checkpoint(tmp_path / "tiny")

@@ -1,4 +1,4 @@
-"""pipeline.decode on real PyAV-encoded files: 2 fps by timestamp, windows, sizes, backends, bad input."""
+"""pipeline.video.files on real PyAV-encoded files: 2 fps by timestamp, windows, sizes, backends, bad input."""
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, VideoInfo, decode_window, probe, sample_times
-from pipeline.tubes import segment_frames, tubes_from_segment
+from pipeline.tubes import tubes_from_segment
+from pipeline.video.files import decode_window, sample_times
+from pipeline.video.media import DecodeError, VideoInfo, probe
+from pipeline.video.segments import segment_frames
 from qwen2vl.processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
 from videos import encode_video, frame_pixels, read_frame_index
 

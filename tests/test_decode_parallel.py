@@ -8,8 +8,10 @@ import av
 import numpy as np
 import pytest
 
-import pipeline.decode as decode_module
-from pipeline.decode import DecodeError, _keyframe_cuts, decode_window, iter_window, sample_times
+import pipeline.video.parallel as parallel_module
+from pipeline.video.files import decode_window, iter_window, sample_times
+from pipeline.video.media import DecodeError
+from pipeline.video.parallel import keyframe_cuts
 from videos import frame_pixels
 
 # name -> encode_video keyword arguments: several keyframes each, B-frames (libx264 veryfast), odd timings.
@@ -48,7 +50,7 @@ def assert_same_frames(got, want):
 def test_parallel_decode_equals_sequential(clips, name, window):
     spec = clips[name]
     start, end = window
-    cuts = _keyframe_cuts(str(spec.path), start, end, 2.0, decoders=2)
+    cuts = keyframe_cuts(str(spec.path), start, end, 2.0, decoders=2)
     assert cuts, "the clip must be cut, or this tests only the sequential path"
     sequential = decode_window(spec.path, start, end, threads=1)
     assert [t for t, _ in sequential] == sample_times(spec.duration_s, 2.0, start, end)
@@ -60,13 +62,13 @@ def test_cuts_are_keyframe_times_with_samples_between(clips):
     spec = clips["bframes_gop45"]                         # keyframes every 1.5 s over 6 s
     keyframes = keyframe_times(spec.path)
     for decoders in (2, 3, 4):
-        cuts = _keyframe_cuts(str(spec.path), 0.0, None, 2.0, decoders)
+        cuts = keyframe_cuts(str(spec.path), 0.0, None, 2.0, decoders)
         assert cuts and set(cuts) <= set(keyframes[1:]), (cuts, keyframes)
         assert cuts == sorted(cuts) and len(cuts) <= decoders - 1
     # A window that holds no keyframe after its start is not cut.
-    assert _keyframe_cuts(str(spec.path), 1.6, 2.9, 2.0, 2) == []
+    assert keyframe_cuts(str(spec.path), 1.6, 2.9, 2.0, 2) == []
     # Samples far denser than the parts' bound: more parts than decoders, run through the same pool.
-    many = _keyframe_cuts(str(spec.path), 0.0, None, 30.0, 2)
+    many = keyframe_cuts(str(spec.path), 0.0, None, 30.0, 2)
     assert len(many) >= 3
     assert_same_frames(decode_window(spec.path, fps=30.0, threads=2), decode_window(spec.path, fps=30.0, threads=1))
 
@@ -74,7 +76,7 @@ def test_cuts_are_keyframe_times_with_samples_between(clips):
 @pytest.mark.parametrize("name", ["bframes_gop45", "slow_1.5fps_gop3"])
 def test_decoders_that_convert_their_own_frames_give_the_same_frames(clips, name, monkeypatch):
     # A tiny budget of unread decoded frames: the parts ahead convert most of their frames themselves.
-    monkeypatch.setattr(decode_module, "_RAW_BACKLOG_BYTES", 0)
+    monkeypatch.setattr(parallel_module, "_RAW_BACKLOG_BYTES", 0)
     spec = clips[name]
     assert_same_frames(decode_window(spec.path, threads=2), decode_window(spec.path, threads=1))
 
@@ -82,7 +84,7 @@ def test_decoders_that_convert_their_own_frames_give_the_same_frames(clips, name
 @pytest.mark.parametrize("raw_budget", [None, 0])
 def test_a_frame_shown_at_several_times_is_one_array(clips, raw_budget, monkeypatch):
     if raw_budget is not None:
-        monkeypatch.setattr(decode_module, "_RAW_BACKLOG_BYTES", raw_budget)
+        monkeypatch.setattr(parallel_module, "_RAW_BACKLOG_BYTES", raw_budget)
     spec = clips["slow_1.5fps_gop3"]
     frames = decode_window(spec.path, threads=2)
     shown_at = {}
@@ -117,7 +119,7 @@ def test_truncated_media_data_fails_in_parallel_as_in_sequence(tmp_path):
     data = _faststart(tmp_path / "full.mp4", frames=200, gop=25).read_bytes()   # 8 s, a keyframe a second
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) * 3 // 4])                                # the frames stop near 6 s
-    assert _keyframe_cuts(str(cut), 0.0, None, 2.0, 2)
+    assert keyframe_cuts(str(cut), 0.0, None, 2.0, 2)
     for threads in (1, 2):
         with pytest.raises(DecodeError, match="truncated"):
             decode_window(cut, threads=threads)

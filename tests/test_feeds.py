@@ -10,7 +10,7 @@ import ray
 
 from actors.feeds import (FEEDS_KEY, NAMESPACE, FeedReader, FeedSupervisor, add_feed, get_feed, list_feeds,
                           reader_name, remove_feed, sampler_config)
-from actors.stream_sampler import ffmpeg_protocols
+from pipeline.video.protocols import ffmpeg_protocols
 from pipeline.settings import load_settings
 from streams import free_tcp_port, make_stream_video, wait_for
 

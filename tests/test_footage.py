@@ -14,10 +14,11 @@ import qwen2vl
 from deploy.footage import (block_label, build_prompt, format_span, full_positions, group_blocks, list_window,
                             temporal_ids)
 from pipeline.checkpoints import model_id
-from pipeline.decode import decode_window
+from pipeline.video.files import decode_window
 from pipeline.index import SegmentIndex
 from pipeline.records import IndexedSegment
-from pipeline.tubes import segment_frames, tubes_from_segment
+from pipeline.tubes import tubes_from_segment
+from pipeline.video.segments import segment_frames
 from tests.reference import answering_checkpoint, build_reference_model  # noqa: F401 - test_decoder imports it here
 from tests.videos import encode_video
 

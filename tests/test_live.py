@@ -69,34 +69,3 @@ def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, 
         ray.get(indexer.stop.remote(), timeout=60)
         ray.kill(indexer)
         sup.stop_all()
-
-
-@pytest.mark.timeout(120)
-def test_live_indexer_enforces_retention_while_running(ray_local, redis_server, tmp_path):
-    """The service sweeps the index by the retention settings on its own (the first sweep runs at start)."""
-    import numpy as np
-
-    from pipeline.records import IndexedSegment
-
-    model = qwen2vl.write_tiny_checkpoint(tmp_path / "tiny")
-    index_root = tmp_path / "data" / "index"
-    index = SegmentIndex(index_root)
-    tokens = np.zeros((4, 8), dtype=np.float16)
-    for k in range(6):                                    # oldest first: indexed_at 1000, 1001, ...
-        index.add([IndexedSegment(segment_id="", source_id=("a", "b")[k % 2], t0=10.0 * k, t1=10.0 * k + 8,
-                                  grid_thw=(1, 4, 4), tube_ts=[10.0 * k], tokens=tokens, model_id="m@1")],
-                  indexed_at=1000.0 + k)
-    settings = load_settings(data_dir=tmp_path / "data", model_path=model,
-                             retention_max_bytes=int(index.stats()["bytes"] / 6 * 2.5))   # room for 2 segments
-    assert settings.index_root == index_root
-    indexer = LiveIndexer.remote(settings, str(model), redis_server.url)
-    try:
-        assert ray.get(indexer.start.remote())
-        status = wait_for(lambda: (lambda s: s if s["swept"] >= 4 else None)(ray.get(indexer.status.remote())), 30,
-                          what="the retention sweep")
-        assert status["swept"] == 4 and status["running"]
-        left = SegmentIndex(index_root)
-        assert [r["t0"] for r in left.list("a")] == [40.0] and [r["t0"] for r in left.list("b")] == [50.0]
-    finally:
-        ray.get(indexer.stop.remote(), timeout=60)
-        ray.kill(indexer)

@@ -48,6 +48,7 @@ def run_workload(args: dict) -> None:
     from actors.feeds import FeedSupervisor, add_feed
     from actors.live import LiveIndexer
     from pipeline import metrics
+    from actors.encoder import VisionEncoder
     from pipeline.archive import index_archive
     from pipeline.events import SEGMENTS_STREAM, EventSink
     from pipeline.index import SegmentIndex
@@ -72,7 +73,7 @@ def run_workload(args: dict) -> None:
     (work / "empty.mp4").write_bytes(b"")
     (work / "notes.mp4").write_text("not a video\n" * 40)
     sink = EventSink(args["redis_url"], work / "outbox-archive")
-    report = index_archive(files + [str(work / f) for f in BAD_FILES], settings, index=index, events=sink,
+    report = index_archive(files + [str(work / f) for f in BAD_FILES], settings, VisionEncoder, index=index, events=sink,
                            progress=False)
     sink.close()
     assert report.segments > 0 and len(report.failed) == len(BAD_FILES), report
@@ -254,7 +255,8 @@ def test_bad_arguments_raise_value_error(call, message):
 
 def test_decode_error_kinds_of_real_failures(tmp_path, video_factory):
     from pipeline.archive import expand_sources
-    from pipeline.decode import DecodeError, decode_window, probe
+    from pipeline.video.files import decode_window
+    from pipeline.video.media import DecodeError, probe
 
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "notes.mp4").write_text("not a video\n" * 40)

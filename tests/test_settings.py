@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.settings import Settings, load_settings, redact_url, settings_json
+from pipeline.settings import Settings, load_settings, settings_json
+from pipeline.video.protocols import redact_url
 
 ENV_VARS = ("TUBESCOPE_DATA_DIR", "TUBESCOPE_REDIS_URL", "REDIS_URL", "TUBESCOPE_CONFIG", "TUBESCOPE_FPS",
             "TUBESCOPE_SEGMENT_SECONDS", "TUBESCOPE_MODEL_PATH", "TUBESCOPE_MAX_PIXELS", "TUBESCOPE_MIN_PIXELS",

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from actors.stream_sampler import (Backoff, PtsClock, SamplerConfig, SegmentBuilder, SegmentQueue, RateSampler,
-                                   StreamSampler, check_protocol, ffmpeg_protocols, open_arguments,
-                                   validate_feed_url)
+from pipeline.video.clock import Backoff, PtsClock, RateSampler
+from pipeline.video.protocols import check_protocol, ffmpeg_protocols, open_arguments, validate_url
+from pipeline.video.segments import SegmentBuilder
+from pipeline.video.stream import SamplerConfig, SegmentQueue, StreamSampler
 from qwen2vl.processor import smart_resize
 from streams import HlsServer, RtspServer, UdpSender, free_tcp_port, make_stream_video, wait_for
 
@@ -71,11 +72,11 @@ def test_validate_feed_url_allowlist():
     for ok in ("rtsp://cam.local:554/stream1", "rtsps://u:p@10.0.0.2/live", "http://h/live.m3u8",
                "https://h/x.ts", "udp://127.0.0.1:5600", "udp://:5600", "file:///tmp/a.mp4",
                "/tmp/a.mp4", "  rtsp://h/x  "):
-        assert validate_feed_url(ok) == ok.strip()
+        assert validate_url(ok) == ok.strip()
     # srt is allowed, but registration needs PyAV's FFmpeg to have the protocol (the wheel here has no libsrt)
     protocols = ffmpeg_protocols()
     assert {"file", "tcp", "udp", "http", "https", "tls"} <= protocols
-    assert validate_feed_url("srt://h:9000") == "srt://h:9000"
+    assert validate_url("srt://h:9000") == "srt://h:9000"
     for url in ("rtsp://h/x", "RTSPS://h/x", "https://h/x.m3u8", "udp://:5600", "/tmp/a.mp4", "file:///tmp/a.mp4"):
         check_protocol(url)
     if "srt" in protocols:
@@ -90,22 +91,22 @@ def test_validate_feed_url_allowlist():
                        ("rtsp://", "names no host"), ("http://h:99999/x", "bad port"), ("file://", "no path"),
                        ("rtsp://h/a\nb", "control")):
         with pytest.raises(ValueError, match=words):
-            validate_feed_url(bad)
+            validate_url(bad)
     with pytest.raises(ValueError, match="no scheme"):
-        validate_feed_url("/tmp/a.mp4", schemes=("rtsp",))
+        validate_url("/tmp/a.mp4", schemes=("rtsp",))
     with pytest.raises(ValueError) as e:                          # passwords never reach messages
-        validate_feed_url("gopher://admin:s3cret@h/x")
+        validate_url("gopher://admin:s3cret@h/x")
     assert "s3cret" not in str(e.value)
 
 
 def test_open_arguments_per_protocol():
-    url, opts = open_arguments("rtsp://h/cam", 5, 4, 3)
+    url, opts = open_arguments("rtsp://h/cam", 4, 3)
     assert opts["rtsp_transport"] == "tcp" and opts["timeout"] == "2000000"   # µs, half the read timeout
-    url, opts = open_arguments("http://h/live.m3u8", 5, 5, 3)
+    url, opts = open_arguments("http://h/live.m3u8", 5, 3)
     assert opts == {"live_start_index": "-1", "m3u8_hold_counters": "3"}
-    url, opts = open_arguments("udp://127.0.0.1:5600", 5, 5, 3)
+    url, opts = open_arguments("udp://127.0.0.1:5600", 5, 3)
     assert url == "udp://127.0.0.1:5600?fifo_size=1000000&overrun_nonfatal=1" and opts == {}
-    url, _ = open_arguments("udp://127.0.0.1:5600?fifo_size=10", 5, 5, 3)
+    url, _ = open_arguments("udp://127.0.0.1:5600?fifo_size=10", 5, 3)
     assert url == "udp://127.0.0.1:5600?fifo_size=10&overrun_nonfatal=1"      # the caller's value wins
 
 

@@ -1,13 +1,14 @@
-"""pipeline.tubes: frames -> segments on a time grid -> pixel rows identical to qwen2vl.processor."""
+"""pipeline.video.segments and pipeline.tubes: frames -> segments on a time grid -> pixel rows identical to qwen2vl.processor."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.decode import decode_window
+from pipeline.video.files import decode_window
 from pipeline.records import Segment, Tubes
-from pipeline.tubes import iter_segments, normalize_rows, patchify_uint8, segment_frames, tubes_from_segment
+from pipeline.tubes import normalize_rows, patchify_uint8, tubes_from_segment
+from pipeline.video.segments import iter_segments, segment_frames
 from qwen2vl import processor
 
 

@@ -1,0 +1,189 @@
+"""Where video comes from: one table of URL schemes -> the FFmpeg protocol each needs -> its open options.
+
+Every other module asks this table: the feed registry (which schemes a URL may use), the settings (which schemes
+`feed_schemes` may name), the stream reader (how to open one) and the check that PyAV's FFmpeg has the protocol at
+all. Adding a protocol is one row in PROTOCOLS, plus an options function when it needs settings of its own
+(docs/architecture.md, "Adding things").
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+OpenOptions = Callable[[str, float, int], tuple[str, dict[str, str]]]   # (url, read_s, hls_hold) -> (url, options)
+
+
+def _no_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
+    return url, {}
+
+
+def _rtsp_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
+    return url, {
+        "rtsp_transport": "tcp",
+        # Socket timeout in µs. A stalled server raises after about twice this value, so half the read timeout
+        # makes it fire at about read_s (PyAV's own timeout alone takes ~2x read_s).
+        "timeout": str(max(250_000, int(read_s * 1e6 / 2))),
+        "analyzeduration": "100000",      # fast probe: open in ~0.2 s instead of ~1.2 s, no start burst
+        "probesize": "32768",
+    }
+
+
+def _http_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
+    # HLS demuxer options (the other HTTP demuxers ignore them): start at the live edge, and end after a few
+    # playlist reloads without a new segment instead of reloading a dead writer's playlist forever.
+    return url, {"live_start_index": "-1", "m3u8_hold_counters": str(hls_hold_counters)}
+
+
+def _udp_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
+    # A big FIFO (counted in 188-byte packets) so a burst is not an EIO; overruns drop data, not the stream.
+    # These are URL options of FFmpeg's udp protocol; values the URL already sets win.
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    extra = {k: v for k, v in (("fifo_size", "1000000"), ("overrun_nonfatal", "1")) if k not in query}
+    if extra:
+        q = parts.query + ("&" if parts.query else "") + urlencode(extra)
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, q, parts.fragment))
+    return url, {}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    ffmpeg: str                              # the FFmpeg protocol the scheme runs on (rtsp over tcp, rtsps over tls)
+    options: OpenOptions = _no_options       # how to open it
+    network: bool = True                     # False: a local file (played at real time by the stream reader)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "rtsp": Protocol("tcp", _rtsp_options),
+    "rtsps": Protocol("tls", _rtsp_options),
+    "http": Protocol("http", _http_options),
+    "https": Protocol("https", _http_options),
+    "udp": Protocol("udp", _udp_options),
+    "srt": Protocol("srt"),
+    "file": Protocol("file", network=False),
+}
+NETWORK_SCHEMES: tuple[str, ...] = tuple(s for s, p in PROTOCOLS.items() if p.network)
+ALL_SCHEMES: tuple[str, ...] = tuple(PROTOCOLS)
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme in lower case; "file" for a bare local path (no "://")."""
+    parts = urlsplit(url)
+    if "://" not in url or not parts.scheme:
+        return "file"
+    return parts.scheme.lower()
+
+
+def local_file_path(url: str) -> str | None:
+    """The local path of a file source (bare path or file://), or None for a network source."""
+    if "://" not in url or not urlsplit(url).scheme:
+        return url
+    if scheme_of(url) == "file":
+        return unquote(urlsplit(url).path)
+    return None
+
+
+def validate_url(url: Any, schemes: tuple[str, ...] | list[str] = ALL_SCHEMES) -> str:
+    """Return the URL stripped of surrounding blanks, or raise ValueError saying what is wrong.
+
+    A URL without "://" is a local file path (allowed only when "file" is in `schemes`). Network URLs need a host
+    or a port ("udp://:5600" listens on every interface).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"feed url must be a non-empty string, got {url!r}")
+    url = url.strip()
+    if any(ord(c) < 32 for c in url):
+        raise ValueError(f"feed url must not contain control characters, got {redact_url(url)!r}")
+    allowed = tuple(s.lower() for s in schemes)
+    scheme = scheme_of(url)
+    if "://" not in url or not urlsplit(url).scheme:
+        if "file" not in allowed:
+            raise ValueError(f"feed url {url!r} has no scheme; expected one of {', '.join(allowed)}")
+        return url
+    if scheme not in allowed or scheme not in PROTOCOLS:
+        raise ValueError(f"unsupported feed url scheme {scheme!r} in {redact_url(url)!r}; "
+                         f"expected one of {', '.join(s for s in allowed if s in PROTOCOLS)}")
+    parts = urlsplit(url)
+    if not PROTOCOLS[scheme].network:
+        if not unquote(parts.path):
+            raise ValueError(f"file url {url!r} names no path; expected file:///absolute/path.mp4")
+        return url
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"feed url {redact_url(url)!r} has a bad port: {e}") from None
+    if not parts.hostname and port is None:
+        raise ValueError(f"feed url {redact_url(url)!r} names no host; expected {scheme}://HOST[:PORT]/...")
+    return url
+
+
+def open_arguments(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
+    """(url, options) for av.open of a network URL, from its row of PROTOCOLS."""
+    protocol = PROTOCOLS.get(scheme_of(url))
+    return (url, {}) if protocol is None else protocol.options(url, read_s, hls_hold_counters)
+
+
+@functools.cache
+def ffmpeg_protocols() -> frozenset[str] | None:
+    """Names of the input protocols of the libavformat PyAV runs (its avio_enum_protocols), or None when that
+    library cannot be found (then nothing is refused up front and a missing protocol shows as the open error)."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+
+    import av
+
+    wheel_libs = os.path.join(os.path.dirname(av.__file__), os.pardir, "av.libs")
+    found = sorted(glob.glob(os.path.join(wheel_libs, "libavformat*"))) or [ctypes.util.find_library("avformat")]
+    if not found[0]:
+        return None
+    try:
+        lib = ctypes.CDLL(found[0])
+        lib.avio_enum_protocols.restype = ctypes.c_char_p
+        lib.avio_enum_protocols.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    cursor, names = ctypes.c_void_p(None), set()
+    while (name := lib.avio_enum_protocols(ctypes.byref(cursor), 0)) is not None:    # 0: input protocols
+        names.add(name.decode())
+    return frozenset(names)
+
+
+def check_protocol(url: str) -> None:
+    """ValueError when the FFmpeg PyAV runs lacks the protocol the URL's scheme needs (srt in the PyAV wheel).
+
+    Registration calls this; a feed stored earlier (or under another PyAV) stays registered and shows "Protocol not
+    found" as its open error."""
+    scheme = scheme_of(url)
+    protocol = PROTOCOLS[scheme].ffmpeg if scheme in PROTOCOLS else scheme
+    protocols = ffmpeg_protocols()
+    if protocols is not None and protocol not in protocols:
+        import av
+
+        raise ValueError(f"{scheme}:// feeds need FFmpeg's {protocol!r} protocol, which the FFmpeg that "
+                         f"PyAV {av.__version__} runs here was built without; use another scheme or a PyAV built "
+                         "against an FFmpeg that has it")
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with its password replaced by ***, for printing."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """'TypeName: message' with any password in the URL hidden."""
+    text = f"{type(exc).__name__}: {exc}"
+    safe = redact_url(url)
+    return text.replace(url, safe) if safe != url else text

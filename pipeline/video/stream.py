@@ -1,0 +1,405 @@
+"""Reading one live source, without Ray: open a stream with PyAV, sample 2 fps by timestamp, cut segments.
+
+One StreamSampler reads one source in a background thread:
+
+    open (PyAV, always with timeouts; options from the protocol table) -> demux -> decode -> map pts to epoch seconds
+    (PtsClock) -> take the first frame every 1/fps s (RateSampler) -> convert only that frame, straight from YUV to
+    the smart_resize size -> segments by the segment rule -> bounded queue that drops the OLDEST segment when full.
+
+Live sources die, hang and restart. Both the end of iteration and any av.error.FFmpegError count as
+"disconnected": the partial segment is flushed (padded to an even frame count), the gap is recorded once frames flow
+again, and the source is reopened with capped exponential backoff plus jitter. Local files (a path or file://) are
+played at real time and loop at EOF, so a demo file behaves like a camera (docs/architecture.md, "Streams and
+protocols").
+
+actors/feeds.py wraps one StreamSampler in a Ray actor (FeedReader); tests drive StreamSampler directly.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import av
+
+from pipeline.records import Segment
+from pipeline.video.clock import Backoff, PtsClock, RateSampler
+from pipeline.video.media import INTERPOLATION, upright
+from pipeline.video.protocols import describe_error, local_file_path, open_arguments, redact_url, validate_url
+from pipeline.video.segments import SegmentBuilder, frames_per_segment
+from qwen2vl.geometry import FACTOR, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
+
+log = logging.getLogger(__name__)
+
+
+class UnusableVideo(ValueError):
+    """The stream decodes, but its frames cannot be used (e.g. smaller than one 28x28 merged patch)."""
+
+
+class SegmentQueue:
+    """Bounded FIFO of segments; put() drops the OLDEST segment when full and counts it."""
+
+    def __init__(self, maxsize: int):
+        if not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"queue size must be an int >= 1, got {maxsize!r}")
+        self.maxsize = maxsize
+        self.drops = 0
+        self._items: collections.deque[Segment] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, segment: Segment) -> Segment | None:
+        """Append; return the segment dropped to make room, if any."""
+        with self._cond:
+            dropped = None
+            if len(self._items) >= self.maxsize:
+                dropped = self._items.popleft()
+                self.drops += 1
+            self._items.append(segment)
+            self._cond.notify_all()
+            return dropped
+
+    def get_many(self, max_n: int = 8, timeout_s: float = 1.0) -> list[Segment]:
+        """Up to max_n segments, oldest first; waits up to timeout_s for the first one ([] on timeout)."""
+        if not isinstance(max_n, int) or max_n < 1:
+            raise ValueError(f"max_n must be an int >= 1, got {max_n!r}")
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._items) > 0, timeout=timeout_s)
+            n = min(max_n, len(self._items))
+            return [self._items.popleft() for _ in range(n)]
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class SamplerConfig:
+    source_id: str
+    url: str
+    fps: float = 2.0
+    segment_seconds: float = 8.0
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+    queue_size: int = 4                 # segments held for the consumer; the oldest is dropped beyond this
+    open_timeout_s: float = 5.0
+    read_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    backoff_jitter: float = 0.2
+    max_pts_jump_s: float = 10.0        # a larger pts jump, or drifting this far behind the clock, re-anchors
+    max_ahead_s: float = 2.0            # frame times running further ahead of the wall clock re-anchor
+    hls_hold_counters: int = 5          # HLS playlist reloads without a new segment before EOF
+    max_gaps_kept: int = 100            # gaps listed in status(); gap_count counts them all
+
+    def __post_init__(self):
+        if not isinstance(self.source_id, str) or not self.source_id or ":" in self.source_id:
+            raise ValueError(f"source_id must be a non-empty str without ':', got {self.source_id!r}")
+        self.url = validate_url(self.url)
+        frames_per_segment(self.fps, self.segment_seconds)
+        if not TOKEN_AREA <= self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need {TOKEN_AREA} <= min_pixels <= max_pixels, got {self.min_pixels}, "
+                             f"{self.max_pixels}")
+        for name in ("open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s", "max_pts_jump_s",
+                     "max_ahead_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_initial_s "
+                             f"({self.backoff_initial_s})")
+        if not 0 <= self.backoff_jitter < 1:
+            raise ValueError(f"backoff_jitter must be in [0, 1), got {self.backoff_jitter}")
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {self.queue_size!r}")
+        if self.hls_hold_counters < 1 or self.max_gaps_kept < 1:
+            raise ValueError("hls_hold_counters and max_gaps_kept must be >= 1")
+
+    @property
+    def frames_per_segment(self) -> int:
+        return frames_per_segment(self.fps, self.segment_seconds)
+
+
+# ---------------------------------------------------------------- the sampler
+
+EventHook = Callable[[str, dict], None]
+
+
+class StreamSampler:
+    """Reads one source in a background thread: start(), next_segments(), status(), stop().
+
+    `on_event(kind, fields)` (optional) is called from the reading thread on state changes:
+    "connected", "disconnected" (with the reason) and "open_failed" (first failure of a streak only).
+    """
+
+    def __init__(self, config: SamplerConfig, on_event: EventHook | None = None):
+        self.config = config
+        self.on_event = on_event
+        self.queue = SegmentQueue(config.queue_size)
+        self._file_path = local_file_path(config.url)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()           # guards the gap list and error fields read by status()
+        self._clock = PtsClock(config.max_pts_jump_s, config.max_ahead_s)
+        self._rate = RateSampler(config.fps)
+        self._builder = SegmentBuilder(config.source_id, config.fps, config.segment_seconds)
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}   # source (h, w) -> target (h, w)
+        # status counters (written by the reading thread only)
+        self.connected = False
+        self.connects = 0
+        self.reconnects = 0
+        self.open_failures = 0
+        self.frames_decoded = 0
+        self.frames_sampled = 0
+        self.segments_produced = 0
+        self.packets_skipped = 0
+        self.last_frame_time: float | None = None    # epoch time of the last sampled frame
+        self.last_decoded_time: float | None = None  # epoch time of the last decoded frame
+        self.last_segment_time: float | None = None  # end time (t1) of the last completed segment
+        self.last_error: str | None = None
+        self.last_error_time: float | None = None
+        self.backoff_s: float | None = None          # the delay before the next attempt, while waiting
+        self.gap_count = 0
+        self._gaps: collections.deque[dict] = collections.deque(maxlen=config.max_gaps_kept)
+        self._open_gap: dict | None = None           # a disconnect whose end (next frame) is not known yet
+        self.frame_size: tuple[int, int] | None = None   # target (height, width) of the sampled frames
+        self.started_at: float | None = None
+
+    # ---- control ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self.run, name=f"feed-{self.config.source_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        """Ask the loop to stop and wait for it; True once the thread has ended.
+
+        Returns promptly unless PyAV is blocked in a read of a hung source, which its timeouts bound to
+        about read_timeout_s (RTSP: the socket timeout) or open_timeout_s.
+        """
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def next_segments(self, max_n: int = 8, timeout_s: float = 1.0) -> list[Segment]:
+        return self.queue.get_many(max_n, timeout_s)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Open, read, reconnect until stop() is called. Runs in the calling thread (start() uses a thread)."""
+        cfg = self.config
+        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s, cfg.backoff_jitter)
+        try:
+            while not self._stop.is_set():
+                try:
+                    container = self._open(backoff)
+                except Exception as e:              # unexpected (a bug, bad options): report, back off, retry
+                    log.exception("feed %s: unexpected error while opening", cfg.source_id)
+                    self._set_error(f"open failed: internal error: {type(e).__name__}: {e}")
+                    self._wait(backoff.next_delay())
+                    continue
+                if container is None:
+                    continue
+                sampled_before = self.frames_sampled
+                reason = self._read(container)
+                if self.frames_sampled > sampled_before:
+                    backoff.reset()                 # it worked for a while: retry soon
+                if self._stop.is_set():
+                    break
+                self._disconnected(reason)
+                self._wait(backoff.next_delay())
+        finally:
+            self._emit_segments(self._builder.flush())
+            self.connected = False
+            self.backoff_s = None
+
+    def _open(self, backoff: Backoff):
+        cfg = self.config
+        url, options = open_arguments(cfg.url, cfg.read_timeout_s, cfg.hls_hold_counters)
+        if self._file_path is not None:
+            url, options = self._file_path, {}
+        try:
+            container = av.open(url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+        except (av.error.FFmpegError, OSError) as e:
+            self.open_failures += 1
+            first_of_streak = backoff.failures == 0
+            self._set_error(f"open failed: {describe_error(e, cfg.url)}")
+            if first_of_streak:
+                self._event("open_failed", {"error": self.last_error})
+            self._wait(backoff.next_delay())
+            return None
+        if not container.streams.video:
+            container.close()
+            self.open_failures += 1
+            self._set_error("open failed: the source has no video stream")
+            self._wait(backoff.next_delay())
+            return None
+        if self.connects > 0:
+            self.reconnects += 1
+        self.connects += 1
+        self.connected = True
+        self._clock.reset()                         # a new connection may start its pts anywhere
+        self._rate.restart()
+        self._event("connected", {"reconnects": self.reconnects})
+        return container
+
+    def _read(self, container) -> str:
+        """Demux and decode until EOF, an error or stop(); return why it ended."""
+        stream = container.streams.video[0]
+        time_base = stream.time_base
+        try:
+            for packet in container.demux(stream):
+                if self._stop.is_set():
+                    return "stopped"
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:       # e.g. the truncated last packet of a dying RTSP session
+                    self.packets_skipped += 1
+                    continue
+                for frame in frames:
+                    self._on_frame(frame, time_base)
+                    if self._stop.is_set():
+                        return "stopped"
+            return "eof"
+        except av.error.FFmpegError as e:               # ExitError (read timeout), TimeoutError, OSError (EIO) ...
+            return describe_error(e, self.config.url)
+        except UnusableVideo as e:
+            return str(e)
+        except Exception as e:                          # a bug must not kill the feed: report it and reconnect
+            log.exception("feed %s: unexpected error while reading", self.config.source_id)
+            return f"internal error: {type(e).__name__}: {e}"
+        finally:
+            try:
+                container.close()
+            except Exception:                           # closing a broken connection may fail again
+                pass
+
+    def _on_frame(self, frame, time_base) -> None:
+        now = time.time()
+        self.frames_decoded += 1
+        pts = frame.pts
+        pts_s = float(pts * (frame.time_base or time_base)) if pts is not None else None
+        t = self._clock.to_epoch(pts_s, now)
+        if self._file_path is not None and t > now:
+            if self._stop.wait(t - now):               # play a file at real time; stop stays prompt
+                return
+        self.last_decoded_time = t
+        if self._open_gap is not None:
+            self._close_gap(t)
+        if not self._rate.take(t):
+            return
+        size = self._target(frame.height, frame.width)
+        rgb = upright(frame, frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                              interpolation=INTERPOLATION))
+        self.frames_sampled += 1
+        self.last_frame_time = t
+        self.frame_size = rgb.shape[:2]
+        self._emit_segments(self._builder.add(t, rgb))
+
+    def _target(self, height: int, width: int) -> tuple[int, int]:
+        key = (height, width)
+        if key not in self._sizes:
+            try:
+                size = smart_resize(height, width, factor=FACTOR, min_pixels=self.config.min_pixels,
+                                    max_pixels=self.config.max_pixels)
+            except ValueError as e:
+                raise UnusableVideo(f"frames of {width}x{height} cannot be resized for the model: {e}") from None
+            self._sizes[key] = tuple(size)
+        return self._sizes[key]
+
+    def _emit_segments(self, segments: list[Segment]) -> None:
+        for seg in segments:
+            self.segments_produced += 1
+            self.last_segment_time = seg.t1
+            dropped = self.queue.put(seg)
+            if dropped is not None:
+                log.info("feed %s: consumer behind, dropped segment %s", self.config.source_id, dropped.segment_id)
+
+    def _disconnected(self, reason: str) -> None:
+        self._emit_segments(self._builder.flush())     # keep what was read before the drop
+        if reason != "eof" or self._file_path is None:
+            self._set_error(f"disconnected: {reason}")
+        now = time.time()
+        with self._lock:
+            if self._open_gap is None and self.last_decoded_time is not None:
+                self._open_gap = {"start": self.last_decoded_time, "end": None, "reason": reason, "detected": now}
+        self.connected = False                         # last, so status() never shows a silent disconnect
+        self._event("disconnected", {"reason": reason})
+
+    def _close_gap(self, t: float) -> None:
+        with self._lock:
+            gap, self._open_gap = self._open_gap, None
+            gap["end"] = t
+            gap["seconds"] = t - gap["start"]
+            self._gaps.append(gap)
+            self.gap_count += 1
+
+    def _wait(self, delay_s: float) -> None:
+        self.backoff_s = delay_s
+        self._stop.wait(delay_s)
+        self.backoff_s = None
+
+    def _set_error(self, message: str) -> None:
+        with self._lock:
+            self.last_error, self.last_error_time = message, time.time()
+        log.warning("feed %s: %s", self.config.source_id, message)
+
+    def _event(self, kind: str, fields: dict) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(kind, {"source_id": self.config.source_id, "url": redact_url(self.config.url), **fields})
+        except Exception:                              # an event sink problem must not stop the feed
+            log.exception("feed %s: event hook failed", self.config.source_id)
+
+    # ---- status -----------------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.time()
+        with self._lock:
+            gaps = [dict(g) for g in self._gaps]
+            open_gap = dict(self._open_gap) if self._open_gap else None
+            last_error, last_error_time = self.last_error, self.last_error_time
+        last = self.last_frame_time
+        return {
+            "source_id": self.config.source_id,
+            "url": redact_url(self.config.url),
+            "running": self.running,
+            "connected": self.connected,
+            "started_at": self.started_at,
+            "last_frame_time": last,
+            "lag_s": None if last is None else now - last,
+            "frame_size": list(self.frame_size) if self.frame_size else None,
+            "frames_decoded": self.frames_decoded,
+            "frames_sampled": self.frames_sampled,
+            "segments_produced": self.segments_produced,
+            "last_segment_time": self.last_segment_time,
+            "queued": len(self.queue),
+            "pending_frames": self._builder.pending,
+            "drops": self.queue.drops,
+            "connects": self.connects,
+            "reconnects": self.reconnects,
+            "open_failures": self.open_failures,
+            "packets_skipped": self.packets_skipped,
+            "reanchors": self._clock.reanchors,
+            "backoff_s": self.backoff_s,
+            "gap_count": self.gap_count,
+            "gaps": gaps,
+            "gaps": gaps,
+            "open_gap": open_gap,
+            "last_error": last_error,
+            "last_error_time": last_error_time,
+        }

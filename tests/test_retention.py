@@ -1,0 +1,63 @@
+"""Retention has its own schedule: the service sweeps with or without live feeds, and every archive job sweeps once."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+
+from pipeline.index import SegmentIndex
+from pipeline.records import IndexedSegment
+from pipeline.retention import RetentionSchedule, sweep_retention
+from pipeline.settings import load_settings
+
+MODEL = "m@1"
+
+
+def _six_segments(root) -> SegmentIndex:
+    index = SegmentIndex(root)
+    tokens = np.zeros((4, 8), dtype=np.float16)
+    for k in range(6):                                    # oldest first: indexed_at 1000, 1001, ...
+        index.add([IndexedSegment(segment_id="", source_id=("a", "b")[k % 2], t0=10.0 * k, t1=10.0 * k + 8,
+                                  grid_thw=(1, 4, 4), tube_ts=[10.0 * k], tokens=tokens, model_id=MODEL)],
+                  indexed_at=1000.0 + k)
+    return index
+
+
+def test_sweep_retention_applies_the_settings_once(tmp_path):
+    index = _six_segments(tmp_path / "index")
+    assert sweep_retention(index, load_settings(data_dir=tmp_path)) == 0          # nothing set: nothing deleted
+    settings = load_settings(data_dir=tmp_path, retention_max_bytes=int(index.stats()["bytes"] / 6 * 2.5))
+    assert sweep_retention(index, settings) == 4
+    assert [r["t0"] for r in index.list("a")] == [40.0] and [r["t0"] for r in index.list("b")] == [50.0]
+    aged = load_settings(data_dir=tmp_path, retention_max_age_hours=1.0)          # indexed in 1970: all too old
+    assert sweep_retention(index, aged) == 2 and index.sources() == []
+
+
+def test_schedule_sweeps_at_start_then_on_its_interval_and_survives_errors(tmp_path):
+    index = _six_segments(tmp_path / "index")
+    per_segment = index.stats()["bytes"] / 6
+    settings = load_settings(data_dir=tmp_path, retention_max_bytes=int(per_segment * 4.5),
+                             retention_sweep_seconds=0.2)
+    schedule = RetentionSchedule(index, settings).start()
+    try:
+        deadline = time.monotonic() + 10
+        while schedule.swept < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert schedule.swept == 2 and schedule.status()["running"]
+        # footage written later is swept by a later round, without a restart
+        index.add([IndexedSegment(segment_id="", source_id="a", t0=100.0, t1=108.0, grid_thw=(1, 4, 4),
+                                  tube_ts=[100.0], tokens=np.zeros((4, 8), np.float16), model_id=MODEL)])
+        deadline = time.monotonic() + 10
+        while schedule.swept < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert schedule.swept == 3 and len(index.list("a")) + len(index.list("b")) == 4
+        # an index volume that went away is an error in status, and the schedule keeps running
+        shutil.rmtree(tmp_path / "index")
+        deadline = time.monotonic() + 10
+        while not schedule.status()["last_error"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert schedule.status()["last_error"] and schedule.status()["running"]
+    finally:
+        schedule.stop()
+    assert not schedule.status()["running"]
