@@ -1,4 +1,4 @@
-"""Qwen2-VL chat format (QWEN2VL_SPEC 4.3): a Jinja template for checkpoint files and the same rules in Python.
+"""Qwen2-VL chat format (docs/model.md §9): a Jinja template for checkpoint files and the same rules in Python.
 
 The Jinja string is what `write_tiny_tokenizer` stores in tokenizer_config.json (transformers renders it); the
 Python `render_chat` is what qwen2vl uses at run time (no Jinja dependency). Tests hold the two equal.

@@ -1,4 +1,4 @@
-"""Checkpoints in the Hugging Face layout: load (names, shards, ties, dtypes; QWEN2VL_SPEC 5) and write tiny random ones."""
+"""Checkpoints in the Hugging Face layout: load (names, shards, ties, dtypes) and write tiny random ones (docs/model.md §10-11)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from .vision import VisionTransformer
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Newer transformers in-memory names -> original checkpoint names (the inverse of its load-time renames, spec 5.2).
+# Newer transformers in-memory names -> original names (the inverse of its load-time renames; docs/model.md §10).
 _NEW_TO_ORIGINAL = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
 
 
@@ -35,7 +35,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tied = config.text.tie_word_embeddings
     state = _read_state_dict(path, expected, tied, dtype, device)
-    if tied:   # no lm_head tensor in tied files (spec 5.1): share the embedding
+    if tied:   # no lm_head tensor in tied files (docs/model.md §10): share the embedding
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
@@ -195,7 +195,7 @@ def write_tiny_checkpoint(directory: str | Path, *, seed: int = 0, dtype: torch.
     _save_shards(state, directory, shards)
 
     (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    pad = config.bos_token_id          # <|endoftext|>: Qwen's pad and second stop id (spec 4.1)
+    pad = config.bos_token_id          # <|endoftext|>: Qwen's pad and second stop id (docs/model.md §9)
     stops = [i for i in ([config.eos_token_id] if isinstance(config.eos_token_id, int) else config.eos_token_id or [])]
     if pad is not None and pad not in stops:
         stops.append(pad)

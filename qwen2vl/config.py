@@ -2,7 +2,7 @@
 
 Hub files are flat with rope_scaling={"type": "mrope", ...}; transformers 4.57 also writes a nested
 text_config and rewrites the rope type to "default"; 5.x writes rope_parameters. We read mrope_section
-wherever it is and never key on the rope type (QWEN2VL_SPEC 5.2).
+wherever it is and never key on the rope type (docs/model.md §10).
 """
 from __future__ import annotations
 

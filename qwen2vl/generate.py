@@ -1,4 +1,4 @@
-"""Token generation: prefill once, then one token per step from the KV cache (QWEN2VL_SPEC 3.5).
+"""Token generation: prefill once, then one token per step from the KV cache (positions: docs/model.md §7).
 
 Stop ids default to the checkpoint's generation_config.json (model.generation_config), never constants here.
 """

@@ -1,4 +1,4 @@
-"""The pixel geometry every Qwen2-VL checkpoint shares, and smart_resize (docs/model.md §2).
+"""The pixel geometry every Qwen2-VL checkpoint shares, and smart_resize (docs/model.md §2, §3).
 
 Torch-free on purpose: the ingest pipeline sizes frames and checks settings with these numbers in processes that
 never load the model. Everything else (processor, pipeline, settings) imports them from here.
@@ -16,12 +16,12 @@ TOKEN_AREA = FACTOR * FACTOR                      # 784 pixels per visual token 
 PATCHES_PER_TOKEN = MERGE_SIZE * MERGE_SIZE       # 4
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_AREA  # 1176 values in one pixel row
 
-# Checkpoint preprocessor_config.json bounds: 4 .. 16384 tokens per image.
+# Checkpoint preprocessor_config.json bounds (docs/model.md §3): 4 .. 16384 tokens per image.
 IMAGE_MIN_PIXELS = 4 * TOKEN_AREA                 # 3136
 IMAGE_MAX_PIXELS = 16384 * TOKEN_AREA             # 12845056
 MAX_ASPECT_RATIO = 200
 
-# The video budget of Qwen's own video utilities, which tubescope uses for footage.
+# The video budget of Qwen's own video utilities, which tubescope uses for footage (docs/model.md §3, §4).
 VIDEO_FPS = 2.0
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4

@@ -1,4 +1,4 @@
-"""Qwen2VL: vision tower + text decoder + output layer; scatters visual tokens into the prompt (QWEN2VL_SPEC 3.8).
+"""Qwen2VL: vision tower + text decoder + output layer; scatters visual tokens into the prompt (docs/model.md §6).
 
 Module tree equals the original checkpoint names (`visual.*`, `model.*`, `lm_head.*`), so those state dicts load as is.
 """

@@ -9,7 +9,7 @@ Converting the weight with `to_mkldnn()` first measured no faster, so the weight
 module saves, loads, ties and moves like the nn.Linear it was, and takes no extra memory.
 
 `use_onednn_linears_(module)` turns every plain nn.Linear below `module` into a OneDNNLinear in place. Anything else
-(training with autograd, fp16/bf16, a GPU) takes F.linear as before.
+(training with autograd, fp16/bf16, a GPU) takes F.linear, as a plain nn.Linear does (docs/model.md §14).
 """
 from __future__ import annotations
 

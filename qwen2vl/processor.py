@@ -1,6 +1,6 @@
 """Qwen2-VL preprocessing: resize, normalize, patch rows, frame sampling plan, placeholder expansion.
 
-Pure functions first (QWEN2VL_SPEC 1.2, 2.1-2.3), then `Processor`, which matches transformers' Qwen2VLProcessor
+Pure functions first (docs/model.md §2-4), then `Processor`, which matches transformers' Qwen2VLProcessor
 with the slow PIL image processor. Images go the unified path: a single frame padded to a tube of two identical
 frames. Videos arrive as already-sampled uint8 frames (decoding lives in pipeline/, never here).
 """
@@ -93,7 +93,7 @@ def normalize(frames, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rescale_factor
 
 def patchify(frames: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2,
              merge_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """[F, C, H, W] -> (pixel_rows [t*h*w, C*tp*p*p], grid_thw (t, h, w)) in QWEN2VL_SPEC 1.2 row order.
+    """[F, C, H, W] -> (pixel_rows [t*h*w, C*tp*p*p], grid_thw (t, h, w)) in docs/model.md §2 row order.
 
     Rows go t, merge-block row, merge-block col, row in block, col in block; each row is (c, tp, py, px).
     An odd frame count is padded by repeating the last frame.
@@ -182,7 +182,7 @@ _PREPROCESSOR_KEYS = {"min_pixels", "max_pixels", "patch_size", "temporal_patch_
 
 
 def write_preprocessor_config(directory: str | Path, **overrides) -> Path:
-    """Write preprocessor_config.json in the released checkpoints' format (QWEN2VL_SPEC 2.2)."""
+    """Write preprocessor_config.json in the released checkpoints' format (docs/model.md §3)."""
     unknown = set(overrides) - _PREPROCESSOR_KEYS
     if unknown:
         raise ValueError(f"unknown preprocessor_config keys {sorted(unknown)}; expected some of {sorted(_PREPROCESSOR_KEYS)}")
@@ -317,7 +317,7 @@ class Processor:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, add_vision_id: bool = False,
                             tokenize: bool = False):
-        """QWEN2VL_SPEC 4.3 prompt string (or its ids); a list of conversations gives a list."""
+        """Chat-template prompt string (docs/model.md §9), or its ids; a list of conversations gives a list."""
         if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple)):
             return [self.apply_chat_template(m, add_generation_prompt, add_vision_id, tokenize) for m in messages]
         prompt = render_chat(messages, add_generation_prompt, add_vision_id)

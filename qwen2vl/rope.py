@@ -1,4 +1,4 @@
-"""Text-side rotary embedding: M-RoPE (QWEN2VL_SPEC 3.3) and the 3-axis position ids (get_rope_index, spec 3.4).
+"""Text-side rotary embedding: M-RoPE and the 3-axis position ids (get_rope_index); docs/model.md §7.
 
 M-RoPE gives every token three position ids (temporal, height, width). The head_dim/2 frequency slots are split
 into mrope_section = [t, h, w] consecutive groups; group i rotates by the position on axis i. For text all three
@@ -25,7 +25,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids (3, B, S) -> cos, sin (B, S, head_dim) in `dtype`, each slot taking its section's axis.
 
-    Computed in fp32 (spec 10) and cast at the end, as the reference does.
+    Computed in fp32 and cast at the end, as the reference does (docs/model.md §7).
     """
     if position_ids.ndim != 3 or position_ids.shape[0] != 3:
         raise ValueError(f"position_ids must be (3, batch, seq), got {tuple(position_ids.shape)}")

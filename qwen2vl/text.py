@@ -1,4 +1,4 @@
-"""Qwen2 text decoder with M-RoPE (QWEN2VL_SPEC 3.2-3.3). Module names match the checkpoint's `model.*` tensors."""
+"""Qwen2 text decoder with M-RoPE (docs/model.md §6, §7). Module names match the checkpoint's `model.*` tensors."""
 from __future__ import annotations
 
 import torch
@@ -117,7 +117,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back BEFORE the weight multiply (spec 3.2).
+        # Normalise in fp32, cast back BEFORE the weight multiply, as the reference does (docs/model.md §6).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

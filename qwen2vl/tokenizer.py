@@ -3,7 +3,7 @@
 Special token ids are read from the files (tokenizer.json added tokens, tokenizer_config.json), never assumed.
 `write_tiny_tokenizer` builds a small real tokenizer in the checkpoint layout for tests and the demo model: a BPE
 vocabulary of about a thousand tokens trained on a built-in English text, plus the Qwen special tokens at their
-real ids 151643..151656 (QWEN2VL_SPEC 4.1), so prompts built against it carry the same ids as the released models.
+real ids 151643..151656 (docs/model.md §9), so prompts built against it carry the same ids as the released models.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 
 from qwen2vl.chat import CHAT_TEMPLATE
 
-# The Qwen special tokens in id order from FIRST_SPECIAL_ID (QWEN2VL_SPEC 4.1). Used only to WRITE a tokenizer;
+# The Qwen special tokens in id order from FIRST_SPECIAL_ID (docs/model.md §9). Used only to WRITE a tokenizer;
 # reading always goes through the files.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",

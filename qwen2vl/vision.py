@@ -1,7 +1,7 @@
-"""Qwen2-VL vision tower (QWEN2VL_SPEC section 1): patch embed, 2D-rotary ViT blocks, 2x2 patch merger.
+"""Qwen2-VL vision tower (docs/model.md §5): patch embed, 2D-rotary ViT blocks, 2x2 patch merger.
 
 One call encodes a packed batch of many images and video tubes of different sizes. Attention stays inside each
-temporal slice (cu_seqlens, SPEC 1.6); nothing is padded and no mask over the batch is ever built.
+temporal slice (cu_seqlens); nothing is padded and no mask over the batch is ever built.
 
 Speed (inference only; forward runs under no_grad and updates the hidden state in place):
 - the batch is walked in row tiles made of whole temporal slices, so every intermediate of a block is a few MiB.
@@ -72,7 +72,7 @@ def _grid_pos_ids(h: int, w: int, merge: int) -> Tensor:
 
 
 def vision_rotary_pos_ids(grid_thw, spatial_merge_size: int = 2) -> Tensor:
-    """2D rotary position ids of every patch of a packed batch (SPEC 1.4), LongTensor [N, 2] (h_id, w_id)."""
+    """2D rotary position ids of every patch of a packed batch (docs/model.md §5), LongTensor [N, 2] (h_id, w_id)."""
     grid = grid_list(grid_thw, spatial_merge_size)
     if not grid:
         return torch.zeros(0, 2, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Real live-stream servers on 127.0.0.1 for tests (recipes from /work/shared/STREAMS.md).
+"""Real live-stream servers on 127.0.0.1 for tests (see docs/architecture.md, "Streams and protocols").
 
 - RtspServer: a GStreamer RTSP server (Debian's /usr/bin/python3 with gi; apt packages
   gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-{base,good,bad,ugly}) serving a live test pattern.

@@ -68,7 +68,7 @@ def test_model_init_tiny(tmp_path):
         assert result.exit_code == 0, result.output
         assert (tmp_path / "tiny" / "config.json").is_file()
         assert list((tmp_path / "tiny").glob("*.safetensors"))
-    else:                                                          # issue 3 not landed: the stub says so
+    else:                                                          # a qwen2vl without the writer: the CLI stub says so
         assert result.exit_code == 2 and "lands with issue 3" in result.stderr
 
 

@@ -107,7 +107,7 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
     video = make_stream_video(tmp_path / "lobby.mp4", seconds=3.0)
     add_feed(r, str(video), name="lobby", feed_id="lobby", settings=settings)
     add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)
-    # stored before this PyAV (no libsrt here): registration would refuse it now, but the record must still load
+    # a record written where PyAV has SRT: registration here (no libsrt) refuses such a URL, but the record must load
     r.hset(FEEDS_KEY, "oldsrt", json.dumps({"id": "oldsrt", "url": f"srt://127.0.0.1:{free_tcp_port()}",
                                             "name": "oldsrt", "fps": None, "max_pixels": None,
                                             "created": time.time() + 1}))

@@ -1,4 +1,5 @@
-"""Footage selection, video blocks, time labels and temporal M-RoPE positions (DESIGN 4) over a real index.
+"""Footage selection, video blocks, time labels and temporal M-RoPE positions over a real index
+(docs/architecture.md, "Temporal positions"; docs/model.md §8).
 
 The index holds real clips (PyAV-encoded, decoded at 2 fps) whose tokens come from the tiny model's vision tower.
 The helpers at the top are shared with test_decoder.py and test_search.py.

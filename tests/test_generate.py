@@ -137,7 +137,7 @@ def test_explicit_positions_and_temporal_ids(pair):
     default = ours.generate(**inputs, max_new_tokens=6)
     pos, deltas = qwen2vl.get_rope_index(inputs["input_ids"], None, inputs["video_grid_thw"], config=ours.config)
     assert torch.equal(ours.generate(**inputs, max_new_tokens=6, position_ids=pos, rope_deltas=deltas), default)
-    # Tubes placed with a gap (DESIGN 4): positions change, and decoding continues after the larger max position.
+    # Tubes placed with a gap (docs/model.md §8): positions change; decoding continues after the larger max position.
     gapped, gapped_deltas = qwen2vl.get_rope_index(inputs["input_ids"], None, inputs["video_grid_thw"],
                                                    config=ours.config, video_temporal_ids=[torch.tensor([0, 1, 5, 6])])
     assert int(gapped_deltas) == int(deltas) + 3                    # temporal extent 7 instead of 4 (spatial 2)

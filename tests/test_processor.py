@@ -1,4 +1,4 @@
-"""Processor against transformers 4.57.6 (slow PIL Qwen2VLImageProcessor) and QWEN2VL_SPEC 1.2 / 2.1 / 2.3."""
+"""Processor against transformers 4.57.6 (slow PIL Qwen2VLImageProcessor) and the facts of docs/model.md §2-4."""
 import json
 
 import numpy as np
@@ -65,7 +65,7 @@ def _assert_same(ours, ref):
         assert torch.equal(ours[key], ref[key]), key
 
 
-# ---- smart_resize (QWEN2VL_SPEC 2.1) ----------------------------------------------------------------------------
+# ---- smart_resize (docs/model.md §2) ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size, resized, tokens", [
     ((1080, 1920), (1092, 1932), 2691),
@@ -102,7 +102,7 @@ def test_smart_resize_rejects_bad_sizes():
     assert smart_resize(28, 5600) == (28, 5600)      # exactly 200 is allowed
 
 
-# ---- video sampling plan (QWEN2VL_SPEC 2.3) ---------------------------------------------------------------------
+# ---- video sampling plan and budget (docs/model.md §3, §4) -------------------------------------------------------
 
 def test_video_frame_indices_spec_examples():
     # 10 s at 30 fps -> 20 frames at 2 fps, first and last frame included.
@@ -143,7 +143,7 @@ def test_video_pixel_budget_spec_examples():
 # ---- pixel ops --------------------------------------------------------------------------------------------------
 
 def test_patchify_row_order_follows_spec():
-    # Every pixel value names its own (frame, channel, y, x), so each row entry can be checked against spec 1.2.
+    # Every pixel value names its own (frame, channel, y, x), so each row entry is checked against docs/model.md §2.
     n_frames, height, width = 3, 56, 84
     f, c, y, x = np.meshgrid(np.arange(n_frames), np.arange(3), np.arange(height), np.arange(width), indexing="ij")
     frames = torch.from_numpy((((f * 3 + c) * height + y) * width + x).astype(np.float64))

@@ -1,4 +1,4 @@
-"""get_rope_index against transformers 4.57.6 (exact equality), plus explicit temporal ids (DESIGN 4)."""
+"""get_rope_index against transformers 4.57.6 (exact equality), plus explicit temporal ids (docs/model.md §7, §8)."""
 import pytest
 import torch
 

@@ -30,7 +30,7 @@ def test_defaults_follow_the_design(tmp_path):
     assert s.resolved_model_path() == tmp_path / "tubescope-data" / "models" / "tiny-qwen2vl"
     assert s.index_root == tmp_path / "tubescope-data" / "index"
     assert (s.fps, s.segment_seconds, s.frames_per_segment, s.tubes_per_segment) == (2.0, 8.0, 16, 8)
-    assert (s.min_pixels, s.max_pixels) == (128 * 28 * 28, 768 * 28 * 28)      # QWEN2VL_SPEC 2.3
+    assert (s.min_pixels, s.max_pixels) == (128 * 28 * 28, 768 * 28 * 28)      # docs/model.md §3
     assert s.encoder_token_budget >= s.max_pixels // (14 * 14)
     assert s.encoder_cpus < 1                                                  # never starve read tasks
 

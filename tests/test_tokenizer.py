@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, Qwen2Tokenizer
 from qwen2vl.chat import render_chat
 from qwen2vl.tokenizer import Tokenizer, write_tiny_tokenizer
 
-REAL_SPECIAL_IDS = {  # QWEN2VL_SPEC 4.1
+REAL_SPECIAL_IDS = {  # the released models' ids (docs/model.md §9)
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
     "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649,
     "<|quad_start|>": 151650, "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653,
@@ -142,7 +142,7 @@ def test_chat_template_matches_reference(ours, ref, name, add_generation_prompt,
 
 
 def test_chat_template_spec_example():
-    # QWEN2VL_SPEC 4.3, a user turn with one video then text, before expansion.
+    # docs/model.md §9: a user turn with one video then text, before expansion.
     expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "<|vision_start|><|video_pad|><|vision_end|>Describe this video.<|im_end|>\n<|im_start|>assistant\n")
     assert render_chat(CONVERSATIONS["video"]) == expected

@@ -165,7 +165,7 @@ def test_rotary_pos_ids_spec_example_and_reference_angles():
 
 def test_rotary_tables_stay_on_cpu_whatever_the_default_device():
     """load_pretrained builds the tower under `with torch.device(device)`; a table made there (on cuda) and grown
-    later outside it (on cpu) failed on the first GPU batch. Meta stands in for cuda here."""
+    later outside it (on cpu) would fail the first GPU batch (docs/model.md §5). Meta stands in for cuda here."""
     with torch.device("meta"):
         rotary = VisionRotary(head_dim=16, spatial_merge_size=2)
         small = rotary.cos_sin(2, 2, torch.device("cpu"))

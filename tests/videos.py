@@ -202,7 +202,7 @@ def probe_video(path: str | Path) -> ProbedVideo:
     with av.open(str(path)) as container:
         vs = container.streams.video[0]
         vs.thread_type = "AUTO"
-        avg = float(vs.average_rate) if vs.average_rate else 0.0    # read before close (FIELD_NOTES)
+        avg = float(vs.average_rate) if vs.average_rate else 0.0    # read before close: PyAV returns garbage afterwards
         has_audio = len(container.streams.audio) > 0
         pts, first, last, size = [], None, None, None
         for frame in container.decode(vs):
