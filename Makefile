@@ -13,7 +13,7 @@ CONSTRAINTS := $(VENV)/torch-constraint.txt
 PYTEST_ARGS ?=
 BENCH_OUT   ?= .bench
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test system-packages bench clean-venv
 
 venv: $(STAMP)
 
@@ -29,7 +29,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/tubescope demo
 
-test: $(STAMP)
+# The Debian packages the tests use (ffmpeg, redis-server, GStreamer's RTSP server, prometheus): installed when
+# missing (as root or with sudo), otherwise named with the command to install them.
+system-packages:
+	@bash .ci/system-packages
+
+test: system-packages $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Each bench/*.py prints one JSON report; copies go to $(BENCH_OUT)/.
