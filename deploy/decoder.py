@@ -1,4 +1,6 @@
-"""Decoder: answers questions over indexed footage from its stored visual tokens (DESIGN 4-5, issue 5).
+"""Decoder: answers questions over indexed footage from its stored visual tokens.
+
+See docs/architecture.md, "Temporal positions" and "Search".
 
 Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
   select  list the window's segments (metadata only); over the visual-token budget, narrow to the best segments by
@@ -104,7 +106,7 @@ class Decoder:
         results = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
                     "score": float(score)} for r, score in ranked[:limit]]
         metrics.record_search(time.perf_counter() - t_start)
-        if self.events is not None:          # DESIGN 5: search results and their evidence go to Redis too
+        if self.events is not None:          # search results and their evidence go to Redis too
             self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
                                                "sources": list(dict.fromkeys([sources] if isinstance(sources, str)
                                                                              else sources)),

@@ -1,6 +1,6 @@
 """Footage for a question: which segments, grouped into which video blocks, with which prompt and M-RoPE positions.
 
-Pure functions over index metadata (DESIGN 4): no model, no token bytes.
+Pure functions over index metadata (docs/architecture.md, "Temporal positions"): no model, no token bytes.
 
 - `list_window` lists the segments of some sources overlapping [start, end) (metadata only, so hours are cheap).
 - `group_blocks` makes ONE video block per run of a source's selected segments at one resolution, in time order.

@@ -1,4 +1,4 @@
-"""Segment ranking with the model itself (DESIGN 5).
+"""Segment ranking with the model itself (docs/architecture.md, "Search").
 
 score(segment, query) = log p(" yes") - log p(" no") (= the difference of the two logits, so only those two rows
 of the output layer are computed) for the next token after
@@ -10,8 +10,7 @@ short question suffix, batched over segments (caches stacked with left padding).
 Work bound for long windows: at most `sample_cap` candidates are scored first, spread evenly over the window's
 segments in time order; then up to `refine_cap` more, the unscored neighbours (+-1, +-2, ...) of the best
 `refine_top` scores. So one query scores at most sample_cap + refine_cap segments (64 + 32 by default) however long
-the window is; segments never scored are not ranked. Per-segment captions written at index time (DESIGN 5's text
-search stage) are out of scope here.
+the window is; segments never scored are not ranked.
 """
 from __future__ import annotations
 

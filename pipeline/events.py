@@ -1,4 +1,4 @@
-"""Events to Redis streams, with a bounded on-disk outbox for when Redis is away (DESIGN.md section 6).
+"""Events to Redis streams, with a bounded on-disk outbox for when Redis is away (docs/architecture.md, "Events").
 
 `EventSink.emit(stream, fields)` XADDs one entry (MAXLEN ~ trimmed) and returns its id. When Redis is unreachable the
 event is written to the outbox (one JSON file per event, named by a sequence number, so it survives a restart) and
@@ -28,7 +28,7 @@ from pipeline import metrics
 
 log = logging.getLogger("tubescope.events")
 
-# Every stream tubescope writes; keys are namespaced "tubescope:" (DESIGN 6).
+# Every stream tubescope writes; keys are namespaced "tubescope:".
 STREAM_PREFIX = "tubescope:"
 SEGMENTS_STREAM = "tubescope:segments"     # one entry per indexed segment
 ERRORS_STREAM = "tubescope:errors"         # one entry per failure (bad file, dead feed, dropped events)

@@ -1,4 +1,4 @@
-"""SegmentIndex: the footage index, an Arrow/Parquet dataset partitioned by source (DESIGN.md sections 3 and 6).
+"""SegmentIndex: the footage index, an Arrow/Parquet dataset partitioned by source (docs/architecture.md, "Index").
 
 Layout under `root` (a local path or any pyarrow.fs URI):
 

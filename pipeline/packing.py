@@ -59,7 +59,7 @@ def pack_tubes(grids: list[tuple[int, int, int]], budget: int) -> list[PackedBat
 def gather_batch(batch: PackedBatch, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel rows (patches, 1176) and per-tube grid_thw (tubes, 3) of one packed batch.
 
-    rows[i] is segment i's pixel rows in QWEN2VL_SPEC 1.2 order (t-major), so tube k is a contiguous slice.
+    rows[i] is segment i's pixel rows in the model's row order (t-major, docs/model.md §2), so tube k is a contiguous slice.
     Consecutive tubes of one segment are taken as one slice and one grid row (t>1), which the tower treats identically.
     """
     pieces, grid_rows = [], []
