@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -15,8 +14,8 @@ from .vision import VisionTransformer
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Newer transformers in-memory names -> original names (the inverse of its load-time renames; docs/model.md §10).
-_NEW_TO_ORIGINAL = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+# The two weight-name schemes (docs/model.md §10): (original prefix, newer transformers prefix), read both ways.
+NAME_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -115,9 +114,9 @@ def _weight_files(path: Path) -> list[Path]:
 
 def original_name(name: str) -> str:
     """Map either naming scheme to the original one (`visual.*`, `model.*`, `lm_head.*`)."""
-    for pattern, replacement in _NEW_TO_ORIGINAL:
-        if pattern.match(name):
-            return pattern.sub(replacement, name, count=1)
+    for original, new in NAME_PREFIXES:
+        if name.startswith(new):
+            return original + name[len(new):]
     return name
 
 
@@ -235,10 +234,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 def new_name(name: str) -> str:
     """Original name -> the newer transformers scheme (`model.visual.*`, `model.language_model.*`)."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
+    for original, new in NAME_PREFIXES:
+        if name.startswith(original):
+            return new + name[len(original):]
     return name
 
 
