@@ -84,6 +84,12 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     assert len(seg_events) == report.segments
     assert {e[1][b"segment_id"].decode() for e in seg_events} == {
         r["segment_id"] for src in expected for r in index.list(src)}
+    # archive and live events share one shape (pipeline.indexing); an archive's names the file it came from
+    fields = [{k.decode(): v.decode() for k, v in e[1].items()} for e in seg_events]
+    assert all(f["live"] == "0" and f["model_id"] and int(f["tokens"]) > 0 for f in fields)
+    by_id = {f["segment_id"]: f for f in fields}
+    assert by_id["wide:0"]["path"] == str(good[0]) and by_id["wide:0"]["padded"] == "0"
+    assert by_id["one:0"]["padded"] == "1"                          # one frame, repeated to make a tube
     err_events = client.xrange(ERRORS_STREAM)
     assert sorted(e[1][b"path"].decode() for e in err_events) == sorted(f["path"] for f in report.failed)
 
@@ -143,3 +149,12 @@ def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny
                           capture_output=True, text=True, timeout=60)
     assert miss.returncode == 1 and "index root" in miss.stderr and "Traceback" not in miss.stderr, miss.stderr
     assert not (tmp_path / "typo" / "index").exists()
+
+
+def test_a_finished_job_applies_retention(tmp_path, video_factory, ray_local, tiny_model):
+    clip = video_factory("kept.mp4", width=64, height=48, fps=10, seconds=4.0)
+    s = _settings(tmp_path, tiny_model, retention_max_bytes=1)      # no segment fits: the sweep removes them all
+    index = SegmentIndex(s.index_root)
+    report = index_archive([str(clip)], s, VisionEncoder, index=index, progress=False)
+    assert report.segments == 2 and report.exit_code == 0
+    assert index.list("kept") == []

@@ -38,6 +38,7 @@ def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, 
                            what="three live segments indexed")
         fields = [{k.decode(): v.decode() for k, v in e[1].items()} for e in entries]
         assert {f["source_id"] for f in fields} == {"lobby"} and all(f["live"] == "1" for f in fields)
+        assert all(f["padded"] in ("0", "1") and f["model_id"] and "path" not in f for f in fields)
         # indexed within a few seconds of the segment's last frame (1-s segments, real-time playback)
         assert max(float(f["latency_s"]) for f in fields) < 5.0, fields
         rows = index.list("lobby")
