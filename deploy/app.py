@@ -2,7 +2,7 @@
 
     ApiIngress   (FastAPI; routes below; OpenAPI at /docs)  -- auth, limits, feeds, jobs, sources
        |-- DecoderServer  (deploy.decoder.Decoder: one model load per replica; search and ask)
-       `-- FeedService    (FeedSupervisor loop thread + the LiveIndexer actor: feeds resume after a restart)
+       `-- FeedService    (FeedSupervisor.run in a thread + the LiveIndexer actor: feeds resume after a restart)
 
 `build_app(settings)` returns the bound Serve application; `run_app` starts it on a local Ray and waits until
 /healthz answers; `stop_app` shuts Serve down. deploy/serve.yaml names `deploy.app:app_from_env` for clusters.
@@ -306,7 +306,7 @@ class DecoderServer:
 
 
 class FeedService:
-    """Owns the FeedSupervisor loop (registry -> running FeedReaders) and, optionally, the LiveIndexer actor.
+    """Runs FeedSupervisor.run in a thread (registry -> running FeedReaders) and, optionally, the LiveIndexer actor.
 
     It is a Serve deployment of one replica, so a restarted or redeployed app resumes every registered feed."""
 
@@ -314,10 +314,6 @@ class FeedService:
         from actors.feeds import NAMESPACE, FeedSupervisor
 
         self.supervisor = FeedSupervisor(redis_url, settings)
-        self.interval_s = settings.feed_reconcile_seconds
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
         self.live = None
         if live:
             from actors.live import LiveIndexer
@@ -325,27 +321,17 @@ class FeedService:
             self.live = LiveIndexer.options(name=LIVE_INDEXER_NAME, namespace=NAMESPACE).remote(
                 settings, model_path, redis_url)
             self.live.start.remote()
-        self._thread = threading.Thread(target=self._loop, name="feed-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self.supervisor.run, args=(settings.feed_reconcile_seconds,),
+                                        name="feed-supervisor", daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    self.supervisor.reconcile()
-            except Exception:                 # Redis or Ray hiccup: keep going, the next round retries
-                log.exception("feed reconcile failed")
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-
     def reconcile_now(self) -> bool:
-        """Wake the loop (after a feed was added or removed) instead of waiting for the next round."""
-        self._wake.set()
+        """Start the supervisor's next round now (a feed was added or removed) instead of after its interval."""
+        self.supervisor.wake()
         return True
 
     def status(self) -> dict:
-        with self._lock:
-            feeds = self.supervisor.statuses(STATUS_TIMEOUT_S)
+        feeds = self.supervisor.statuses(STATUS_TIMEOUT_S)
         live = None
         if self.live is not None:
             try:
@@ -355,14 +341,12 @@ class FeedService:
         return {"feeds": feeds, "live_indexer": live}
 
     def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is None:
+        thread = getattr(self, "_thread", None)
+        if thread is None:
             return
-        stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-        with self._lock:
-            self.supervisor.stop_all()
+        self.supervisor.stop()
+        thread.join(timeout=10)
+        self.supervisor.stop_all()
         if self.live is not None:
             try:
                 ray.get(self.live.stop.remote(), timeout=30)
