@@ -42,7 +42,8 @@ class ServiceContext:
             self.feed_service.reconcile_now.remote()
 
 
-def service(request: Request) -> ServiceContext:
+async def service(request: Request) -> ServiceContext:
+    """The service context of this app (async: it does no I/O, and FastAPI sends sync dependencies to a thread)."""
     context = getattr(request.app.state, "service", None)
     if context is None:
         raise RuntimeError("the API has no service context: build it with create_api(context)")
@@ -59,7 +60,7 @@ def _authenticate(context: ServiceContext, credentials: HTTPAuthorizationCredent
     return context.authorizer.authenticate(f"Bearer {credentials.credentials}" if credentials else None)
 
 
-def public() -> None:
+async def public() -> None:
     """No key: the route answers anyone (health and metrics only)."""
 
 
