@@ -8,10 +8,10 @@ FeedReader: a threaded Ray actor (small CPU claim, so several fit on 2 CPUs besi
 StreamSampler (pipeline/video/stream.py). Its reading thread never blocks a call: the live indexer pulls
 segments with next_segments() while status() stays answerable.
 
-FeedSupervisor: a plain class, not an actor. The process that serves the app owns it and calls reconcile()
-periodically (or run() in a thread); readers() hands the reader handles to the live indexer in the same
-process. Readers are named actors ("tubescope-feed-<id>" in namespace "tubescope"), so a new supervisor adopts
-readers that are still alive, and starts the others: after a service restart every registered feed resumes.
+FeedSupervisor: a plain class, not an actor. The process that serves the app owns it and runs run() in a
+thread (wake() starts the next round at once); readers() hands the reader handles to the live indexer in the
+same process. Readers are named actors ("tubescope-feed-<id>" in namespace "tubescope"), so a new supervisor
+adopts readers that are still alive, and starts the others: after a service restart every registered feed resumes.
 With detached=True the readers outlive the supervisor's process (a Ray cluster that keeps running); by default
 they die with it, and the next supervisor starts them afresh.
 """
@@ -160,7 +160,7 @@ class _FeedReader:
         self.sampler = StreamSampler(sampler_config(self.feed, settings, **(sampler_options or {})),
                                      on_event=self._on_event)
         self.sink = None
-        if events_redis_url:                         # failures go to the tubescope:errors stream
+        if events_redis_url:                         # feed failures go to tubescope:errors
             from pipeline.events import EventSink
             self.sink = EventSink(events_redis_url, settings.outbox_dir / "feeds" / self.feed["id"],
                                   maxlen=settings.stream_maxlen)
@@ -228,7 +228,8 @@ def reader_name(feed_id: str) -> str:
 
 class FeedSupervisor:
     """Keeps one running FeedReader per registered feed: reconcile() starts new ones, stops removed ones and
-    restarts dead or stuck ones; run() repeats it. Not thread-safe: call reconcile() from one thread at a time.
+    restarts dead or stuck ones; run() repeats it. Each round of run() holds `lock`, and statuses() and stop_all()
+    take it too, so other threads may call them while run() goes; call reconcile() itself from one thread at a time.
     """
 
     def __init__(self, redis: Any, settings: Settings | None = None, *, namespace: str = NAMESPACE,
@@ -246,7 +247,9 @@ class FeedSupervisor:
         self._feeds: dict[str, dict] = {}
         self._unresponsive: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
+        self.lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
 
     # ---- reconcile ------------------------------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
@@ -270,27 +273,35 @@ class FeedSupervisor:
             log.info("feeds reconciled: %s", {k: v for k, v in done.items() if v})
         return done
 
-    def run(self, interval_s: float = 5.0, stop_event: threading.Event | None = None) -> None:
-        """reconcile() every interval_s until stop() (or stop_event) is set; errors are logged, not fatal."""
+    def run(self, interval_s: float = 5.0) -> None:
+        """reconcile() every interval_s, or at once after wake(), until stop(). A failed round is logged and the next
+        one retries."""
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        stop_event = stop_event or self._stop
-        while not stop_event.is_set():
+        while not self._stop.is_set():
             try:
-                self.reconcile()
+                with self.lock:
+                    self.reconcile()
             except Exception:                          # Redis down, Ray hiccup: keep the readers, try again later
                 log.exception("feed reconcile failed; retrying in %s s", interval_s)
-            stop_event.wait(interval_s)
+            self._wake.wait(interval_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Start run()'s next round now (a feed was added or removed) instead of after interval_s."""
+        self._wake.set()
 
     def stop(self) -> None:
-        """End run(); the readers keep running (use stop_all() to stop them too)."""
+        """End run() without waiting out its interval; the readers keep running (stop_all() stops them too)."""
         self._stop.set()
+        self._wake.set()
 
     def stop_all(self) -> None:
         """Stop run() and every reader this supervisor holds (service shutdown)."""
         self.stop()
-        for fid in list(self._readers):
-            self._stop_reader(fid)
+        with self.lock:
+            for fid in list(self._readers):
+                self._stop_reader(fid)
 
     # ---- views ----------------------------------------------------------------------------------------------
     def readers(self) -> dict[str, Any]:
@@ -299,16 +310,17 @@ class FeedSupervisor:
 
     def statuses(self, timeout_s: float | None = None) -> dict[str, dict]:
         """feed id -> the reader's status (plus restarts), or {"error": ...} for a reader that did not answer."""
-        refs = {fid: h.status.remote() for fid, h in self._readers.items()}
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s or self.call_timeout_s)
-        out = {}
-        for fid, ref in refs.items():
-            try:
-                out[fid] = {**ray.get(ref, timeout=0), "restarts": self.restarts.get(fid, 0)}
-            except (RayActorError, GetTimeoutError) as e:
-                out[fid] = {"feed_id": fid, "running": False, "error": f"{type(e).__name__}: {e}"[:500],
-                            "restarts": self.restarts.get(fid, 0)}
-        return out
+        with self.lock:
+            refs = {fid: h.status.remote() for fid, h in self._readers.items()}
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s or self.call_timeout_s)
+            out = {}
+            for fid, ref in refs.items():
+                try:
+                    out[fid] = {**ray.get(ref, timeout=0), "restarts": self.restarts.get(fid, 0)}
+                except (RayActorError, GetTimeoutError) as e:
+                    out[fid] = {"feed_id": fid, "running": False, "error": f"{type(e).__name__}: {e}"[:500],
+                                "restarts": self.restarts.get(fid, 0)}
+            return out
 
     # ---- internals ------------------------------------------------------------------------------------------
     def _unhealthy(self) -> list[str]:

@@ -1,6 +1,7 @@
 """API keys, roles and source scopes (deploy.auth), and the path rules of REST jobs (deploy.jobs).
 
-The same rules over real HTTP (the 401/403 matrix on every route) are in tests/test_api.py."""
+The scope each REST route declares is checked here; the same rules over real HTTP (the 401/403 matrix on every
+route) are in tests/test_api.py."""
 from __future__ import annotations
 
 import os
@@ -131,3 +132,18 @@ def test_job_request_checks(roots):
                                     ([path], "a/../b", "source_id"), ([path], "x" * 201, "source_id")]:
         with pytest.raises(ValueError, match=words):
             check_job_request(paths, source_id, settings)
+
+
+def test_every_route_declares_its_scope():
+    """Each REST route names exactly one scope dependency; only health and metrics are public."""
+    from deploy.api.deps import route_scopes
+    from deploy.api.main import ROUTERS
+
+    scopes = {route: found for router in ROUTERS for route, found in route_scopes(router).items()}
+    assert scopes == {
+        "GET /healthz": ["public"], "GET /metrics": ["public"], "GET /v1/status": ["admin"],
+        "POST /v1/feeds": ["admin"], "GET /v1/feeds": ["reader"], "GET /v1/feeds/{feed_id}": ["reader"],
+        "DELETE /v1/feeds/{feed_id}": ["admin"],
+        "POST /v1/jobs": ["admin"], "GET /v1/jobs/{job_id}": ["admin"], "DELETE /v1/jobs/{job_id}": ["admin"],
+        "GET /v1/sources": ["reader"], "GET /v1/sources/{source_id:path}/segments": ["reader"],
+        "POST /v1/search": ["reader"], "POST /v1/ask": ["reader"]}

@@ -192,6 +192,37 @@ def test_supervisor_run_loop_starts_and_stops(ray_local, redis_server, settings,
 
 
 @pytest.mark.timeout(60)
+def test_run_loop_wakes_at_once_logs_failed_rounds_and_stops_promptly(redis_server, settings, caplog):
+    """The loop FeedService runs: no feeds, so no Ray; each round reads the registry once (one HVALS)."""
+    r = redis_server.client()
+    sup = FeedSupervisor(redis_server.url, settings, events=False)
+
+    def rounds() -> int:
+        return r.info("commandstats").get("cmdstat_hvals", {}).get("calls", 0)
+
+    r.hset(FEEDS_KEY, "broken", "not json")                    # the first round fails on this record
+    loop = threading.Thread(target=sup.run, kwargs={"interval_s": 60.0}, daemon=True)
+    with caplog.at_level("ERROR", logger="actors.feeds"):
+        loop.start()
+        try:
+            wait_for(lambda: rounds() == 1, 10, what="the first round")
+            wait_for(lambda: "feed reconcile failed" in caplog.text, 10, what="the failed round to be logged")
+            assert loop.is_alive()                               # a failed round does not end the loop
+            r.hdel(FEEDS_KEY, "broken")
+            with sup.lock:                                       # a round holds the lock: none starts meanwhile
+                sup.wake()
+                time.sleep(0.5)
+                assert rounds() == 1
+            wait_for(lambda: rounds() == 2, 10, what="a round right after wake(), not after 60 s")
+        finally:
+            t = time.monotonic()
+            sup.stop()
+            loop.join(timeout=10)
+    assert not loop.is_alive() and time.monotonic() - t < 5     # stop() does not wait out the interval
+    assert caplog.text.count("feed reconcile failed") == 1
+
+
+@pytest.mark.timeout(60)
 def test_reader_actor_pull_does_not_block_other_calls(ray_local, settings, tmp_path):
     video = make_stream_video(tmp_path / "cam.mp4", seconds=2.0)
     reader = FeedReader.remote({"id": "pull", "url": str(video)}, settings, SMALL_FEEDS, None, False)  # not started

@@ -1,0 +1,86 @@
+"""Ask (/v1/ask): a question answered from footage, as one JSON answer or streamed as server-sent events."""
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve.exceptions import BackPressureError
+
+from deploy.api.deps import ServiceContext, check_length, check_window, reader_key, service, sources_for
+from deploy.api.errors import overload_response, raise_decoder_error
+from deploy.auth import Caller
+
+router = APIRouter()
+
+
+class AskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1)
+    sources: list[str] | None = None
+    source: str | None = None
+    start: float | None = None
+    end: float | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+
+
+def sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+@router.post("/v1/ask")
+async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
+    s = context.settings
+    if body.source is not None and body.sources is not None:
+        raise HTTPException(422, "give either source or sources, not both")
+    if body.source is None and body.sources is None:
+        raise HTTPException(422, "give the footage to ask about: source (one id) or sources (a list of ids)")
+    sources = await asyncio.to_thread(sources_for, context, caller,
+                                      [body.source] if body.source is not None else body.sources)
+    check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
+    check_window(body.start, body.end, s)
+    max_new = body.max_new_tokens
+    if max_new is None:
+        max_new = min(s.api_default_new_tokens, s.api_max_new_tokens)
+    if max_new > s.api_max_new_tokens:
+        raise HTTPException(422, f"max_new_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
+                                 "(api_max_new_tokens)")
+    req = {"question": body.question, "sources": sources, "start": body.start, "end": body.end,
+           "max_new_tokens": max_new}
+    # Caught here, not by an exception handler: Serve installs its own handler for BackPressureError (a 503
+    # without our message or Retry-After) over any the app registers.
+    if not body.stream:
+        try:
+            out = await context.decoder.ask.remote(req)
+        except BackPressureError:
+            return overload_response(s.api_retry_after_seconds)
+        raise_decoder_error(out)
+        return out["result"]
+    stream = context.decoder.options(stream=True).ask_stream.remote(req)
+    try:
+        first = await stream.__anext__()     # a full queue or a bad request fails here, as plain HTTP
+    except BackPressureError:
+        return overload_response(s.api_retry_after_seconds)
+    raise_decoder_error(first)
+
+    async def events():
+        item = first
+        while True:
+            if "token" in item:
+                yield sse("token", {"text": item["token"]})
+            elif "error" in item:
+                yield sse("error", item)
+                return
+            else:
+                yield sse("result", item["result"])
+                return
+            try:
+                item = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

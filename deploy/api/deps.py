@@ -1,0 +1,128 @@
+"""What routes depend on: the service context, who is calling, and the request limits.
+
+Every route declares its scope as a dependency: reader_key (any valid key), admin_key, or public (no key). FastAPI
+resolves dependencies before it validates the body, so a missing key is a 401 and a forbidden one a 403 before any
+422. `route_scopes` reads those declarations back, so create_api can refuse a route without one.
+"""
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.routing import APIRoute, APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
+from pipeline.settings import Settings
+
+
+# ---- the service context ---------------------------------------------------------------------------------------------
+@dataclass
+class ServiceContext:
+    """What the routes of one ingress replica share. ApiIngress builds it; create_api puts it on app.state."""
+    settings: Settings
+    redis: Any                                  # redis.Redis
+    index: Any                                  # pipeline.index.SegmentIndex (create=False)
+    decoder: Any                                # DeploymentHandle of DecoderServer
+    feed_service: Any = None                    # DeploymentHandle of FeedService; None without feeds
+    authorizer: Authorizer | None = None
+    job_refs: dict[str, Any] = field(default_factory=dict)   # job id -> ObjectRef of its task (a crashed worker)
+
+    @classmethod
+    def create(cls, settings: Settings, decoder: Any, feed_service: Any = None) -> "ServiceContext":
+        from pipeline.index import SegmentIndex
+        from pipeline.redis_server import as_client
+
+        return cls(settings=settings, redis=as_client(settings.redis_url),
+                   index=SegmentIndex(settings.index_root, create=False), decoder=decoder,
+                   feed_service=feed_service, authorizer=Authorizer(settings.api_keys))
+
+    def nudge_feeds(self) -> None:
+        """Have the feed supervisor reconcile now (a feed was added or removed) rather than on its next round."""
+        if self.feed_service is not None:
+            self.feed_service.reconcile_now.remote()
+
+
+async def service(request: Request) -> ServiceContext:
+    """The service context of this app (async: it does no I/O, and FastAPI sends sync dependencies to a thread)."""
+    context = getattr(request.app.state, "service", None)
+    if context is None:
+        raise RuntimeError("the API has no service context: build it with create_api(context)")
+    return context
+
+
+# ---- who is calling --------------------------------------------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="an API key from the settings (api_keys)")
+
+
+def _authenticate(context: ServiceContext, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    if context.authorizer is None:
+        raise RuntimeError("the service context has no key checker (authorizer)")
+    return context.authorizer.authenticate(f"Bearer {credentials.credentials}" if credentials else None)
+
+
+async def public() -> None:
+    """No key: the route answers anyone (health and metrics only)."""
+
+
+def reader_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+               context: ServiceContext = Depends(service)) -> Caller:
+    """Any valid key (reader or admin)."""
+    return _authenticate(context, credentials)
+
+
+def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+              context: ServiceContext = Depends(service)) -> Caller:
+    caller = _authenticate(context, credentials)
+    require_role(caller, "admin")
+    return caller
+
+
+SCOPES = {public: "public", reader_key: "reader", admin_key: "admin"}
+
+
+def route_scopes(router: APIRouter) -> dict[str, list[str]]:
+    """Each route's "METHOD path" -> the scopes its dependencies declare (a route must declare exactly one)."""
+    def found(dependant) -> list[str]:
+        out = []
+        for dep in dependant.dependencies:
+            out += [SCOPES[dep.call]] if dep.call in SCOPES else found(dep)
+        return out
+
+    return {f"{method} {route.path}": found(route.dependant)
+            for route in router.routes if isinstance(route, APIRoute) for method in sorted(route.methods)}
+
+
+# ---- source scopes ---------------------------------------------------------------------------------------------------
+def require_named_source(caller: Caller, source_id: str | None, how: str) -> None:
+    """A source-limited key may only create feeds/jobs whose source it names, and that it may use."""
+    if caller.sources is None:
+        return
+    if source_id is None:
+        raise AuthError(403, f"this API key is limited to sources {list(caller.sources)}: {how}")
+    require_sources(caller, [source_id])
+
+
+def sources_for(context: ServiceContext, caller: Caller, sources: list[str] | None) -> list[str]:
+    """The sources a search or question covers: the ones asked for (403 unless all allowed), or every source the
+    key may see. Reads the index: call it off the event loop."""
+    if sources is None:
+        return visible(caller, [s["source_id"] for s in context.index.sources()])
+    if not sources or not all(isinstance(s, str) and s for s in sources):
+        raise HTTPException(422, "sources must be a non-empty list of source ids")
+    require_sources(caller, sources)
+    return list(dict.fromkeys(sources))
+
+
+# ---- request limits (api_* settings) ---------------------------------------------------------------------------------
+def check_window(start: float | None, end: float | None, settings: Settings) -> None:
+    if start is not None and end is not None:
+        if end <= start:
+            raise HTTPException(422, f"window end ({end}) must be after start ({start})")
+        if end - start > settings.api_max_window_seconds:
+            raise HTTPException(422, f"window of {end - start:g} s is longer than the limit "
+                                     f"{settings.api_max_window_seconds:g} s (api_max_window_seconds)")
+
+
+def check_length(what: str, text: str, limit: int, setting: str) -> None:
+    if len(text) > limit:
+        raise HTTPException(422, f"{what} has {len(text)} characters; the limit is {limit} ({setting})")

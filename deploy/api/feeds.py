@@ -1,0 +1,86 @@
+"""Live feeds (/v1/feeds): an admin key registers and removes them; any key lists and inspects those it may see.
+
+The registry is in Redis (actors.feeds); FeedService's supervisor starts and stops the readers."""
+import ray
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from deploy.api.deps import ServiceContext, admin_key, reader_key, require_named_source, service
+from deploy.auth import Caller, require_sources
+from pipeline.settings import redact_url
+
+router = APIRouter()
+STATUS_TIMEOUT_S = 5.0
+
+
+class FeedCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="rtsp://, http(s)://, udp://, srt://...; or a local file under file_roots")
+    name: str | None = None
+    fps: float | None = None
+    max_pixels: int | None = None
+    id: str | None = Field(None, description="feed id (= source id); default: a random 12-character id")
+
+
+def public_feed(record: dict) -> dict:
+    """A registry record as the API shows it: credentials in the URL redacted."""
+    return {**record, "url": redact_url(record["url"])}
+
+
+@router.post("/v1/feeds", status_code=201)
+def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+    from actors.feeds import add_feed
+
+    require_named_source(caller, body.id, "give the feed an id among them")
+    settings = context.settings
+    schemes = list(settings.feed_schemes) + (["file"] if settings.file_roots else [])
+    try:
+        record = add_feed(context.redis, body.url, body.name, body.fps, body.max_pixels, feed_id=body.id,
+                          schemes=schemes, file_roots=list(settings.file_roots), settings=settings)
+    except ValueError as e:
+        status = 409 if "already exists" in str(e) else 422
+        raise HTTPException(status, str(e)) from None
+    context.nudge_feeds()
+    return public_feed(record)
+
+
+@router.get("/v1/feeds")
+def list_feeds(caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
+    from actors.feeds import list_feeds
+
+    return {"feeds": [public_feed(f) for f in list_feeds(context.redis) if caller.may_see(f["id"])]}
+
+
+@router.get("/v1/feeds/{feed_id}")
+def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
+    from actors.feeds import NAMESPACE, get_feed, reader_name
+
+    require_sources(caller, [feed_id])
+    try:
+        record = get_feed(context.redis, feed_id)
+    except KeyError:
+        raise HTTPException(404, f"no feed with id {feed_id!r}") from None
+    try:
+        reader = ray.get_actor(reader_name(feed_id), namespace=NAMESPACE)
+        status = ray.get(reader.status.remote(), timeout=STATUS_TIMEOUT_S)
+        status = {"state": "running" if status.get("running") else "stopped", **status}
+    except ValueError:               # no reader yet: the supervisor starts it on its next round
+        status = {"state": "pending", "running": False, "connected": False}
+    except Exception as e:  # noqa: BLE001 - a dead or stuck reader is a status, not a server error
+        status = {"state": "unreachable", "running": False, "connected": False,
+                  "error": f"{type(e).__name__}: {e}"[:500]}
+    return {**public_feed(record), "status": status}
+
+
+@router.delete("/v1/feeds/{feed_id}")
+def delete_feed(feed_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+    from actors.feeds import remove_feed
+
+    require_sources(caller, [feed_id])
+    try:
+        record = remove_feed(context.redis, feed_id)
+    except KeyError:
+        raise HTTPException(404, f"no feed with id {feed_id!r}") from None
+    context.nudge_feeds()
+    return {"deleted": public_feed(record)}

@@ -1,0 +1,46 @@
+"""Service health: /healthz and /metrics answer without a key (probes, scrapers); /v1/status needs an admin key."""
+import asyncio
+from typing import Any
+
+import redis as redis_lib
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from deploy.api.deps import ServiceContext, admin_key, public, service
+from deploy.auth import Caller
+from pipeline import metrics
+from pipeline.index import IndexUnavailable
+
+router = APIRouter()
+
+
+@router.get("/healthz", dependencies=[Depends(public)])
+def healthz(context: ServiceContext = Depends(service)):
+    try:
+        context.redis.ping()
+    except redis_lib.RedisError as e:
+        return JSONResponse({"status": "degraded", "redis": False, "error": str(e)}, status_code=503)
+    try:
+        context.index.check_root()
+    except IndexUnavailable as e:
+        return JSONResponse({"status": "degraded", "redis": True, "index": False, "error": str(e)},
+                            status_code=503)
+    return {"status": "ok", "redis": True, "index": True}
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(public)])
+def metrics_text():
+    """This node's tubescope_* metrics (from every actor and replica on it, via Ray's metrics export) followed by
+    this replica's process metrics. A Prometheus server should scrape Ray's export port on every node instead
+    (dashboards/prometheus.yml); this endpoint is for a quick look without one."""
+    return PlainTextResponse(metrics.node_exposition() + generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/status")
+async def status(_caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+    out: dict[str, Any] = {"index": await asyncio.to_thread(context.index.stats)}
+    out["decoder"] = await context.decoder.stats.remote()
+    if context.feed_service is not None:
+        out.update(await context.feed_service.status.remote())
+    return out

@@ -1,0 +1,43 @@
+"""Search (/v1/search): segments ranked against a text query, over the sources the key may see."""
+import asyncio
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve.exceptions import BackPressureError
+
+from deploy.api.deps import ServiceContext, check_length, check_window, reader_key, service, sources_for
+from deploy.api.errors import overload_response, raise_decoder_error
+from deploy.auth import Caller
+
+router = APIRouter()
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1)
+    sources: list[str] | None = None
+    start: float | None = None
+    end: float | None = None
+    limit: int = Field(10, ge=1)
+
+
+@router.post("/v1/search")
+async def search(body: SearchRequest, caller: Caller = Depends(reader_key),
+                 context: ServiceContext = Depends(service)):
+    s = context.settings
+    sources = await asyncio.to_thread(sources_for, context, caller, body.sources)    # index I/O off the loop
+    check_length("query", body.query, s.api_max_query_chars, "api_max_query_chars")
+    check_window(body.start, body.end, s)
+    if body.limit > s.api_max_search_results:
+        raise HTTPException(422, f"limit {body.limit} is over the maximum {s.api_max_search_results} "
+                                 "(api_max_search_results)")
+    if not sources:
+        return {"results": []}
+    try:
+        out = await context.decoder.search.remote({"query": body.query, "sources": sources, "start": body.start,
+                                                   "end": body.end, "limit": body.limit})
+    except BackPressureError:      # caught here: Serve's own handler for it would answer without Retry-After
+        return overload_response(s.api_retry_after_seconds)
+    raise_decoder_error(out)
+    return {"results": out["result"]}

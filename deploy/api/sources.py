@@ -1,0 +1,24 @@
+"""Indexed sources and their segments (/v1/sources): any key, limited to the sources it may see."""
+from fastapi import APIRouter, Depends, HTTPException
+
+from deploy.api.deps import ServiceContext, reader_key, service
+from deploy.auth import Caller, require_sources
+
+router = APIRouter()
+
+
+@router.get("/v1/sources")
+def list_sources(caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
+    return {"sources": [s for s in context.index.sources() if caller.may_see(s["source_id"])]}
+
+
+@router.get("/v1/sources/{source_id:path}/segments")
+def list_segments(source_id: str, start: float | None = None, end: float | None = None,
+                  caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
+    require_sources(caller, [source_id])
+    if start is not None and end is not None and end < start:
+        raise HTTPException(422, f"window end ({end}) must be >= start ({start})")
+    if source_id not in {s["source_id"] for s in context.index.sources()}:
+        raise HTTPException(404, f"no indexed source {source_id!r}")
+    rows = context.index.list(source_id, start=start, end=end)
+    return {"source_id": source_id, "segments": [{**r, "grid_thw": list(r["grid_thw"])} for r in rows]}
