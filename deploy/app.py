@@ -27,7 +27,7 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 APP_NAME = "tubescope"
-API, DECODER, FEEDS = "Api", "Decoder", "Feeds"      # deployment names (deploy/serve.yaml overrides them by name)
+API, DECODER, FEEDS, RETENTION = "Api", "Decoder", "Feeds", "Retention"   # deployment names (serve.yaml overrides them by name)
 LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
@@ -145,12 +145,31 @@ class FeedService:
                 pass
 
 
+class RetentionService:
+    """Applies the retention settings on their own schedule (pipeline.retention), with or without feeds. One replica,
+    so one sweep at a time whatever the number of API replicas."""
+
+    def __init__(self, settings: Settings):
+        from pipeline.index import SegmentIndex
+        from pipeline.retention import RetentionSchedule
+
+        self.schedule = RetentionSchedule(SegmentIndex(settings.index_root, create=False), settings).start()
+
+    def status(self) -> dict:
+        return self.schedule.status()
+
+    def __del__(self):
+        schedule = getattr(self, "schedule", None)
+        if schedule is not None:
+            schedule.stop()
+
+
 # No app passed to serve.ingress: Serve calls __serve_build_asgi_app__ in the replica after __init__, so the app and
 # the context its routes reach through app.state are this replica's own objects, not a pickled copy.
 @serve.ingress()
 class ApiIngress:
-    def __init__(self, settings: Settings, decoder, feed_service=None):
-        self.context = ServiceContext.create(settings, decoder, feed_service)
+    def __init__(self, settings: Settings, decoder, feed_service=None, retention=None):
+        self.context = ServiceContext.create(settings, decoder, feed_service, retention)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.context)
@@ -171,7 +190,7 @@ def _gpus() -> float:
 
 
 def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool = True, live: bool = True):
-    """The Serve application: ApiIngress bound to DecoderServer and (feeds=True) FeedService.
+    """The Serve application: ApiIngress bound to DecoderServer, RetentionService and (feeds=True) FeedService.
 
     settings.redis_url must name the running Redis (the embedded one's URL once started) and settings.api_keys
     must hold at least one key. model_path defaults to the configured checkpoint (the tiny model is written
@@ -200,9 +219,11 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
         feed_service = serve.deployment(FeedService).options(
             name=FEEDS, num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0}).bind(
             settings, str(model_path), settings.redis_url, live)
+    retention = serve.deployment(RetentionService).options(
+        name=RETENTION, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings)
     return serve.deployment(ApiIngress).options(
         name=API, num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(
-        settings, decoder, feed_service)
+        settings, decoder, feed_service, retention)
 
 
 def app_from_env(args: dict | None = None):
@@ -251,5 +272,5 @@ def stop_app() -> None:
     serve.shutdown()
 
 
-__all__ = ["API", "APP_NAME", "ApiIngress", "DECODER", "DecoderServer", "FEEDS", "FeedService", "app_from_env",
-           "build_app", "run_app", "stop_app"]
+__all__ = ["API", "APP_NAME", "ApiIngress", "DECODER", "DecoderServer", "FEEDS", "FeedService", "RETENTION",
+           "RetentionService", "app_from_env", "build_app", "run_app", "stop_app"]

@@ -418,6 +418,8 @@ def test_feeds_add_list_get_delete(served, tmp_path):
     with http(served) as c:
         status = c.get("/v1/status").json()
         assert "door" in status["feeds"] and status["index"]["sources"] >= 1 and status["live_indexer"] is None
+        # the retention schedule runs in its own deployment (its first sweep at start), with or without feeds
+        assert status["retention"]["running"] and status["retention"]["sweeps"] >= 1
 
 
 def _no_actor(name: str) -> bool:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deploy.api.deps import ServiceContext, admin_key, reader_key, require_named_source, service
 from deploy.auth import Caller, require_sources
-from pipeline.settings import redact_url
+from pipeline.video.protocols import redact_url
 
 router = APIRouter()
 STATUS_TIMEOUT_S = 5.0

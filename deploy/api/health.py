@@ -41,6 +41,8 @@ def metrics_text():
 async def status(_caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     out: dict[str, Any] = {"index": await asyncio.to_thread(context.index.stats)}
     out["decoder"] = await context.decoder.stats.remote()
+    if context.retention is not None:
+        out["retention"] = await context.retention.status.remote()
     if context.feed_service is not None:
         out.update(await context.feed_service.status.remote())
     return out
