@@ -11,6 +11,9 @@ from typing import Iterator
 
 from pipeline.settings import Settings
 
+TINY_MODEL_NOTE = ("the tiny model has random weights: its outputs are meaningless; set TUBESCOPE_MODEL_PATH to a "
+                   "Qwen2-VL checkpoint folder (Hugging Face layout) for real answers")
+
 
 @dataclass
 class Runtime:
@@ -32,6 +35,11 @@ def ensure_model(settings: Settings) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (config.json missing); set TUBESCOPE_MODEL_PATH")
     return path
+
+
+def ray_address() -> str | None:
+    """The cluster to join (RAY_ADDRESS), or None when tubescope starts and owns a local Ray."""
+    return os.environ.get("RAY_ADDRESS") or None
 
 
 def init_ray(settings: Settings) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deploy.cli import DEMO_STREAM, cli
+from deploy.cli import cli
+from deploy.demo import DEMO_STREAM
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("demo", "index", "segments", "ask", "search", "serve", "feeds", "model", "config")
