@@ -1,4 +1,4 @@
-"""Ray actors: the vision encoder pool, live feed readers and their supervisor, the live indexer.
+"""Ray wrappers: the vision encoder pool, live feed readers and their supervisor, the live indexer.
 
 Public names resolve lazily so that importing one actor does not import the others (and torch) everywhere.
 """
@@ -8,9 +8,8 @@ import importlib
 
 _EXPORTS = {
     "VisionEncoder": "encoder",
-    "FeedReader": "feeds", "FeedSupervisor": "feeds", "add_feed": "feeds", "list_feeds": "feeds",
-    "get_feed": "feeds", "remove_feed": "feeds",
-    "LiveIndexer": "live", "LiveIndexing": "live",
+    "FeedReader": "feeds", "FeedSupervisor": "feeds",
+    "LiveIndexer": "live",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,63 +8,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from typing import Callable
 
 import ray
 
-from pipeline import metrics
-from pipeline.records import IndexedSegment, Segment
+from pipeline.live import LiveIndexing
+from pipeline.records import Segment
 from pipeline.redis_server import as_client
 
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 0.25          # how long one round waits for readers that have nothing queued
 MAX_SEGMENTS_PER_FEED = 8      # per round; the rest stays in the reader's bounded queue
-
-
-class LiveIndexing:
-    """The Ray-free core: encode a list of segments in packed batches, then write them like any other footage."""
-
-    def __init__(self, encoder, index, events=None, on_indexed: Callable[[Segment, float], None] | None = None):
-        self.encoder, self.index, self.events = encoder, index, events
-        self.on_indexed = on_indexed
-        self.segments = 0
-        self.errors = 0
-        self.last_latency_s: float | None = None
-
-    def process(self, segments: list[Segment]) -> int:
-        from pipeline.events import ERRORS_STREAM
-        from pipeline.indexing import write_segments
-        from pipeline.tubes import tubes_from_segment
-
-        if not segments:
-            return 0
-        import torch
-
-        tubes = [tubes_from_segment(s, as_uint8=True) for s in segments]
-        tokens = self.encoder.encode([torch.from_numpy(t.pixel_rows) for t in tubes], [tuple(t.grid_thw) for t in tubes])
-        records = [IndexedSegment(segment_id=t.segment_id, source_id=t.source_id, t0=t.t0, t1=t.t1,
-                                  grid_thw=tuple(t.grid_thw), tube_ts=list(t.tube_ts), tokens=tok,
-                                  model_id=self.encoder.model_id) for t, tok in zip(tubes, tokens)]
-        now = time.time()
-        latency = {s.segment_id: now - s.frame_ts[-1] for s in segments}   # since the segment's last sampled frame
-        details = {s.segment_id: {"padded": s.padded, "latency_s": f"{latency[s.segment_id]:.3f}"} for s in segments}
-        try:
-            written = write_segments(self.index, records, pipeline="live", events=self.events, details=details)
-        except Exception as e:  # noqa: BLE001 - a failed write is reported; the next round goes on
-            self.errors += 1
-            log.exception("live index write failed")
-            if self.events is not None:
-                self.events.emit(ERRORS_STREAM, {"stage": "live-index", "error": f"{type(e).__name__}: {e}"})
-            return 0
-        for seg in segments:
-            self.last_latency_s = latency[seg.segment_id]
-            metrics.record_live_latency(seg.source_id, latency[seg.segment_id])
-            if self.on_indexed is not None:
-                self.on_indexed(seg, latency[seg.segment_id])
-        self.segments += len(written)
-        return len(written)
 
 
 @ray.remote(num_cpus=0.5, max_concurrency=4)
@@ -112,7 +66,8 @@ class LiveIndexer:
 
     # ---- loop -------------------------------------------------------------------------------------------------------
     def _readers(self) -> list:
-        from actors.feeds import list_feeds, reader_name
+        from actors.feeds import reader_name
+        from pipeline.feeds import list_feeds
 
         handles = []
         for feed in list_feeds(self.redis):

@@ -141,7 +141,8 @@ def bench_live(work: Path, settings, n_feeds: int, run_s: float) -> dict:
     import ray
     import redis
 
-    from actors.feeds import FeedSupervisor, add_feed
+    from actors.feeds import FeedSupervisor
+    from pipeline.feeds import add_feed
     from actors.live import LiveIndexer
     from deploy.runtime import local_runtime
     from pipeline.events import SEGMENTS_STREAM

@@ -8,10 +8,10 @@ import time
 import pytest
 import ray
 
-from actors.feeds import (FEEDS_KEY, NAMESPACE, FeedReader, FeedSupervisor, add_feed, get_feed, list_feeds,
-                          reader_name, remove_feed, sampler_config)
-from pipeline.video.protocols import ffmpeg_protocols
+from actors.feeds import NAMESPACE, FeedReader, FeedSupervisor, reader_name
+from pipeline.feeds import FEEDS_KEY, add_feed, get_feed, list_feeds, remove_feed, sampler_config
 from pipeline.settings import load_settings
+from pipeline.video.protocols import ffmpeg_protocols
 from streams import free_tcp_port, make_stream_video, wait_for
 
 

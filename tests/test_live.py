@@ -8,7 +8,8 @@ import ray
 import torch
 
 import qwen2vl
-from actors.feeds import FeedSupervisor, add_feed, remove_feed
+from actors.feeds import FeedSupervisor
+from pipeline.feeds import add_feed, remove_feed
 from actors.live import LiveIndexer
 from pipeline.events import SEGMENTS_STREAM
 from pipeline.index import SegmentIndex

@@ -45,7 +45,8 @@ def run_workload(args: dict) -> None:
     import ray
 
     import qwen2vl
-    from actors.feeds import FeedSupervisor, add_feed
+    from actors.feeds import FeedSupervisor
+    from pipeline.feeds import add_feed
     from actors.live import LiveIndexer
     from pipeline import metrics
     from actors.encoder import VisionEncoder

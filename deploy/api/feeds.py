@@ -30,7 +30,7 @@ def public_feed(record: dict) -> dict:
 
 @router.post("/v1/feeds", status_code=201)
 def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
-    from actors.feeds import add_feed
+    from pipeline.feeds import add_feed
 
     require_named_source(caller, body.id, "give the feed an id among them")
     settings = context.settings
@@ -47,14 +47,15 @@ def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: 
 
 @router.get("/v1/feeds")
 def list_feeds(caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
-    from actors.feeds import list_feeds
+    from pipeline.feeds import list_feeds
 
     return {"feeds": [public_feed(f) for f in list_feeds(context.redis) if caller.may_see(f["id"])]}
 
 
 @router.get("/v1/feeds/{feed_id}")
 def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
-    from actors.feeds import NAMESPACE, get_feed, reader_name
+    from actors.feeds import NAMESPACE, reader_name
+    from pipeline.feeds import get_feed
 
     require_sources(caller, [feed_id])
     try:
@@ -75,7 +76,7 @@ def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: Servic
 
 @router.delete("/v1/feeds/{feed_id}")
 def delete_feed(feed_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
-    from actors.feeds import remove_feed
+    from pipeline.feeds import remove_feed
 
     require_sources(caller, [feed_id])
     try:

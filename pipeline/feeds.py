@@ -1,0 +1,120 @@
+"""The feed registry: which live sources tubescope reads, kept in Redis, and how each one is read.
+
+Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}. The id is the source_id of the
+feed's segments. add_feed / list_feeds / get_feed / remove_feed work on a redis.Redis client or a redis:// URL;
+add_feed checks everything before storing anything (the URL against the protocol table, local files against the
+allowed roots, per-feed fps by the segment rule, max_pixels against the encoder budget). sampler_config turns a
+record and the settings into the plain StreamSampler config (pipeline.video never reads settings).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.redis_server import as_client
+from pipeline.settings import Settings, load_settings
+from pipeline.video.protocols import ALL_SCHEMES, check_protocol, local_file_path, validate_url
+from pipeline.video.segments import frames_per_segment
+from pipeline.video.stream import SamplerConfig
+from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
+
+FEEDS_KEY = "tubescope:feeds"
+_FEED_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_FPS = 30.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_file(url: str, file_roots: list | None) -> None:
+    path = local_file_path(url)
+    if path is None or file_roots is None:
+        return
+    resolved = Path(path).expanduser().resolve()
+    roots = [Path(r).expanduser().resolve() for r in file_roots]
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise ValueError(f"local file {path!r} is outside the allowed roots "
+                         f"({', '.join(map(str, roots)) or 'none configured'})")
+
+
+def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = None,
+             max_pixels: int | None = None, *, feed_id: str | None = None,
+             schemes: tuple[str, ...] | list[str] = ALL_SCHEMES, file_roots: list | None = None,
+             settings: Settings | None = None) -> dict:
+    """Register a feed and return its record. Raises ValueError for bad input (nothing is stored then).
+
+    schemes: the URL schemes accepted (the REST API passes settings.feed_schemes). file_roots: when given,
+    local files must lie under one of them (the REST API passes settings.file_roots); None (trusted Python
+    callers) accepts any local path. fps and max_pixels override the settings for this feed (None: use them);
+    they are checked against `settings` (default: load_settings()).
+    """
+    settings = settings or load_settings()
+    url = validate_url(url, schemes)
+    check_protocol(url)
+    _check_file(url, file_roots)
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
+        raise ValueError(f"name must be a non-empty string of at most 200 characters, got {name!r}")
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+            raise ValueError(f"fps must be a number in (0, {MAX_FPS:g}], got {fps!r}")
+        frames_per_segment(fps, settings.segment_seconds)
+        fps = float(fps)
+    if max_pixels is not None:
+        budget_px = settings.encoder_token_budget * PATCH_AREA
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not TOKEN_AREA <= max_pixels <= budget_px:
+            raise ValueError(f"max_pixels must be an int in [{TOKEN_AREA}, {budget_px}] (one frame must fit the "
+                             f"encoder token budget), got {max_pixels!r}")
+    if feed_id is None:
+        feed_id = uuid.uuid4().hex[:12]
+    elif not isinstance(feed_id, str) or not _FEED_ID.match(feed_id):
+        raise ValueError(f"feed_id must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
+                         f"got {feed_id!r}")
+    record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
+              "max_pixels": max_pixels, "created": time.time()}
+    if not as_client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
+        raise ValueError(f"a feed with id {feed_id!r} already exists")
+    return record
+
+
+def list_feeds(redis: Any) -> list[dict]:
+    """Every registered feed, oldest first."""
+    feeds = [json.loads(_text(v)) for v in as_client(redis).hvals(FEEDS_KEY)]
+    return sorted(feeds, key=lambda f: (f.get("created", 0), f["id"]))
+
+
+def get_feed(redis: Any, feed_id: str) -> dict:
+    """The feed's record; KeyError for an unknown id."""
+    raw = as_client(redis).hget(FEEDS_KEY, feed_id)
+    if raw is None:
+        raise KeyError(f"no feed with id {feed_id!r}")
+    return json.loads(_text(raw))
+
+
+def remove_feed(redis: Any, feed_id: str) -> dict:
+    """Unregister a feed and return its record; KeyError for an unknown id. A supervisor stops its reader."""
+    client = as_client(redis)
+    raw = client.hget(FEEDS_KEY, feed_id)
+    if raw is None or not client.hdel(FEEDS_KEY, feed_id):
+        raise KeyError(f"no feed with id {feed_id!r}")
+    return json.loads(_text(raw))
+
+
+
+
+def sampler_config(feed: dict, settings: Settings | None = None, **overrides: Any) -> SamplerConfig:
+    """The StreamSampler config of a registry record: settings, then the feed's fps/max_pixels, then overrides."""
+    settings = settings or load_settings()
+    per_feed = {"fps": feed.get("fps"), "max_pixels": feed.get("max_pixels")}
+    if per_feed["max_pixels"] is not None:          # a small per-feed cap lowers the floor with it
+        per_feed["min_pixels"] = min(settings.min_pixels, per_feed["max_pixels"])
+    values = dict(fps=settings.fps, segment_seconds=settings.segment_seconds, min_pixels=settings.min_pixels,
+                  max_pixels=settings.max_pixels, queue_size=settings.feed_queue_segments,
+                  backoff_max_s=settings.feed_reconnect_max_seconds)
+    values["backoff_initial_s"] = min(SamplerConfig.backoff_initial_s, values["backoff_max_s"])
+    values.update({k: v for k, v in {**per_feed, **overrides}.items() if v is not None})
+    return SamplerConfig(source_id=feed["id"], url=feed["url"], **values)
