@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen2vl.geometry import PATCH_DIM, PATCHES_PER_TOKEN
+from qwen2vl.geometry import MERGE_SIZE, PATCH_DIM, PATCHES_PER_TOKEN, TEMPORAL_PATCH_SIZE
 
 
 def segment_id_for(source_id: str, t0: float) -> str:
@@ -67,7 +67,7 @@ def _check_grid(grid_thw: Any) -> tuple[int, int, int]:
         raise ValueError(f"grid_thw must be three ints (t, h, w), got {grid_thw!r}") from None
     if len(grid) != 3 or min(grid) <= 0:
         raise ValueError(f"grid_thw must be three positive ints (t, h, w), got {grid_thw!r}")
-    if grid[1] % 2 or grid[2] % 2:
+    if grid[1] % MERGE_SIZE or grid[2] % MERGE_SIZE:
         raise ValueError(f"grid_thw h and w must be even (2x2 merge), got {grid}")
     return grid
 
@@ -96,7 +96,7 @@ class Segment:
         if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
             raise ValueError(f"frames must be a uint8 numpy array [T, H, W, 3], got "
                              f"{type(f).__name__} {getattr(f, 'dtype', None)} {getattr(f, 'shape', None)}")
-        if f.shape[0] == 0 or f.shape[0] % 2:
+        if f.shape[0] == 0 or f.shape[0] % TEMPORAL_PATCH_SIZE:
             raise ValueError(f"frames must hold an even, non-zero number of frames (pairs make tubes), "
                              f"got {f.shape[0]}")
         self.frame_ts = [float(x) for x in self.frame_ts]
