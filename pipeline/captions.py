@@ -1,0 +1,110 @@
+"""Captions and embedding vectors of indexed segments, kept in the footage index itself.
+
+The Parquet index is the truth that the retrieval index (pipeline/retrieval.py) is rebuilt from, so captions live
+beside the tokens they describe: one file per (segment_id, captioning model) in the segment's source folder,
+`cap-<h(segment_id)>-<h(model_id)>.parquet`, written atomically like data files. Writing is idempotent (a name check),
+a segment deleted by retention or by deleting its source takes its captions with it (SegmentIndex removes them), and
+listings of footage never read them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.index import CAPTION_PREFIX, SUFFIX, SegmentIndex, _h
+
+CAPTION_SCHEMA = pa.schema([
+    pa.field("segment_id", pa.string()), pa.field("source_id", pa.string()),
+    pa.field("t0", pa.float64()), pa.field("t1", pa.float64()),
+    pa.field("caption", pa.string()), pa.field("vector", pa.list_(pa.float32())),
+    pa.field("model_id", pa.string()), pa.field("captioned_at", pa.float64()),
+])
+
+
+def caption_file_name(segment_id: str, model_id: str) -> str:
+    return f"{CAPTION_PREFIX}{_h(segment_id)}-{_h(model_id)}{SUFFIX}"
+
+
+@dataclass
+class Caption:
+    """What the captioner wrote for one segment: a sentence, a unit vector, and the checkpoint that wrote them."""
+    segment_id: str
+    source_id: str
+    t0: float
+    t1: float
+    caption: str
+    vector: np.ndarray              # float32 [D], L2-normalised
+    model_id: str
+
+    def __post_init__(self):
+        if not isinstance(self.caption, str):
+            raise ValueError(f"caption must be a str, got {type(self.caption).__name__}")
+        v = np.asarray(self.vector, dtype=np.float32)
+        if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+            raise ValueError(f"vector must be a finite 1-d float array, got shape {v.shape}")
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise ValueError(f"model_id must be a non-empty str, got {self.model_id!r}")
+        self.vector = v
+
+    def to_row(self, captioned_at: float) -> dict:
+        return {"segment_id": self.segment_id, "source_id": self.source_id, "t0": float(self.t0),
+                "t1": float(self.t1), "caption": self.caption, "vector": self.vector.tolist(),
+                "model_id": self.model_id, "captioned_at": float(captioned_at)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Caption":
+        return cls(segment_id=row["segment_id"], source_id=row["source_id"], t0=row["t0"], t1=row["t1"],
+                   caption=row["caption"], vector=np.asarray(row["vector"], np.float32), model_id=row["model_id"])
+
+
+class CaptionStore:
+    """Captions of one SegmentIndex: add, find what is missing, read back."""
+
+    def __init__(self, index: SegmentIndex):
+        self.index = index
+
+    def add(self, captions: Iterable[Caption], captioned_at: float | None = None) -> list[Caption]:
+        """Store captions; returns those newly written (a segment already captioned by that model is skipped)."""
+        stamp = time.time() if captioned_at is None else float(captioned_at)
+        written = []
+        present: dict[str, set[str]] = {}
+        for c in captions:
+            folder = self.index._dir(c.source_id)
+            names = present.setdefault(folder, {i.base_name for i in self.index._ls(folder)})
+            name = caption_file_name(c.segment_id, c.model_id)
+            if name in names:
+                continue
+            self.index._write_atomic(folder, name, pa.Table.from_pylist([c.to_row(stamp)], schema=CAPTION_SCHEMA))
+            names.add(name)
+            written.append(c)
+        return written
+
+    def missing(self, source_id: str, model_id: str, start: float | None = None,
+                end: float | None = None) -> list[dict]:
+        """Footage rows (SegmentIndex.list) of the source that `model_id` has not captioned yet, in time order."""
+        names = {i.base_name for i in self.index._ls(self.index._dir(source_id))}
+        return [r for r in self.index.list(source_id, start, end)
+                if caption_file_name(r["segment_id"], model_id) not in names]
+
+    def read(self, source_id: str, model_id: str | None = None) -> Iterator[Caption]:
+        """Every caption of the source (of one model when given), in no particular order."""
+        for info in self.index._ls(self.index._dir(source_id)):
+            if not info.base_name.startswith(CAPTION_PREFIX):
+                continue
+            if model_id is not None and not info.base_name.endswith(f"-{_h(model_id)}{SUFFIX}"):
+                continue
+            try:
+                with self.index.fs.open_input_file(info.path) as f:
+                    table = pq.read_table(f, schema=CAPTION_SCHEMA)
+            except FileNotFoundError:                   # deleted since the listing
+                continue
+            for row in table.to_pylist():
+                yield Caption.from_row(row)
+
+    def count(self, source_id: str) -> int:
+        return sum(1 for i in self.index._ls(self.index._dir(source_id)) if i.base_name.startswith(CAPTION_PREFIX))
