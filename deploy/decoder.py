@@ -25,9 +25,10 @@ from typing import Callable
 import torch
 
 from deploy.footage import PrefixMemo, PromptPlan, build_prompt, check_question, group_blocks, list_window
-from deploy.prefix_cache import PrefixCache, prefill_kv
+from deploy.prefix_cache import PrefixCache
 from deploy.search import SegmentRanker
 from pipeline.checkpoints import model_id as checkpoint_model_id
+from pipeline.kv import prefill_kv
 from pipeline import metrics
 from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from deploy.footage import PrefixMemo, PromptPlan, build_prompt, group_blocks
-from deploy.prefix_cache import PrefixCache, prefill_kv, split_cache, stack_caches, suffix_hidden
+from deploy.prefix_cache import PrefixCache
+from pipeline.kv import prefill_kv, split_cache, stack_caches, suffix_hidden
 
 SEARCH_PROMPT = "Does this clip show: {query}? Answer yes or no."
 SAMPLE_CAP = 64
