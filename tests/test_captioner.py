@@ -86,7 +86,8 @@ def test_prefix_runs_once_for_caption_and_embedding(cap):
         hook.remove()
     video = cap.processor.video_token_id
     n_tokens = [tokens.shape[0] for tokens, _, _ in items]
-    assert sum(int((ids == video).sum()) for ids in calls) == sum(n_tokens)
+    # decode steps (one token per row) are left out: the random model may well emit the video pad id as text
+    assert sum(int((ids == video).sum()) for ids in calls if ids.shape[1] > 1) == sum(n_tokens)
     lengths = sorted(set(n_tokens))
     assert cap.prefills - prefills == len(lengths)                   # one prefill per equal-length group
     multi = [ids.shape for ids in calls if ids.shape[1] > 1]         # prefills, then the two suffixes, batched
