@@ -1,0 +1,512 @@
+"""RetrievalIndex: captions and embeddings of indexed segments in LanceDB, searched by hybrid retrieval
+(docs/architecture.md, "Retrieval").
+
+Layout: one LanceDB table `segments` in `<index root>/_retrieval/` (for a URI root, the same path under the URI).
+The leading underscore keeps it out of SegmentIndex's `source=` listing and out of pyarrow.dataset discovery.
+The footage index stays the truth; this table is derived from it and `rebuild` recreates it from its rows.
+
+Why this shape:
+- Rows are keyed by segment_id and written by merge-insert: a re-caption replaces its row, never duplicates it.
+- Search is BM25 full-text over captions plus nearest neighbours over the vectors (dot product of unit vectors),
+  fused by reciprocal rank (LanceDB's hybrid query with its RRF reranker). The source and window filter is a
+  prefilter in both legs: each leg ranks only the rows in scope, so other sources' rows can never crowd a
+  window's matches out of the top `limit`, and nothing out of scope reaches the results or the counts.
+- New rows are searchable as soon as a write returns: LanceDB searches the rows its indexes do not cover yet by
+  brute force. `optimize` folds them into the indexes (and compacts small files) after enough writes; it also
+  builds the ANN vector index once the table passes ANN_MIN_ROWS (below that brute force is fast enough and exact).
+- Every write is a new immutable table version (MVCC): readers, in this process or others, see whole versions.
+  Within a process, writes are serialised by a lock and reads need none. Across processes, readers see other
+  processes' writes after `read_consistency_s`; concurrent writers are safe on local disks (commits are atomic
+  renames and conflicting commits are retried), but keep one writer per table on object stores without
+  conditional writes.
+- Like SegmentIndex, only an instance built with create=True makes the folder, and only beside an existing footage
+  index (its marker): a missing, unmounted or corrupt folder is RetrievalUnavailable (the API answers 503) until
+  `rebuild`, never a fresh empty table that silently lacks everything indexed so far.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.index import MARKER
+from pipeline.records import source_of
+
+FOLDER = "_retrieval"
+TABLE = "segments"
+COLUMNS = ["segment_id", "source_id", "t0", "t1", "caption"]      # what a hit carries (plus its score)
+MAX_QUERY_CHARS = 2000
+MAX_LIMIT = 1000
+MAX_CAPTION_CHARS = 10_000
+ANN_MIN_ROWS = 100_000            # below this, exact brute-force search is fast enough (tens of ms)
+OPTIMIZE_AFTER_WRITES = 20        # writes (upserts, deletes) before `maybe_optimize` folds them into the indexes
+OPTIMIZE_AFTER_ROWS = 20_000      # or rows written, whichever comes first
+KEEP_VERSIONS = timedelta(hours=1)   # old versions live this long: readers in other processes may be mid-query
+RRF_K = 60                        # the usual reciprocal rank fusion constant
+DISTANCE = "dot"                  # vectors are unit length: dot product ranks as cosine similarity, and is cheapest
+
+
+class RetrievalUnavailable(OSError):
+    """The retrieval table is missing, unreadable or corrupt (a deleted or unmounted folder, a rebuild in progress).
+    Searches fail with this until `rebuild` recreates it from the footage index."""
+
+
+def table_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("segment_id", pa.string()),
+        ("source_id", pa.string()),
+        ("t0", pa.float64()),
+        ("t1", pa.float64()),
+        ("caption", pa.string()),
+        ("vector", pa.list_(pa.float32(), dim)),      # L2-normalised
+        ("model_id", pa.string()),                    # the checkpoint that wrote the caption and vector
+    ])
+
+
+def _number(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number of seconds or None, got {value!r}")
+    return float(value)
+
+
+def _window(start, end) -> tuple[float | None, float | None]:
+    start, end = _number("start", start), _number("end", end)
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"window end ({end}) must be >= start ({start})")
+    return start, end
+
+
+def _unit(name: str, vector, dim: int | None) -> np.ndarray:
+    v = np.asarray(vector, dtype=np.float32)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"{name} must be a 1-D vector, got shape {v.shape}")
+    if dim is not None and v.size != dim:
+        raise ValueError(f"{name} has {v.size} dimensions, the retrieval table has {dim}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} has non-finite values")
+    norm = float(np.linalg.norm(v))
+    if norm == 0.0:
+        raise ValueError(f"{name} is all zeros: it has no direction")
+    return v / norm
+
+
+class RetrievalIndex:
+    """Captions and embedding vectors of indexed segments, one row per segment_id, searched by hybrid retrieval."""
+
+    def __init__(self, root: str | os.PathLike, *, dim: int | None = None, create: bool = False,
+                 read_consistency_s: float = 0.0, storage_options: Mapping[str, str] | None = None):
+        """root: the footage index root (a local path or a URI); the table lives in `<root>/_retrieval`.
+
+        create=True makes the folder and an empty table of `dim` dimensions when missing (the entry points do
+        this; services open with create=False). read_consistency_s: how stale a read may be with respect to other
+        processes' writes (0: every read checks for a newer version; on object stores that is a request per read).
+        """
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise ValueError(f"retrieval root must be a local path or a URI, got {root!r}")
+        root = str(root)
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        self._remote = "://" in root and not root.startswith("file://")
+        if self._remote:
+            self.root = root.rstrip("/")
+        else:
+            self.root = os.path.abspath(root.removeprefix("file://"))
+        self.uri = f"{self.root}/{FOLDER}"
+        self._storage_options = dict(storage_options or {})
+        self._consistency = timedelta(seconds=float(read_consistency_s))
+        self._lock = threading.Lock()                 # one writer at a time in this process
+        self._table = None                            # opened lazily, dropped after any failure
+        self._writes = self._rows_written = 0         # since the last optimize, in this process
+        self._dim = dim
+        if create:
+            if dim is None:
+                raise ValueError("create=True needs dim (the caption embedding's dimension)")
+            with self._lock:
+                if not self._exists():
+                    self._check_truth()
+                    self._create(dim)
+
+    def __repr__(self) -> str:
+        return f"RetrievalIndex({self.uri!r})"
+
+    # ---- opening -----------------------------------------------------------------------------------------------
+    def _connect(self):
+        import lancedb
+        return lancedb.connect(self.uri, read_consistency_interval=self._consistency,
+                               storage_options=self._storage_options or None)
+
+    def _exists(self) -> bool:
+        if not self._remote:
+            return os.path.isdir(os.path.join(self.uri, f"{TABLE}.lance"))
+        try:
+            return TABLE in self._connect().table_names()
+        except Exception:                                          # noqa: BLE001 - any store error: not usable
+            return False
+
+    def _check_truth(self) -> None:
+        """The footage index must be there before anything is derived from it (an unmounted volume is not)."""
+        if self._remote:
+            fs, path = pafs.FileSystem.from_uri(self.root)
+            found = fs.get_file_info(f"{path.rstrip('/')}/{MARKER}").type == pafs.FileType.File
+        else:
+            found = os.path.isfile(os.path.join(self.root, MARKER))
+        if not found:
+            raise RetrievalUnavailable(f"no footage index at {self.root!r} (its {MARKER} marker is missing): the "
+                                       "retrieval table is made only beside one")
+
+    def _create(self, dim: int, data=None):
+        db = self._connect()
+        table = db.create_table(TABLE, data=data, schema=table_schema(dim), mode="overwrite")
+        self._table, self._dim = table, dim
+        return table
+
+    def _open(self):
+        table = self._table
+        if table is not None:
+            return table
+        if not self._remote and not os.path.isdir(os.path.join(self.uri, f"{TABLE}.lance")):
+            raise RetrievalUnavailable(f"the retrieval table {self.uri!r} is missing (deleted, unmounted or being "
+                                       "rebuilt): rebuild it from the footage index")
+        try:
+            table = self._connect().open_table(TABLE)
+            field = table.schema.field("vector")
+            dim = field.type.list_size
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+        if self._dim is not None and dim != self._dim:
+            raise ValueError(f"the retrieval table holds {dim}-dimensional vectors, this instance expects "
+                             f"{self._dim}: rebuild it for the current model")
+        self._dim, self._table = dim, table
+        return table
+
+    def _unavailable(self, e: BaseException) -> RetrievalUnavailable:
+        """Whatever LanceDB raised while reading (missing files, a corrupt manifest, a vanished folder): the table
+        cannot answer. The handle is dropped so that the next call reopens whatever `rebuild` made."""
+        self._table = None
+        if isinstance(e, RetrievalUnavailable):
+            return e
+        return RetrievalUnavailable(f"the retrieval table {self.uri!r} cannot be read ({type(e).__name__}: "
+                                    f"{str(e)[:300]}); rebuild it from the footage index")
+
+    @property
+    def dim(self) -> int | None:
+        """The vector dimension of the table (None while it is missing and none was given)."""
+        if self._dim is None:
+            try:
+                self._open()
+            except RetrievalUnavailable:
+                pass
+        return self._dim
+
+    # ---- filters -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _filter(sources, start, end, *, sources_required: bool):
+        """The prefilter: sources as a list of ids, and the window overlap rule of SegmentIndex.list."""
+        from lancedb.expr import col, lit
+
+        clauses = []
+        if sources is None:
+            if sources_required:
+                raise ValueError("sources is required: the list of source ids a search may return")
+        else:
+            if isinstance(sources, str) or not isinstance(sources, Iterable):
+                raise ValueError(f"sources must be a list of source ids, got {sources!r}")
+            sources = list(dict.fromkeys(sources))
+            if not sources:
+                raise ValueError("sources must not be empty")
+            for s in sources:
+                if not isinstance(s, str) or not s:
+                    raise ValueError(f"every source must be a non-empty str, got {s!r}")
+            clauses.append(col("source_id").isin(sources))
+        start, end = _window(start, end)
+        if start is not None and end is not None and start == end:     # a point: the segments that contain it
+            clauses += [col("t0") <= lit(start), col("t1") > lit(start)]
+        else:
+            if start is not None:
+                clauses.append(col("t1") > lit(start))
+            if end is not None:
+                clauses.append(col("t0") < lit(end))
+        if not clauses:
+            return None
+        out = clauses[0]
+        for c in clauses[1:]:
+            out = out & c
+        return out
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def search(self, query_text: str | None = None, query_vector=None, *, sources: list[str],
+               start: float | None = None, end: float | None = None, limit: int = 10) -> list[dict]:
+        """Segments of `sources` overlapping [start, end) ranked for the query, best first:
+        [{segment_id, source_id, t0, t1, caption, score}].
+
+        Both parts given: hybrid (BM25 over captions and nearest vectors, fused by reciprocal rank; score is the
+        fused RRF score). One given: text only (score: BM25) or vector only (score: cosine similarity).
+        Only rows of `sources` in the window are ranked at all (a prefilter). ValueError for a bad query;
+        RetrievalUnavailable when the table is missing or unreadable.
+        """
+        if query_text is not None:
+            if not isinstance(query_text, str):
+                raise ValueError(f"query_text must be a str or None, got {type(query_text).__name__}")
+            if not query_text.strip():
+                raise ValueError("query_text is empty")
+            if len(query_text) > MAX_QUERY_CHARS:
+                raise ValueError(f"query_text has {len(query_text)} characters, at most {MAX_QUERY_CHARS}")
+        if query_text is None and query_vector is None:
+            raise ValueError("a search needs query_text, query_vector or both")
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an int in [1, {MAX_LIMIT}], got {limit!r}")
+        where = self._filter(sources, start, end, sources_required=True)
+        vector = _unit("query_vector", query_vector, None) if query_vector is not None else None
+        table = self._open()
+        if vector is not None:
+            vector = _unit("query_vector", vector, self._dim)
+        try:
+            return self._search(table, query_text, vector, where, int(limit))
+        except ValueError:
+            raise
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+
+    def _search(self, table, text, vector, where, limit) -> list[dict]:
+        from lancedb.query import MatchQuery
+        from lancedb.rerankers import RRFReranker
+
+        match = MatchQuery(text, "caption") if text is not None else None   # words, never query syntax
+        if match is not None and vector is not None:
+            q = (table.search(query_type="hybrid", vector_column_name="vector", fts_columns="caption")
+                 .vector(vector).text(match).distance_type(DISTANCE).rerank(RRFReranker(K=RRF_K)))
+            score, sign, offset = "_relevance_score", 1.0, 0.0
+        elif match is not None:
+            q = table.search(match, query_type="fts")
+            score, sign, offset = "_score", 1.0, 0.0
+        else:
+            q = table.search(vector, query_type="vector", vector_column_name="vector").distance_type(DISTANCE)
+            score, sign, offset = "_distance", -1.0, 1.0              # dot distance is 1 - cosine similarity
+        q = q.select(COLUMNS).limit(limit)
+        if where is not None:
+            q = q.where(where, prefilter=True)
+        result = q.to_arrow()
+        scores = result.column(score).to_pylist()
+        hits = result.select(COLUMNS).to_pylist()
+        for h, s in zip(hits, scores):
+            h["score"] = offset + sign * float(s)
+        return hits
+
+    def count(self, sources: list[str] | None = None, start: float | None = None, end: float | None = None) -> int:
+        """Rows of `sources` (None: all) overlapping [start, end)."""
+        where = self._filter(sources, start, end, sources_required=False)
+        table = self._open()
+        try:
+            return table.count_rows(where.to_sql() if where is not None else None)
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+
+    # ---- writing -----------------------------------------------------------------------------------------------
+    def _rows_table(self, rows: Iterable[Mapping], dim: int) -> pa.Table:
+        """Validated rows as an Arrow table; a segment_id given twice keeps its last row."""
+        by_id: dict[str, Mapping] = {}
+        for r in rows:
+            if not isinstance(r, Mapping):
+                raise ValueError(f"rows must be mappings, got {type(r).__name__}")
+            sid = r.get("segment_id")
+            if source_of(sid) != r.get("source_id"):
+                raise ValueError(f"segment {sid!r} does not belong to source {r.get('source_id')!r}")
+            t0, t1 = _number("t0", r.get("t0")), _number("t1", r.get("t1"))
+            if t0 is None or t1 is None or t1 <= t0:
+                raise ValueError(f"segment {sid!r} needs t0 < t1, got {r.get('t0')!r}, {r.get('t1')!r}")
+            caption, model_id = r.get("caption"), r.get("model_id")
+            if not isinstance(caption, str) or len(caption) > MAX_CAPTION_CHARS:
+                raise ValueError(f"segment {sid!r}: caption must be a str of at most {MAX_CAPTION_CHARS} chars")
+            if not isinstance(model_id, str) or not model_id:
+                raise ValueError(f"segment {sid!r}: model_id must be a non-empty str")
+            by_id.pop(sid, None)
+            by_id[sid] = r
+        n = len(by_id)
+        vectors = np.empty((n, dim), dtype=np.float32)
+        for i, (sid, r) in enumerate(by_id.items()):
+            vectors[i] = _unit(f"vector of {sid!r}", r.get("vector"), dim)
+        vals = list(by_id.values())
+        return pa.table({
+            "segment_id": pa.array(list(by_id), pa.string()),
+            "source_id": pa.array([r["source_id"] for r in vals], pa.string()),
+            "t0": pa.array([float(r["t0"]) for r in vals], pa.float64()),
+            "t1": pa.array([float(r["t1"]) for r in vals], pa.float64()),
+            "caption": pa.array([r["caption"] for r in vals], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+            "model_id": pa.array([r["model_id"] for r in vals], pa.string()),
+        }, schema=table_schema(dim))
+
+    def upsert(self, rows: Iterable[Mapping]) -> int:
+        """Insert or replace rows by segment_id (keys: segment_id, source_id, t0, t1, caption, vector, model_id).
+        Returns the rows written. Searchable when this returns."""
+        with self._lock:
+            table = self._open()
+            data = self._rows_table(rows, self._dim)
+            if data.num_rows == 0:
+                return 0
+            try:
+                (table.merge_insert("segment_id").when_matched_update_all().when_not_matched_insert_all()
+                 .execute(data))
+                self._ensure_fts(table)
+            except Exception as e:                                 # noqa: BLE001 - see _unavailable
+                raise self._unavailable(e) from e
+            self._wrote(data.num_rows)
+        self.maybe_optimize()
+        return data.num_rows
+
+    def _delete(self, where) -> int:
+        with self._lock:
+            table = self._open()
+            try:
+                n = table.count_rows(where.to_sql())
+                if n:
+                    table.delete(where)
+            except Exception as e:                                 # noqa: BLE001 - see _unavailable
+                raise self._unavailable(e) from e
+            if n:
+                self._wrote(n)
+        if n:
+            self.maybe_optimize()
+        return n
+
+    def delete(self, segment_ids: Iterable[str]) -> int:
+        """Delete rows by segment_id (ids not present are ignored). Returns the rows deleted."""
+        from lancedb.expr import col
+
+        ids = list(dict.fromkeys(segment_ids))
+        for s in ids:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"segment ids must be non-empty strs, got {s!r}")
+        n = 0
+        for i in range(0, len(ids), 1000):
+            n += self._delete(col("segment_id").isin(ids[i:i + 1000]))
+        return n
+
+    def delete_source(self, source_id: str, before: float | None = None) -> int:
+        """Delete a source's rows: all, or those that end at or before `before` (t1 <= before, as
+        SegmentIndex.delete). Returns the rows deleted."""
+        from lancedb.expr import col, lit
+
+        if not isinstance(source_id, str) or not source_id:
+            raise ValueError(f"source_id must be a non-empty str, got {source_id!r}")
+        before = _number("before", before)
+        where = col("source_id") == lit(source_id)
+        if before is not None:
+            where = where & (col("t1") <= lit(before))
+        return self._delete(where)
+
+    def rebuild(self, rows: Iterable[Mapping], *, dim: int | None = None, batch_size: int = 8192,
+                progress: Callable[[int], None] | None = None) -> int:
+        """Drop the table and recreate it from `rows` (the truth: the footage index's captions), written in
+        batches; progress(rows_so_far) after each. Works on a missing or corrupt folder. Returns the rows.
+
+        Searches during a rebuild may raise RetrievalUnavailable or see the rows written so far."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        dim = dim if dim is not None else self._dim
+        it = iter(rows)
+        first = []
+        if dim is None:
+            first = [r for _, r in zip(range(1), it)]
+            if not first:
+                raise ValueError("rebuild from no rows needs dim")
+            dim = int(np.asarray(first[0].get("vector")).size)
+        with self._lock:
+            self._check_truth()
+            self._drop()
+            table = self._create(dim)
+            total = 0
+            batch = list(first)
+            try:
+                for r in it:
+                    batch.append(r)
+                    if len(batch) >= batch_size:
+                        total += self._append(table, batch, dim)
+                        batch = []
+                        if progress is not None:
+                            progress(total)
+                if batch:
+                    total += self._append(table, batch, dim)
+                    if progress is not None:
+                        progress(total)
+                self._optimize(table, force=True)
+            except Exception:
+                self._table = None
+                raise
+        return total
+
+    def _append(self, table, batch, dim) -> int:
+        """Plain appends during a rebuild: the rows come from the truth, one per segment_id."""
+        data = self._rows_table(batch, dim)
+        table.add(data)
+        return data.num_rows
+
+    def _drop(self) -> None:
+        """Remove the table whatever state it is in (a corrupt one may not open)."""
+        self._table = None
+        try:
+            self._connect().drop_table(TABLE, ignore_missing=True)
+        except Exception:                                          # noqa: BLE001 - fall back to removing files
+            pass
+        if self._remote:
+            fs, path = pafs.FileSystem.from_uri(self.uri)
+            try:
+                fs.delete_dir(f"{path.rstrip('/')}/{TABLE}.lance")
+            except FileNotFoundError:
+                pass
+        else:
+            import shutil
+            shutil.rmtree(os.path.join(self.uri, f"{TABLE}.lance"), ignore_errors=True)
+
+    # ---- indexes -----------------------------------------------------------------------------------------------
+    def _ensure_fts(self, table) -> None:
+        """Full-text search needs the index to exist; made at the first write (it then covers later rows through
+        optimize, and LanceDB scans the rows it does not cover yet)."""
+        if not any(i.index_type == "FTS" for i in table.list_indices()):
+            table.create_fts_index("caption", with_position=False)
+
+    def _wrote(self, n: int) -> None:
+        self._writes += 1
+        self._rows_written += n
+
+    def maybe_optimize(self) -> bool:
+        """Optimize when enough has been written since the last time (called after every write)."""
+        if self._writes >= OPTIMIZE_AFTER_WRITES or self._rows_written >= OPTIMIZE_AFTER_ROWS:
+            self.optimize()
+            return True
+        return False
+
+    def optimize(self) -> dict:
+        """Compact small files, fold new rows into the indexes, build missing indexes, prune old versions."""
+        with self._lock:
+            table = self._open()
+            try:
+                return self._optimize(table, force=False)
+            except Exception as e:                                 # noqa: BLE001 - see _unavailable
+                raise self._unavailable(e) from e
+
+    def _optimize(self, table, force: bool) -> dict:
+        t = time.perf_counter()
+        rows = table.count_rows()
+        built = []
+        names = {i.index_type: i for i in table.list_indices()}
+        if rows and "FTS" not in names:
+            table.create_fts_index("caption", with_position=False)
+            built.append("fts")
+        if rows >= ANN_MIN_ROWS and not any(k.startswith("IVF") for k in names):
+            from lancedb.index import IvfSq
+            table.create_index(vector_column_name="vector", config=IvfSq(distance_type=DISTANCE))
+            built.append("vector")
+        table.optimize(cleanup_older_than=KEEP_VERSIONS)
+        self._writes = self._rows_written = 0
+        return {"rows": rows, "built": built, "seconds": time.perf_counter() - t}
