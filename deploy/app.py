@@ -22,12 +22,13 @@ from deploy.api.deps import ServiceContext
 from deploy.api.main import create_api
 from deploy.auth import Authorizer
 from pipeline.index import IndexUnavailable
+from pipeline.retrieval import RetrievalUnavailable
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "tubescope"
-API, DECODER, FEEDS, RETENTION = "Api", "Decoder", "Feeds", "Retention"   # deployment names (serve.yaml overrides them by name)
+API, DECODER, FEEDS, RETENTION, CAPTIONS = "Api", "Decoder", "Feeds", "Retention", "Captions"   # deployment names (serve.yaml overrides them by name)
 LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
@@ -53,13 +54,13 @@ class DecoderServer:
             return {"result": fn(*args, **kwargs)}
         except LookupError as e:        # unknown source, nothing indexed in the window
             return {"error": str(e).strip("'\""), "status": 404}
-        except IndexUnavailable as e:   # the index root vanished: not the caller's fault, and not "nothing indexed"
-            return {"error": str(e), "status": 503}
+        except (IndexUnavailable, RetrievalUnavailable) as e:   # a vanished index root, a retrieval index being
+            return {"error": str(e), "status": 503}                # rebuilt: not the caller's fault
         except ValueError as e:
             return {"error": str(e), "status": 422}
 
     def search(self, req: dict) -> dict:
-        return self._call(self.decoder.search, req["query"], req["sources"], start=req.get("start"),
+        return self._call(self.decoder.search_window, req["query"], req["sources"], start=req.get("start"),
                           end=req.get("end"), limit=req["limit"])
 
     def ask(self, req: dict) -> dict:
@@ -164,12 +165,82 @@ class RetentionService:
             schedule.stop()
 
 
+class CaptionService:
+    """Captions every indexed segment, archive and live alike, by following the index (pipeline.captioning) with a
+    pool of caption actors. One replica: one writer of the retrieval index. Setup (loading the actors, opening or
+    rebuilding the retrieval index) runs in the follower's thread, so the app starts without waiting for it."""
+
+    def __init__(self, settings: Settings, model_path: str, redis_url: str):
+        from pipeline.events import EventSink
+
+        self.settings, self.model_path = settings, model_path
+        self.events = EventSink(redis_url, settings.outbox_dir / "captions", maxlen=settings.stream_maxlen,
+                                outbox_max=settings.outbox_max_events)
+        self.follower = None
+        self.state, self.error = "starting", ""
+        self._stop = threading.Event()
+        threading.Thread(target=self._start, name="captions-setup", daemon=True).start()
+
+    def _start(self) -> None:
+        from actors.captioner import CaptionPool
+        from pipeline.captioning import CaptionFollower, CaptionWriter, open_retrieval
+        from pipeline.captions import CaptionStore
+        from pipeline.index import SegmentIndex
+
+        s = self.settings
+        while not self._stop.is_set():
+            try:
+                store = CaptionStore(SegmentIndex(s.index_root, create=False))
+                pool = CaptionPool(s, self.model_path)
+                self.state = "rebuilding"
+                retrieval = open_retrieval(store, s.index_root, pool.model_id, pool.dim)
+                self.follower = CaptionFollower(
+                    store, pool, CaptionWriter(store, retrieval, self.events), batch_size=s.caption_batch_size,
+                    queue_segments=s.caption_queue_segments, poll_s=s.caption_poll_seconds,
+                    on_unavailable=lambda e: self._rebuild(store, retrieval, pool)).start()
+                self.state, self.error = "running", ""
+                return
+            except Exception as e:  # noqa: BLE001 - e.g. the index volume is not mounted yet: retry
+                self.state, self.error = "waiting", f"{type(e).__name__}: {e}"
+                logging.getLogger(__name__).exception("caption service setup failed; retrying")
+                self._stop.wait(max(5.0, s.caption_poll_seconds))
+
+    def _rebuild(self, store, retrieval, pool) -> None:
+        """The retrieval index went missing or corrupt under the follower: rebuild it from the footage index."""
+        from pipeline.captioning import rebuild_retrieval
+        from pipeline.retrieval import RetrievalUnavailable
+
+        try:
+            retrieval.count()
+            return
+        except RetrievalUnavailable:
+            pass
+        self.state = "rebuilding"
+        rebuild_retrieval(store, retrieval, pool.model_id, dim=pool.dim)
+        self.state = "running"
+
+    def status(self) -> dict:
+        out = {"state": self.state, "error": self.error}
+        if self.follower is not None:
+            out.update(self.follower.status())
+        return out
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.stop()
+
+
 # No app passed to serve.ingress: Serve calls __serve_build_asgi_app__ in the replica after __init__, so the app and
 # the context its routes reach through app.state are this replica's own objects, not a pickled copy.
 @serve.ingress()
 class ApiIngress:
-    def __init__(self, settings: Settings, decoder, feed_service=None, retention=None):
-        self.context = ServiceContext.create(settings, decoder, feed_service, retention)
+    def __init__(self, settings: Settings, decoder, feed_service=None, retention=None, captions=None,
+                 model_path: str | None = None):
+        self.context = ServiceContext.create(settings, decoder, feed_service, retention, captions, model_path)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.context)
@@ -190,7 +261,8 @@ def _gpus() -> float:
 
 
 def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool = True, live: bool = True):
-    """The Serve application: ApiIngress bound to DecoderServer, RetentionService and (feeds=True) FeedService.
+    """The Serve application: ApiIngress bound to DecoderServer, RetentionService, (feeds=True) FeedService and
+    (settings.captions) CaptionService.
 
     settings.redis_url must name the running Redis (the embedded one's URL once started) and settings.api_keys
     must hold at least one key. model_path defaults to the configured checkpoint (the tiny model is written
@@ -221,9 +293,14 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
             settings, str(model_path), settings.redis_url, live)
     retention = serve.deployment(RetentionService).options(
         name=RETENTION, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings)
+    captions = None
+    if settings.captions:
+        captions = serve.deployment(CaptionService).options(
+            name=CAPTIONS, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+            settings, str(model_path), settings.redis_url)
     return serve.deployment(ApiIngress).options(
         name=API, num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(
-        settings, decoder, feed_service, retention)
+        settings, decoder, feed_service, retention, captions, str(model_path))
 
 
 def app_from_env(args: dict | None = None):
@@ -272,5 +349,5 @@ def stop_app() -> None:
     serve.shutdown()
 
 
-__all__ = ["API", "APP_NAME", "ApiIngress", "DECODER", "DecoderServer", "FEEDS", "FeedService", "RETENTION",
+__all__ = ["API", "APP_NAME", "ApiIngress", "CAPTIONS", "CaptionService", "DECODER", "DecoderServer", "FEEDS", "FeedService", "RETENTION",
            "RetentionService", "app_from_env", "build_app", "run_app", "stop_app"]

@@ -71,11 +71,22 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
     from deploy.runtime import local_runtime
     from actors.encoder import VisionEncoder
     from pipeline.archive import index_archive
+    from pipeline.captioning import find_backlog
 
     settings = current_settings(ctx)
     with local_runtime(settings) as rt:
-        report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index, events=rt.events,
-                               progress=True)
+        captions = None
+        if settings.captions:            # a caption actor pool works beside the encoders, following the index
+            from actors.captioner import CaptionPool
+
+            captions = caption_follower(rt, CaptionPool(settings, str(rt.model_path)), poll_s=1.0).start()
+        report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index,
+                               events=rt.events, progress=True)
+        if captions is not None:         # then what it has not reached yet, for this job's sources
+            captions.stop()
+            captions.sources = report.sources
+            with _bar("captions", find_backlog(captions.store, captions.pool.model_id, report.sources).segments) as bar:
+                captions.catch_up(bar.update)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -99,12 +110,91 @@ def segments_cmd(ctx: click.Context, source: str, start: float | None, end: floa
 
     settings = current_settings(ctx)
     try:                                  # a query never creates an index: a wrong or unmounted root is an error
-        rows = SegmentIndex(settings.index_root, create=False).list(source, start=start, end=end)
+        index = SegmentIndex(settings.index_root, create=False)
+        rows = index.list(source, start=start, end=end)
     except IndexUnavailable as e:
         raise click.ClickException(str(e)) from None
+    if settings.captions:
+        from pipeline.captioning import with_captions
+        from pipeline.captions import CaptionStore
+        from pipeline.checkpoints import model_id
+
+        rows = with_captions(CaptionStore(index), rows, model_id(settings.resolved_model_path()), settings.index_root)
     print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}"
-                                       f"\t{r['n_tokens']} tokens\t{r['model_id']}",
+                                       f"\t{r['n_tokens']} tokens\t{r['model_id']}\t{r.get('caption') or ''}",
                f"no segments for source {source!r} in that window")
+
+
+# ---- captions ------------------------------------------------------------------------------------------------------
+def caption_follower(rt, pool, poll_s: float = 2.0, sources=None):
+    """A CaptionFollower over the runtime's index, writing to the retrieval index (opened or rebuilt) and Redis."""
+    from pipeline.captioning import CaptionFollower, CaptionWriter, open_retrieval
+    from pipeline.captions import CaptionStore
+
+    s = rt.settings
+    store = CaptionStore(rt.index)
+    retrieval = open_retrieval(store, s.index_root, pool.model_id, pool.dim)
+    return CaptionFollower(store, pool, CaptionWriter(store, retrieval, rt.events), batch_size=s.caption_batch_size,
+                           queue_segments=s.caption_queue_segments, poll_s=poll_s, sources=sources)
+
+
+def _bar(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="segment", file=sys.stderr)
+
+
+@cli.group("captions")
+def captions_group() -> None:
+    """Captions and the retrieval index of indexed footage."""
+
+
+@captions_group.command("backfill")
+@click.argument("source", required=False)
+@click.pass_context
+def captions_backfill(ctx: click.Context, source: str | None) -> None:
+    """Caption every indexed segment of SOURCE (default: every source) that has no caption yet. Idempotent; stop it
+    any time and run it again to resume."""
+    from deploy.runtime import local_runtime
+    from pipeline.captioner import Captioner
+    from pipeline.captioning import LocalCaptioning, find_backlog
+
+    settings = current_settings(ctx)
+    with local_runtime(settings, ray_init=False) as rt:
+        captioner = Captioner(rt.model_path, max_new_tokens=settings.caption_max_new_tokens,
+                              batch_size=settings.caption_batch_size)
+        pool = LocalCaptioning(rt.index, captioner)
+        follower = caption_follower(rt, pool, sources=[source] if source else None)
+        with _bar("captions", find_backlog(follower.store, pool.model_id, follower.sources).segments) as bar:
+            n = follower.catch_up(bar.update)
+    click.echo(f"captioned {n} segment(s); {follower.backlog.segments} still missing"
+               + (f" ({len(follower.failed)} failed: see Redis stream tubescope:errors)" if follower.failed else ""))
+    sys.exit(1 if follower.failed else 0)
+
+
+@captions_group.command("reindex")
+@click.pass_context
+def captions_reindex(ctx: click.Context) -> None:
+    """Rebuild the retrieval index from the captions stored in the footage index (the truth)."""
+    from pipeline.captions import CaptionStore
+    from pipeline.captioning import rebuild_retrieval
+    from pipeline.checkpoints import model_id
+    from pipeline.index import IndexUnavailable, SegmentIndex
+    from pipeline.retrieval import RetrievalIndex
+    from qwen2vl.config import Qwen2VLConfig
+
+    settings = current_settings(ctx)
+    try:
+        store = CaptionStore(SegmentIndex(settings.index_root, create=False))
+    except IndexUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    mid = model_id(settings.resolved_model_path())
+    config = Qwen2VLConfig.from_dict(json.loads((settings.resolved_model_path() / "config.json").read_text()))
+    dim = config.text.hidden_size                # the width of the captioner's vectors
+    with _bar("rows", None) as bar:
+        n = rebuild_retrieval(store, RetrievalIndex(settings.index_root), mid, dim=dim,
+                              progress=lambda total: bar.update(total - bar.n))
+    click.echo(f"retrieval index rebuilt: {n} caption(s) of {mid}")
 
 
 def print_rows(rows: list[dict], as_json: bool, line, empty: str) -> None:
@@ -194,7 +284,8 @@ def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_
     with _api(url, key) as api:
         rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
     print_rows(rows, as_json,
-               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}",
+               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}"
+                         f"\t{r.get('caption') or ''}",
                f"no segments in {_window(start, end)}")
 
 

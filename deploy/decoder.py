@@ -26,7 +26,10 @@ import torch
 
 from deploy.footage import PrefixMemo, PromptPlan, build_prompt, check_question, group_blocks, list_window
 from deploy.prefix_cache import PrefixCache
-from deploy.search import SegmentRanker
+from deploy.search import SegmentRanker, evenly_spaced
+from pipeline.captioner import embed_query
+from pipeline.captions import CaptionStore
+from pipeline.retrieval import RetrievalIndex
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.kv import prefill_kv
 from pipeline import metrics
@@ -71,6 +74,9 @@ class Decoder:
         self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
+        self.captions = CaptionStore(index)
+        # captions on: searches and over-budget asks consider every captioned segment through the retrieval index
+        self.retrieval = RetrievalIndex(settings.index_root) if settings.captions else None
         self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
 
     # ---- public -----------------------------------------------------------------------------------------------
@@ -96,23 +102,47 @@ class Decoder:
 
     def search(self, query: str, sources: list[str], start: float | None = None, end: float | None = None,
                limit: int = 10) -> list[dict]:
-        """Segments of the window ranked for `query`: [{source, segment_id, t0, t1, score}], best first."""
+        """Segments of the window ranked for `query`: [{source, segment_id, t0, t1, score, caption}], best first."""
+        return self.search_window(query, sources, start, end, limit)["results"]
+
+    def search_window(self, query: str, sources: list[str], start: float | None = None, end: float | None = None,
+                      limit: int = 10) -> dict:
+        """{"results": search's list, "coverage": how the window's segments were considered (see _ranked)}."""
         t_start = time.perf_counter()
         check_question(query)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
             raise ValueError(f"limit must be an int in [1, {MAX_SEARCH_LIMIT}], got {limit!r}")
         rows = list_window(self.index, sources, start, end, self.model_id)
-        ranked = self.ranker.rank(query, rows, self._segment_tokens)
+        ranked, coverage = self._ranked(query, rows, start, end)
         self._count("searches")
         results = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
-                    "score": float(score)} for r, score in ranked[:limit]]
+                    "score": float(score), "caption": r.get("caption")} for r, score in ranked[:limit]]
         metrics.record_search(time.perf_counter() - t_start)
         if self.events is not None:          # search results and their evidence go to Redis too
             self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
                                                "sources": list(dict.fromkeys([sources] if isinstance(sources, str)
                                                                              else sources)),
-                                               "start": start, "end": end})
-        return results
+                                               "start": start, "end": end, "coverage": coverage})
+        return {"results": results, "coverage": coverage}
+
+    def _ranked(self, query: str, rows: list[dict], start, end) -> tuple[list[tuple[dict, float]], dict]:
+        """The window's rows ranked for `query`, and the coverage: every captioned segment is considered through the
+        retrieval index, whose best `search_candidates` are reranked by the yes/no scorer together with an even
+        sample of the segments not captioned yet. With captions off, or nothing captioned yet, the sampled scan of
+        SegmentRanker.rank. RetrievalUnavailable (a 503) when captions exist but the retrieval index cannot be read."""
+        pending = rows if self.retrieval is None else self.captions.uncaptioned(rows, self.model_id)
+        coverage = {"segments": len(rows), "captioned": len(rows) - len(pending), "retrieval": False}
+        if len(pending) == len(rows):
+            return self.ranker.rank(query, rows, self._segment_tokens), coverage
+        with self._lock:
+            vector = embed_query(self.model, self.processor, query)
+        hits = self.retrieval.search(query, vector, sources=sorted({r["source_id"] for r in rows}), start=start,
+                                     end=end, limit=self.settings.search_candidates)
+        by_id = {r["segment_id"]: r for r in rows}
+        candidates = [{**by_id[h["segment_id"]], "caption": h["caption"]} for h in hits if h["segment_id"] in by_id]
+        candidates += [pending[i] for i in evenly_spaced(len(pending), self.ranker.sample_cap)]
+        coverage.update(retrieval=True, reranked=len(candidates))
+        return self.ranker.rerank(query, candidates, self._segment_tokens), coverage
 
     def stats(self) -> dict:
         with self._count_lock:
@@ -130,7 +160,7 @@ class Decoder:
             raise ValueError("on_token must be a callable taking a text piece, or None")
 
         rows = list_window(self.index, sources, start, end, self.model_id)
-        selected, narrowed = self._fit_budget(question, rows)
+        selected, narrowed = self._fit_budget(question, rows, start, end)
         plan = build_prompt(self.processor, group_blocks(selected, self.tube_seconds, self.settings.max_gap_seconds),
                             question, self.model.config, self.prompt_memo)
         t_selected = time.perf_counter()
@@ -176,13 +206,13 @@ class Decoder:
                 "start": start, "end": end})
         return result
 
-    def _fit_budget(self, question: str, rows: list[dict]) -> tuple[list[dict], bool]:
+    def _fit_budget(self, question: str, rows: list[dict], start, end) -> tuple[list[dict], bool]:
         """All rows when their tokens fit ask_token_budget; else the best-scoring ones that fit, in time order."""
         budget = self.settings.ask_token_budget
         if sum(int(r["n_tokens"]) for r in rows) <= budget:
             return rows, False
         chosen, used = [], 0
-        for row, _score in self.ranker.rank(question, rows, self._segment_tokens):
+        for row, _score in self._ranked(question, rows, start, end)[0]:
             if used + int(row["n_tokens"]) <= budget:
                 chosen.append(row)
                 used += int(row["n_tokens"])

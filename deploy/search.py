@@ -7,6 +7,10 @@ with the yes/no ids read from the tokenizer (first token of " yes" / " no"). The
 query-independent, so its KV goes through the shared PrefixCache: a second query over the same footage only runs the
 short question suffix, batched over segments (caches stacked with left padding).
 
+With captions on, the candidates come from the retrieval index (every captioned segment of the window is
+considered: hybrid BM25 + vector retrieval, deploy/decoder.py) and `rerank` scores exactly those. Segments not
+captioned yet, and every segment when captions are off, go through `rank`'s sampling:
+
 Work bound for long windows: at most `sample_cap` candidates are scored first, spread evenly over the window's
 segments in time order; then up to `refine_cap` more, the unscored neighbours (+-1, +-2, ...) of the best
 `refine_top` scores. So one query scores at most sample_cap + refine_cap segments (64 + 32 by default) however long
@@ -107,6 +111,14 @@ class SegmentRanker:
             scores.update(zip(more, self._score([ordered[i] for i in more], question, load_tokens)))
         ranked = sorted(scores, key=lambda i: (-scores[i], ordered[i]["t0"], ordered[i]["source_id"]))
         return [(ordered[i], scores[i]) for i in ranked]
+
+    def rerank(self, query: str, rows: list[dict],
+               load_tokens: Callable[[str], torch.Tensor]) -> list[tuple[dict, float]]:
+        """(row, score) for every one of `rows` (candidates from retrieval), best first."""
+        question = SEARCH_PROMPT.format(query=query.strip().rstrip("?").rstrip())
+        scores = self._score(rows, question, load_tokens)
+        order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]["t0"], rows[i]["source_id"]))
+        return [(rows[i], scores[i]) for i in order]
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     def _score(self, rows: list[dict], question: str, load_tokens) -> list[float]:

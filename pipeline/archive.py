@@ -36,6 +36,7 @@ class JobReport:
     skipped: int = 0                                          # segments already in the index (idempotent re-runs)
     seconds: float = 0.0                                      # wall time
     source_seconds: float = 0.0                               # media seconds covered
+    sources: list[str] = field(default_factory=list)          # source ids of the job's files
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,7 +222,7 @@ class JobWriter:
 
     def __init__(self, plan: JobPlan, index, events=None, progress: bool = True):
         self.plan, self.index, self.events = plan, index, events
-        self.report = JobReport()
+        self.report = JobReport(sources=sorted({r["source_id"] for r in plan.rows}))
         self.started = time.perf_counter()
         self.files: dict[str, dict] = {p: {"error": None, "duration": 0.0} for p in plan.files}
         self.bar = _progress(progress, len(plan.files))

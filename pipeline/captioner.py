@@ -99,19 +99,9 @@ class Captioner:
                 out[k] = result
         return out
 
-    @torch.no_grad()
     def embed_query(self, text: str) -> np.ndarray:
         """L2-normalised float32 vector [D] of a search query (text-only prompt, same last-hidden-state rule)."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"the query must be a non-empty string, got {text!r}")
-        for name in self.tokenizer.special_ids:
-            if f"<|{name}|>" in text:
-                raise ValueError(f"the query must not contain the special token <|{name}|>")
-        prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": QUERY_PROMPT.format(query=text.strip())}], add_generation_prompt=True)
-        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-        hidden = self.model(ids, logits_to_keep=1, compute_logits=False).hidden[:, -1]     # (1, D), text positions
-        return _unit(hidden)[0]
+        return embed_query(self.model, self.processor, text)
 
     # ---- prompts --------------------------------------------------------------------------------------------------
     def _split_prompt(self, instruction: str) -> tuple[list[int], list[int], list[int]]:
@@ -134,7 +124,7 @@ class Captioner:
             raise ValueError(f"item {k}: expected (tokens, grid_thw, tube_ts or None), got {type(item).__name__}")
         tokens, grid, tube_ts = item
         if isinstance(tokens, np.ndarray):
-            tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+            tokens = torch.from_numpy(np.array(tokens))       # a copy: stored tokens are read-only buffers
         if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point() or tokens.ndim != 2:
             raise ValueError(f"item {k}: tokens must be a float [n, D] tensor or array, got "
                              f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
@@ -198,6 +188,25 @@ class Captioner:
                 break
             kept.append(token)
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def embed_query(model, processor, text: str) -> np.ndarray:
+    """L2-normalised float32 vector [D] of a search query through QUERY_PROMPT: the final hidden state at the last
+    prompt token, as for segments, so the two compare by dot product. Any Qwen2-VL text model of the captioner's
+    checkpoint will do (the decoder embeds queries with its own copy)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the query must be a non-empty string, got {text!r}")
+    tokenizer = processor.tokenizer
+    for name in tokenizer.special_ids:
+        if f"<|{name}|>" in text:
+            raise ValueError(f"the query must not contain the special token <|{name}|>")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": QUERY_PROMPT.format(query=text.strip())}], add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    hidden = model(ids, logits_to_keep=1, compute_logits=False).hidden[:, -1]      # (1, D), text positions
+    return _unit(hidden)[0]
 
 
 def _unit(hidden: torch.Tensor) -> np.ndarray:

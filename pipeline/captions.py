@@ -87,9 +87,31 @@ class CaptionStore:
     def missing(self, source_id: str, model_id: str, start: float | None = None,
                 end: float | None = None) -> list[dict]:
         """Footage rows (SegmentIndex.list) of the source that `model_id` has not captioned yet, in time order."""
-        names = {i.base_name for i in self.index._ls(self.index._dir(source_id))}
-        return [r for r in self.index.list(source_id, start, end)
-                if caption_file_name(r["segment_id"], model_id) not in names]
+        return self.uncaptioned(self.index.list(source_id, start, end), model_id)
+
+    def uncaptioned(self, rows: list[dict], model_id: str) -> list[dict]:
+        """The footage rows among `rows` that `model_id` has not captioned yet (one listing per source)."""
+        names: dict[str, set[str]] = {}
+        out = []
+        for r in rows:
+            source = r["source_id"]
+            if source not in names:
+                names[source] = {i.base_name for i in self.index._ls(self.index._dir(source))}
+            if caption_file_name(r["segment_id"], model_id) not in names[source]:
+                out.append(r)
+        return out
+
+    def texts(self, rows: list[dict], model_id: str) -> dict[str, str]:
+        """segment_id -> caption text, for the rows of `rows` that `model_id` has captioned."""
+        out = {}
+        for r in rows:
+            path = f"{self.index._dir(r['source_id'])}/{caption_file_name(r['segment_id'], model_id)}"
+            try:
+                with self.index.fs.open_input_file(path) as f:
+                    out[r["segment_id"]] = pq.read_table(f, columns=["caption"]).column(0)[0].as_py()
+            except FileNotFoundError:
+                continue
+        return out
 
     def read(self, source_id: str, model_id: str | None = None) -> Iterator[Caption]:
         """Every caption of the source (of one model when given), in no particular order."""

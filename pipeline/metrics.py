@@ -93,6 +93,11 @@ _SPECS = [
     MetricSpec("tubescope_index_bytes", "gauge", "Bytes of segment data stored in the index", ("source",)),
     MetricSpec("tubescope_index_retention_deletions_total", "counter", "Segments deleted by the retention sweep",
                ("reason",)),
+    # ---- captions
+    MetricSpec("tubescope_captions_total", "counter", "Segments captioned (caption and vector written to the index)"),
+    MetricSpec("tubescope_caption_backlog_segments", "gauge", "Indexed segments still waiting for a caption"),
+    MetricSpec("tubescope_caption_lag_seconds", "gauge",
+               "Time since the oldest segment still waiting for a caption was indexed (0: none waiting)"),
     # ---- queries (label endpoint = the route, status = the HTTP status code)
     MetricSpec("tubescope_requests_total", "counter", "API requests", ("endpoint", "status")),
     MetricSpec("tubescope_request_duration_seconds", "histogram", "API request latency", ("endpoint",), SLOW_SECONDS),
@@ -354,6 +359,19 @@ def record_retention_deletions(count: int, reason: str) -> None:
     """The retention sweep deleted `count` segments, for their age or for the total size cap."""
     _inc("tubescope_index_retention_deletions_total", _count("count", count),
          {"reason": _label("reason", reason, RETENTION_REASONS)})
+
+
+# ---------------------------------------------------------------- captions
+
+def record_captions(count: int) -> None:
+    """`count` segments got their caption and vector."""
+    _inc("tubescope_captions_total", _count("count", count))
+
+
+def record_caption_backlog(segments: int, lag_s: float) -> None:
+    """The captioner's backlog as last measured: segments waiting, and the oldest one's wait since indexing."""
+    _set_gauge("tubescope_caption_backlog_segments", float(_count("segments", segments)))
+    _set_gauge("tubescope_caption_lag_seconds", _number("lag_s", lag_s))
 
 
 # ---------------------------------------------------------------- queries

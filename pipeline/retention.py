@@ -13,11 +13,21 @@ log = logging.getLogger(__name__)
 
 
 def sweep_retention(index, settings) -> int:
-    """Delete what the retention settings no longer keep; returns segments deleted (0 when none are set)."""
+    """Delete what the retention settings no longer keep; returns segments deleted (0 when none are set).
+    Deleted segments take their captions with them (the index) and leave the retrieval index (prune_retrieval)."""
     if settings.retention_max_age_hours is None and settings.retention_max_bytes is None:
         return 0
     max_age = None if settings.retention_max_age_hours is None else settings.retention_max_age_hours * 3600.0
-    return index.sweep(max_age_s=max_age, max_bytes=settings.retention_max_bytes)
+    deleted = index.sweep(max_age_s=max_age, max_bytes=settings.retention_max_bytes)
+    if deleted and settings.captions:
+        from pipeline.captioning import prune_retrieval
+        from pipeline.retrieval import RetrievalIndex, RetrievalUnavailable
+
+        try:
+            prune_retrieval(index, RetrievalIndex(settings.index_root))
+        except RetrievalUnavailable:
+            pass                    # nothing to prune: a rebuild derives the table from what is left
+    return deleted
 
 
 class RetentionSchedule:

@@ -36,6 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+# LanceDB's native log warns on every hybrid query about a column its own sub-queries add; errors still show, and an
+# operator's LANCEDB_LOG wins. Set before the native library loads.
+os.environ.setdefault("LANCEDB_LOG", "error")
+from lancedb.index import FTS, IvfSq  # noqa: E402
+
 from pipeline.index import MARKER
 from pipeline.records import source_of
 
@@ -292,7 +297,8 @@ class RetrievalIndex:
         else:
             q = table.search(vector, query_type="vector", vector_column_name="vector").distance_type(DISTANCE)
             score, sign, offset = "_distance", -1.0, 1.0              # dot distance is 1 - cosine similarity
-        q = q.select(COLUMNS).limit(limit)
+        # naming the score column keeps LanceDB from warning that it adds it; a hybrid query adds its own
+        q = q.select(COLUMNS if score == "_relevance_score" else COLUMNS + [score]).limit(limit)
         if where is not None:
             q = q.where(where, prefilter=True)
         result = q.to_arrow()
@@ -301,6 +307,25 @@ class RetrievalIndex:
         for h, s in zip(hits, scores):
             h["score"] = offset + sign * float(s)
         return hits
+
+    def captions(self, sources: list[str], start: float | None = None, end: float | None = None) -> dict[str, str]:
+        """segment_id -> caption of the rows of `sources` overlapping [start, end) (a filtered scan, no ranking)."""
+        where = self._filter(sources, start, end, sources_required=True)
+        table = self._open()
+        try:
+            rows = table.search().where(where).select(["segment_id", "caption"]).limit(None).to_arrow()
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+        return dict(zip(rows.column("segment_id").to_pylist(), rows.column("caption").to_pylist()))
+
+    def source_ids(self) -> list[str]:
+        """Every source with rows in the table."""
+        table = self._open()
+        try:
+            column = table.search().select(["source_id"]).limit(None).to_arrow().column("source_id")
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+        return sorted(set(column.to_pylist()))
 
     def count(self, sources: list[str] | None = None, start: float | None = None, end: float | None = None) -> int:
         """Rows of `sources` (None: all) overlapping [start, end)."""
@@ -473,7 +498,7 @@ class RetrievalIndex:
         """Full-text search needs the index to exist; made at the first write (it then covers later rows through
         optimize, and LanceDB scans the rows it does not cover yet)."""
         if not any(i.index_type == "FTS" for i in table.list_indices()):
-            table.create_fts_index("caption", with_position=False)
+            table.create_index("caption", config=FTS(with_position=False))
 
     def _wrote(self, n: int) -> None:
         self._writes += 1
@@ -501,11 +526,10 @@ class RetrievalIndex:
         built = []
         names = {i.index_type: i for i in table.list_indices()}
         if rows and "FTS" not in names:
-            table.create_fts_index("caption", with_position=False)
+            table.create_index("caption", config=FTS(with_position=False))
             built.append("fts")
         if rows >= ANN_MIN_ROWS and not any(k.startswith("IVF") for k in names):
-            from lancedb.index import IvfSq
-            table.create_index(vector_column_name="vector", config=IvfSq(distance_type=DISTANCE))
+            table.create_index("vector", config=IvfSq(distance_type=DISTANCE))
             built.append("vector")
         table.optimize(cleanup_older_than=KEEP_VERSIONS)
         self._writes = self._rows_written = 0

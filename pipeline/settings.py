@@ -69,6 +69,16 @@ class Settings(BaseSettings):
     encoder_batch_segments: int = Field(8, ge=1)  # segments handed to one encoder call by Ray Data
     segments_per_task: int = Field(8, ge=1)       # segments decoded by one archive read task
 
+    # ---- captions (docs/architecture.md, "Captions") ----------------------------------------------------------
+    captions: bool = True                         # caption and embed every indexed segment; false: search samples
+    caption_batch_size: int = Field(16, ge=1)     # segments per captioner call (batched prefill and decode)
+    caption_max_new_tokens: int = Field(32, ge=1, le=256)   # caption length bound, in tokens
+    caption_queue_segments: int = Field(256, ge=1)   # backlog rows a captioner holds in memory at once
+    num_caption_actors: int = Field(1, ge=1)
+    caption_cpus: float = Field(0.0, ge=0)        # CPUs Ray reserves per caption actor (GPUs: gpus_per_encoder rule)
+    caption_poll_seconds: float = Field(2.0, gt=0)   # how often an idle caption service looks for new segments
+    search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
+
     # ---- live feeds -------------------------------------------------------------------------------------------
     feed_queue_segments: int = Field(4, ge=1)     # bounded per-feed queue; the oldest segment is dropped when full
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff

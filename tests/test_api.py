@@ -47,7 +47,7 @@ def served(tmp_path_factory, ray_local):
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
         api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
         decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
-        feed_reconcile_seconds=0.5)
+        feed_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5)
     port = free_port()
     url = run_app(settings, host="127.0.0.1", port=port, live=False)
     state = {"url": url, "settings": settings, "redis": redis, "clip": clip, "port": port}
@@ -234,6 +234,28 @@ def test_cancel_a_queued_job(served):
 
 
 # ---- search and ask ---------------------------------------------------------------------------------------------------
+def test_indexed_segments_get_captions_that_listings_and_search_show(served):
+    """The caption service follows the index: the job's segments get the exclaiming model's caption ("!" per
+    token), written to the index, the retrieval index and tubescope:captions, and search considers them all."""
+    with http(served) as c:
+        deadline = time.time() + 90
+        while True:
+            status = c.get("/v1/status").json()["captions"]
+            if status.get("state") == "running" and status["captioned"] >= 2 and status["backlog"]["segments"] == 0:
+                break
+            assert time.time() < deadline, status
+            time.sleep(0.5)
+        segs = c.get(f"/v1/sources/{SOURCE}/segments").json()["segments"]
+        assert [s["caption"] for s in segs] == ["!" * 8] * 2
+        r = c.post("/v1/search", json={"query": "a white box", "sources": [SOURCE]}).json()
+        assert r["coverage"] == {"segments": 2, "captioned": 2, "retrieval": True, "reranked": 2}
+        assert sorted(x["segment_id"] for x in r["results"]) == ["clip:0", "clip:2000"]
+        assert all(x["caption"] == "!" * 8 for x in r["results"])
+        wait_for_metric(c, r"tubescope_captions_total\S* [1-9]")
+    entries = served["redis"].client().xrange("tubescope:captions")
+    assert {e[b"segment_id"].decode() for _, e in entries} >= {"clip:0", "clip:2000"}
+
+
 def test_search_ranks_segments(served):
     with http(served, READER) as c:
         r = c.post("/v1/search", json={"query": "a white box", "sources": [SOURCE], "limit": 5})
@@ -255,7 +277,7 @@ def test_search_ranks_segments(served):
         err(c.post("/v1/search", json={"query": "q", "sources": []}), 422, "non-empty list")
         err(c.post("/v1/search", json={"query": "q", "sources": ["nope"]}), 404, "nope")
     with http(served, CAM_READER) as c:                       # sees no source: an empty result, not an error
-        assert c.post("/v1/search", json={"query": "q"}).json() == {"results": []}
+        assert c.post("/v1/search", json={"query": "q"}).json()["results"] == []
 
 
 def test_ask_answers_with_evidence_and_writes_redis(served):

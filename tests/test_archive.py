@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,6 +144,21 @@ def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny
     assert seg.returncode == 0, seg.stderr
     rows = json.loads(seg.stdout)
     assert [r["segment_id"] for r in rows] == ["lobby:0", "lobby:2000"]
+    # the job's caption actor captioned every segment it wrote before the command exited: once each
+    assert all(isinstance(r["caption"], str) for r in rows)
+    captions = redis_server.client().xrange("tubescope:captions")
+    assert sorted(e[b"segment_id"].decode() for _, e in captions) == ["lobby:0", "lobby:2000"]
+    # backfill has nothing left to do; reindex rebuilds the retrieval index from the footage index
+    back = subprocess.run([sys.executable, "-m", "deploy", "captions", "backfill", "lobby"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert back.returncode == 0 and "captioned 0 segment(s); 0 still missing" in back.stdout, back.stderr[-2000:]
+    shutil.rmtree(tmp_path / "data" / "index" / "_retrieval")
+    again = subprocess.run([sys.executable, "-m", "deploy", "captions", "reindex"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "retrieval index rebuilt: 2 caption(s)" in again.stdout, again.stderr[-2000:]
+    seg = subprocess.run([sys.executable, "-m", "deploy", "segments", "lobby", "--json"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert [r["caption"] for r in json.loads(seg.stdout)] == [r["caption"] for r in rows]
     env["TUBESCOPE_DATA_DIR"] = str(tmp_path / "typo")                 # a query never makes an index
     miss = subprocess.run([sys.executable, "-m", "deploy", "segments", "lobby", "--json"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)

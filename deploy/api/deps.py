@@ -25,18 +25,23 @@ class ServiceContext:
     decoder: Any                                # DeploymentHandle of DecoderServer
     feed_service: Any = None                    # DeploymentHandle of FeedService; None without feeds
     retention: Any = None                       # DeploymentHandle of RetentionService
+    captions: Any = None                        # DeploymentHandle of CaptionService; None with captions off
+    caption_model_id: str | None = None         # the checkpoint whose captions listings show
     authorizer: Authorizer | None = None
     job_refs: dict[str, Any] = field(default_factory=dict)   # job id -> ObjectRef of its task (a crashed worker)
 
     @classmethod
     def create(cls, settings: Settings, decoder: Any, feed_service: Any = None,
-               retention: Any = None) -> "ServiceContext":
+               retention: Any = None, captions: Any = None, model_path: str | None = None) -> "ServiceContext":
+        from pipeline.checkpoints import model_id
         from pipeline.index import SegmentIndex
         from pipeline.redis_server import as_client
 
         return cls(settings=settings, redis=as_client(settings.redis_url),
                    index=SegmentIndex(settings.index_root, create=False), decoder=decoder,
-                   feed_service=feed_service, retention=retention, authorizer=Authorizer(settings.api_keys))
+                   feed_service=feed_service, retention=retention, captions=captions,
+                   caption_model_id=model_id(model_path or settings.resolved_model_path()),
+                   authorizer=Authorizer(settings.api_keys))
 
     def nudge_feeds(self) -> None:
         """Have the feed supervisor reconcile now (a feed was added or removed) rather than on its next round."""

@@ -43,6 +43,8 @@ async def status(_caller: Caller = Depends(admin_key), context: ServiceContext =
     out["decoder"] = await context.decoder.stats.remote()
     if context.retention is not None:
         out["retention"] = await context.retention.status.remote()
+    if context.captions is not None:
+        out["captions"] = await context.captions.status.remote()
     if context.feed_service is not None:
         out.update(await context.feed_service.status.remote())
     return out

@@ -33,11 +33,11 @@ async def search(body: SearchRequest, caller: Caller = Depends(reader_key),
         raise HTTPException(422, f"limit {body.limit} is over the maximum {s.api_max_search_results} "
                                  "(api_max_search_results)")
     if not sources:
-        return {"results": []}
+        return {"results": [], "coverage": {"segments": 0, "captioned": 0, "retrieval": False}}
     try:
         out = await context.decoder.search.remote({"query": body.query, "sources": sources, "start": body.start,
                                                    "end": body.end, "limit": body.limit})
     except BackPressureError:      # caught here: Serve's own handler for it would answer without Retry-After
         return overload_response(s.api_retry_after_seconds)
     raise_decoder_error(out)
-    return {"results": out["result"]}
+    return out["result"]

@@ -1,8 +1,10 @@
-"""Indexed sources and their segments (/v1/sources): any key, limited to the sources it may see."""
+"""Indexed sources and their segments with captions (/v1/sources): any key, limited to the sources it may see."""
 from fastapi import APIRouter, Depends, HTTPException
 
 from deploy.api.deps import ServiceContext, reader_key, service
 from deploy.auth import Caller, require_sources
+from pipeline.captioning import with_captions
+from pipeline.captions import CaptionStore
 
 router = APIRouter()
 
@@ -21,4 +23,6 @@ def list_segments(source_id: str, start: float | None = None, end: float | None 
     if source_id not in {s["source_id"] for s in context.index.sources()}:
         raise HTTPException(404, f"no indexed source {source_id!r}")
     rows = context.index.list(source_id, start=start, end=end)
+    if context.settings.captions:
+        rows = with_captions(CaptionStore(context.index), rows, context.caption_model_id, context.settings.index_root)
     return {"source_id": source_id, "segments": [{**r, "grid_thw": list(r["grid_thw"])} for r in rows]}
