@@ -208,7 +208,8 @@ class CaptionFollower:
 
     def status(self) -> dict:
         return {"running": bool(self._thread and self._thread.is_alive()), "captioned": self.captioned,
-                "backlog": self.backlog.to_dict(), "failed": len(self.failed), "last_error": self.last_error}
+                "backlog": self.backlog.to_dict(), "failed": len(self.failed),
+                "failures": dict(list(self.failed.items())[-5:]), "last_error": self.last_error}
 
     def _loop(self) -> None:
         while not self._stop.is_set():

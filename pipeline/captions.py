@@ -45,8 +45,11 @@ class Caption:
         if not isinstance(self.caption, str):
             raise ValueError(f"caption must be a str, got {type(self.caption).__name__}")
         v = np.asarray(self.vector, dtype=np.float32)
-        if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
-            raise ValueError(f"vector must be a finite 1-d float array, got shape {v.shape}")
+        if v.ndim != 1 or v.size == 0:
+            raise ValueError(f"vector must be a 1-d float array, got shape {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("vector has NaN or infinite values (a model whose final hidden state is zero cannot "
+                             "embed)")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id must be a non-empty str, got {self.model_id!r}")
         self.vector = v

@@ -83,6 +83,18 @@ def run_workload(args: dict) -> None:
     out["archive_tokens"] = sum(r["n_tokens"] for rs in rows.values() for r in rs)
     _log(f"archive done: {report.segments} segments")
 
+    # captions: a caption actor pool catches up with the archive's segments
+    from actors.captioner import CaptionPool
+    from pipeline.captioning import CaptionFollower, CaptionWriter, open_retrieval
+    from pipeline.captions import CaptionStore
+
+    store = CaptionStore(index)
+    pool = CaptionPool(settings, str(model))
+    writer = CaptionWriter(store, open_retrieval(store, settings.index_root, pool.model_id, pool.dim))
+    out["captioned"] = CaptionFollower(store, pool, writer).catch_up()
+    assert out["captioned"] == report.segments
+    pool.close()
+
     # retention: the size cap removes the oldest segment, then an age of 0 empties "gate"
     total = sum(index.sizes().values())
     out["deleted_size"] = index.sweep(max_bytes=total - 1)
