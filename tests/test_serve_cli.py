@@ -195,7 +195,7 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     module, attr = application.import_path.split(":")
     assert module == "deploy.app" and callable(getattr(app_module, attr))
     assert {d.name for d in application.deployments} == {app_module.API, app_module.DECODER, app_module.FEEDS,
-                                                        app_module.RETENTION}
+                                                        app_module.RETENTION, app_module.CAPTIONS}
     for name, value in application.runtime_env["env_vars"].items():   # the settings it names are valid
         monkeypatch.setenv(name, value)
     settings = load_settings()
