@@ -39,10 +39,17 @@ class CaptionPool:
     """`num_caption_actors` CaptionWorkers on the Ray cluster (`ray.init` done by the caller)."""
 
     def __init__(self, settings, model_path: str | None = None):
+        """model_path: the checkpoint whose tokens the index holds (default: the configured one); the captions are
+        written by settings.caption_model_path when set, else by that same checkpoint."""
+        from pipeline.checkpoints import model_id
+
+        model_path = str(model_path or settings.resolved_model_path())
+        caption_path = str(settings.caption_model_path or model_path)
+        self.token_model_id = model_id(model_path)
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and settings.gpus_per_encoder > 0 else 0.0
         options = {"num_cpus": settings.caption_cpus, "num_gpus": gpus, "max_restarts": 0}
         self._make = lambda: ray.remote(CaptionWorker).options(**options).remote(
-            str(model_path or settings.resolved_model_path()), str(settings.index_root),
+            caption_path, str(settings.index_root),
             settings.caption_max_new_tokens, settings.caption_batch_size,
             settings.encoder_dtype if gpus else "float32")
         self.actors = [self._make() for _ in range(settings.num_caption_actors)]

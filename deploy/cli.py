@@ -85,7 +85,9 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
         if captions is not None:         # then what it has not reached yet, for this job's sources
             captions.stop()
             captions.sources = report.sources
-            with _bar("captions", find_backlog(captions.store, captions.pool.model_id, report.sources).segments) as bar:
+            backlog = find_backlog(captions.store, captions.pool.model_id, report.sources,
+                                   token_model_id=captions.pool.token_model_id)
+            with _bar("captions", backlog.segments) as bar:
                 captions.catch_up(bar.update)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -119,7 +121,8 @@ def segments_cmd(ctx: click.Context, source: str, start: float | None, end: floa
         from pipeline.captions import CaptionStore
         from pipeline.checkpoints import model_id
 
-        rows = with_captions(CaptionStore(index), rows, model_id(settings.resolved_model_path()), settings.index_root)
+        rows = with_captions(CaptionStore(index), rows, model_id(settings.resolved_caption_model_path()),
+                             settings.index_root)
     print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}"
                                        f"\t{r['n_tokens']} tokens\t{r['model_id']}\t{r.get('caption') or ''}",
                f"no segments for source {source!r} in that window")
@@ -158,14 +161,16 @@ def captions_backfill(ctx: click.Context, source: str | None) -> None:
     from deploy.runtime import local_runtime
     from pipeline.captioner import Captioner
     from pipeline.captioning import LocalCaptioning, find_backlog
+    from pipeline.checkpoints import model_id
 
     settings = current_settings(ctx)
     with local_runtime(settings, ray_init=False) as rt:
-        captioner = Captioner(rt.model_path, max_new_tokens=settings.caption_max_new_tokens,
-                              batch_size=settings.caption_batch_size)
-        pool = LocalCaptioning(rt.index, captioner)
+        captioner = Captioner(settings.caption_model_path or rt.model_path,
+                              max_new_tokens=settings.caption_max_new_tokens, batch_size=settings.caption_batch_size)
+        pool = LocalCaptioning(rt.index, captioner, token_model_id=model_id(rt.model_path))
         follower = caption_follower(rt, pool, sources=[source] if source else None)
-        with _bar("captions", find_backlog(follower.store, pool.model_id, follower.sources).segments) as bar:
+        backlog = find_backlog(follower.store, pool.model_id, follower.sources, token_model_id=pool.token_model_id)
+        with _bar("captions", backlog.segments) as bar:
             n = follower.catch_up(bar.update)
     click.echo(f"captioned {n} segment(s); {follower.backlog.segments} still missing"
                + (f" ({len(follower.failed)} failed: see Redis stream tubescope:errors)" if follower.failed else ""))
@@ -188,8 +193,8 @@ def captions_reindex(ctx: click.Context) -> None:
         store = CaptionStore(SegmentIndex(settings.index_root, create=False))
     except IndexUnavailable as e:
         raise click.ClickException(str(e)) from None
-    mid = model_id(settings.resolved_model_path())
-    config = Qwen2VLConfig.from_dict(json.loads((settings.resolved_model_path() / "config.json").read_text()))
+    mid = model_id(settings.resolved_caption_model_path())
+    config = Qwen2VLConfig.from_dict(json.loads((settings.resolved_caption_model_path() / "config.json").read_text()))
     dim = config.text.hidden_size                # the width of the captioner's vectors
     with _bar("rows", None) as bar:
         n = rebuild_retrieval(store, RetrievalIndex(settings.index_root), mid, dim=dim,

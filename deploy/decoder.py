@@ -75,8 +75,16 @@ class Decoder:
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
         self.captions = CaptionStore(index)
-        # captions on: searches and over-budget asks consider every captioned segment through the retrieval index
+        # captions on: searches and over-budget asks consider every captioned segment through the retrieval index;
+        # queries are embedded by the checkpoint that wrote the caption vectors (this one unless configured)
         self.retrieval = RetrievalIndex(settings.index_root) if settings.captions else None
+        self.caption_model_id, self._query_model = self.model_id, None
+        if settings.captions and settings.caption_model_path is not None \
+                and checkpoint_model_id(settings.caption_model_path) != self.model_id:
+            from pipeline.captioner import Captioner
+
+            self._query_model = Captioner(settings.caption_model_path, dtype=dtype, device=self.device)
+            self.caption_model_id = self._query_model.model_id
         self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
 
     # ---- public -----------------------------------------------------------------------------------------------
@@ -130,12 +138,13 @@ class Decoder:
         retrieval index, whose best `search_candidates` are reranked by the yes/no scorer together with an even
         sample of the segments not captioned yet. With captions off, or nothing captioned yet, the sampled scan of
         SegmentRanker.rank. RetrievalUnavailable (a 503) when captions exist but the retrieval index cannot be read."""
-        pending = rows if self.retrieval is None else self.captions.uncaptioned(rows, self.model_id)
+        pending = rows if self.retrieval is None else self.captions.uncaptioned(rows, self.caption_model_id)
         coverage = {"segments": len(rows), "captioned": len(rows) - len(pending), "retrieval": False}
         if len(pending) == len(rows):
             return self.ranker.rank(query, rows, self._segment_tokens), coverage
         with self._lock:
-            vector = embed_query(self.model, self.processor, query)
+            vector = embed_query(self.model, self.processor, query) if self._query_model is None \
+                else self._query_model.embed_query(query)
         hits = self.retrieval.search(query, vector, sources=sorted({r["source_id"] for r in rows}), start=start,
                                      end=end, limit=self.settings.search_candidates)
         by_id = {r["segment_id"]: r for r in rows}

@@ -59,13 +59,15 @@ class Backlog:
 
 
 def find_backlog(store: CaptionStore, model_id: str, sources: Iterable[str] | None = None,
-                 limit: int | None = None, now: float | None = None) -> Backlog:
-    """The uncaptioned segments of `sources` (None: every source) whose tokens this model made."""
+                 limit: int | None = None, now: float | None = None, token_model_id: str | None = None) -> Backlog:
+    """The segments of `sources` (None: every source) that `model_id` has not captioned, among those whose tokens
+    `token_model_id` made (default: the same checkpoint; a separate captioning checkpoint reads the main one's)."""
+    token_model_id = token_model_id or model_id
     index = store.index
     names = [r["source_id"] for r in index.sources()] if sources is None else list(dict.fromkeys(sources))
     rows = []
     for source_id in names:
-        rows += [r for r in store.missing(source_id, model_id) if r["model_id"] == model_id]
+        rows += [r for r in store.missing(source_id, model_id) if r["model_id"] == token_model_id]
     rows.sort(key=lambda r: (r["indexed_at"], r["t0"], r["source_id"]))
     now = time.time() if now is None else now
     lag = max(0.0, now - rows[0]["indexed_at"]) if rows else 0.0
@@ -101,9 +103,10 @@ class LocalCaptioning:
 
     Pools yield (rows, captions) per batch as batches finish, or (rows, the exception) for a batch that failed."""
 
-    def __init__(self, index, captioner):
+    def __init__(self, index, captioner, token_model_id: str | None = None):
         self.index, self.captioner = index, captioner
         self.model_id, self.dim = captioner.model_id, captioner.hidden_size
+        self.token_model_id = token_model_id or captioner.model_id
 
     def map(self, row_batches: list[list[dict]]) -> Iterator[tuple[list[dict], list[Caption] | BaseException]]:
         for rows in row_batches:
@@ -115,7 +118,8 @@ class LocalCaptioning:
 
 class CaptionFollower:
     """Captions the backlog of an index, `queue_segments` rows at a time, through a captioning pool
-    (`.map(row batches) -> caption lists` as they finish, `.model_id`).
+    (`.map(row batches) -> caption lists` as they finish, `.model_id` of the captions, `.token_model_id` of the
+    stored tokens it reads).
 
     `run_pass` takes the oldest rows of the backlog and captions them; `catch_up` repeats until nothing is left
     (backfill); `start` runs passes in a thread, waiting `poll_s` whenever the backlog is empty (a service).
@@ -140,7 +144,8 @@ class CaptionFollower:
 
     def run_pass(self, progress: Callable[[int], None] | None = None) -> int:
         """Caption the oldest `queue_segments` rows of the backlog; returns captions newly written."""
-        self.backlog = find_backlog(self.store, self.pool.model_id, self.sources, limit=self.queue_segments)
+        self.backlog = find_backlog(self.store, self.pool.model_id, self.sources, limit=self.queue_segments,
+                                    token_model_id=self.pool.token_model_id)
         metrics.record_caption_backlog(self.backlog.segments, self.backlog.lag_s)
         rows = [r for r in self.backlog.rows if r["segment_id"] not in self.failed]
         self.queued_max = max(self.queued_max, len(rows))
@@ -187,7 +192,8 @@ class CaptionFollower:
             total += n
             if n == 0:
                 break
-        self.backlog = find_backlog(self.store, self.pool.model_id, self.sources, limit=0)
+        self.backlog = find_backlog(self.store, self.pool.model_id, self.sources, limit=0,
+                                    token_model_id=self.pool.token_model_id)
         metrics.record_caption_backlog(self.backlog.segments, self.backlog.lag_s)
         return total
 

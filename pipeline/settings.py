@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     # ---- captions (docs/architecture.md, "Captions") ----------------------------------------------------------
     captions: bool = True                         # caption and embed every indexed segment; false: search samples
+    caption_model_path: Path | None = None        # a Qwen2-VL checkpoint of the same width for captions and vectors;
+                                                  # None: the main checkpoint (model_path)
     caption_batch_size: int = Field(16, ge=1)     # segments per captioner call (batched prefill and decode)
     caption_max_new_tokens: int = Field(32, ge=1, le=256)   # caption length bound, in tokens
     caption_queue_segments: int = Field(256, ge=1)   # backlog rows a captioner holds in memory at once
@@ -116,7 +118,7 @@ class Settings(BaseSettings):
     metrics_export_port: int = Field(8080, ge=0, le=65535)     # Ray's metrics export on a local cluster; 0: any port
 
     # ---- validation ---------------------------------------------------------------------------------------------
-    @field_validator("data_dir", "model_path", mode="after")
+    @field_validator("data_dir", "model_path", "caption_model_path", mode="after")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()
@@ -196,6 +198,10 @@ class Settings(BaseSettings):
     def resolved_model_path(self) -> Path:
         """The checkpoint folder to load: model_path, or the tiny random model's folder (which may not exist yet)."""
         return self.model_path if self.model_path is not None else self.tiny_model_path
+
+    def resolved_caption_model_path(self) -> Path:
+        """The checkpoint that writes captions and embeds queries: caption_model_path, or the main one."""
+        return self.caption_model_path if self.caption_model_path is not None else self.resolved_model_path()
 
     @property
     def redis_dir(self) -> Path:

@@ -196,3 +196,29 @@ def test_concurrent_writers_of_one_caption_write_it_once(tmp_path, captioner):
     for t in threads:
         t.join(120)
     assert store.count("cam") == 8 == retrieval.count()
+
+
+def test_a_separate_captioning_checkpoint_reads_the_main_ones_tokens(tmp_path, captioner):
+    """caption_model_path: another checkpoint of the same width writes captions and vectors from the tokens the
+    main checkpoint stored; its captions carry its own model id, and a search embeds queries with it."""
+    from deploy.decoder import Decoder
+    from pipeline.settings import load_settings
+
+    other_ckpt = qwen2vl.write_tiny_checkpoint(tmp_path / "other", seed=11)
+    other = Captioner(other_ckpt, device="cpu", max_new_tokens=6, batch_size=4)
+    assert other.model_id != captioner.model_id and other.hidden_size == captioner.hidden_size
+    index, store, _, _ = _setup(tmp_path, captioner)
+    retrieval = open_retrieval(store, tmp_path / "index", other.model_id, other.hidden_size)
+    index.add(_segments("cam", 5, captioner.model_id))              # tokens of the main checkpoint
+    pool = LocalCaptioning(index, other, token_model_id=captioner.model_id)
+    assert find_backlog(store, other.model_id, token_model_id=captioner.model_id).segments == 5
+    assert find_backlog(store, other.model_id).segments == 0         # no tokens of its own in the index
+    assert CaptionFollower(store, pool, CaptionWriter(store, retrieval)).catch_up() == 5
+    assert {c.model_id for c in store.read("cam")} == {other.model_id}
+    settings = load_settings(data_dir=tmp_path / "data", index_dir=str(tmp_path / "index"),
+                             model_path=captioner.model_path, caption_model_path=other_ckpt)
+    dec = Decoder(settings, captioner.model_path, index=index)
+    assert dec.caption_model_id == other.model_id
+    out = dec.search_window("a truck", ["cam"], limit=5)
+    assert out["coverage"]["captioned"] == 5 and out["coverage"]["retrieval"] is True
+    assert {r["caption"] for r in out["results"]} <= {c.caption for c in store.read("cam")}

@@ -62,7 +62,7 @@ def world(tmp_path_factory):
     retrieval.upsert(c.to_row(0.0) for c in captions)
     settings = load_settings(data_dir=root / "data", index_dir=str(root / "index"), model_path=ckpt,
                              search_candidates=16, ask_token_budget=64)
-    return {"root": root, "decoder": Decoder(settings, ckpt, index=index), "cam": cam, "pending": pending,
+    return {"root": root, "ckpt": ckpt, "index": index, "decoder": Decoder(settings, ckpt, index=index), "cam": cam, "pending": pending,
             "retrieval": retrieval, "captions": {c.segment_id: c.caption for c in captions}}
 
 
@@ -106,3 +106,13 @@ def test_an_unreadable_retrieval_index_is_an_error_not_a_silent_sample(world):
     finally:
         shutil.copytree(saved, world["retrieval"].uri)
     assert dec.search_window(NEEDLE, ["cam"], limit=3)["coverage"]["retrieval"] is True
+
+
+def test_with_captions_off_search_samples_the_window(world, tmp_path):
+    settings = load_settings(data_dir=tmp_path, index_dir=str(world["root"] / "index"), model_path=world["ckpt"],
+                             captions=False)
+    dec = Decoder(settings, world["ckpt"], index=world["index"])
+    assert dec.retrieval is None
+    out = dec.search_window(NEEDLE, ["cam"], limit=200)
+    assert out["coverage"] == {"segments": N_CAM, "captioned": 0, "retrieval": False}
+    assert len(out["results"]) == 64 + 32 and all(r["caption"] is None for r in out["results"])   # sample + refine

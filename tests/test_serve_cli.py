@@ -152,7 +152,8 @@ def test_search_and_ask_commands_over_indexed_footage(server):
 
 
 def test_live_feed_is_indexed_by_the_live_indexer(server):
-    """A local file registered as a feed: its reader samples it, the LiveIndexer encodes and indexes it."""
+    """A local file registered as a feed: its reader samples it, the LiveIndexer encodes and indexes it, and the
+    caption service captions what it indexed."""
     r = run(server, "feeds", "add", str(server["live_clip"]), "--id", "livecam")
     assert r.exit_code == 0, r.output
     with TubescopeClient(server["url"], server["key"]) as api:
@@ -164,6 +165,9 @@ def test_live_feed_is_indexed_by_the_live_indexer(server):
         assert segs and all(0 < s["t1"] - s["t0"] <= 2.0 + 1e-6 and abs(s["t0"] - time.time()) < 120 for s in segs)
         status = httpx.get(server["url"] + "/v1/status", headers={"Authorization": f"Bearer {server['key']}"}).json()
         assert status["live_indexer"]["running"] and status["live_indexer"]["segments"] >= 1
+        # the caption service follows the index behind the live indexer: live segments get captions too
+        wait_for(lambda: any(isinstance(s["caption"], str) for s in api.segments("livecam")) or None, 90, 0.5,
+                 "a caption of a live segment")
         api.remove_feed("livecam")
 
 
