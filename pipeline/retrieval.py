@@ -25,7 +25,6 @@ Why this shape:
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 # LanceDB's native log warns on every hybrid query about a column its own sub-queries add; errors still show, and an
@@ -42,14 +40,13 @@ os.environ.setdefault("LANCEDB_LOG", "error")
 from lancedb.index import FTS, IvfSq  # noqa: E402
 
 from pipeline.index import MARKER
-from pipeline.records import source_of
+from pipeline.retrieval_rows import check_number, rows_table, scope_filter, table_schema, unit_vector
 
 FOLDER = "_retrieval"
 TABLE = "segments"
 COLUMNS = ["segment_id", "source_id", "t0", "t1", "caption"]      # what a hit carries (plus its score)
 MAX_QUERY_CHARS = 2000
 MAX_LIMIT = 1000
-MAX_CAPTION_CHARS = 10_000
 ANN_MIN_ROWS = 100_000            # below this, exact brute-force search is fast enough (tens of ms)
 OPTIMIZE_AFTER_WRITES = 20        # writes (upserts, deletes) before `maybe_optimize` folds them into the indexes
 OPTIMIZE_AFTER_ROWS = 20_000      # or rows written, whichever comes first
@@ -61,48 +58,6 @@ DISTANCE = "dot"                  # vectors are unit length: dot product ranks a
 class RetrievalUnavailable(OSError):
     """The retrieval table is missing, unreadable or corrupt (a deleted or unmounted folder, a rebuild in progress).
     Searches fail with this until `rebuild` recreates it from the footage index."""
-
-
-def table_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("segment_id", pa.string()),
-        ("source_id", pa.string()),
-        ("t0", pa.float64()),
-        ("t1", pa.float64()),
-        ("caption", pa.string()),
-        ("vector", pa.list_(pa.float32(), dim)),      # L2-normalised
-        ("model_id", pa.string()),                    # the checkpoint that wrote the caption and vector
-    ])
-
-
-def _number(name: str, value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number of seconds or None, got {value!r}")
-    return float(value)
-
-
-def _window(start, end) -> tuple[float | None, float | None]:
-    start, end = _number("start", start), _number("end", end)
-    if start is not None and end is not None and end < start:
-        raise ValueError(f"window end ({end}) must be >= start ({start})")
-    return start, end
-
-
-def _unit(name: str, vector, dim: int | None) -> np.ndarray:
-    v = np.asarray(vector, dtype=np.float32)
-    if v.ndim != 1 or v.size == 0:
-        raise ValueError(f"{name} must be a 1-D vector, got shape {v.shape}")
-    if dim is not None and v.size != dim:
-        raise ValueError(f"{name} has {v.size} dimensions, the retrieval table has {dim}")
-    if not np.all(np.isfinite(v)):
-        raise ValueError(f"{name} has non-finite values")
-    norm = float(np.linalg.norm(v))
-    if norm == 0.0:
-        raise ValueError(f"{name} is all zeros: it has no direction")
-    return v / norm
 
 
 class RetrievalIndex:
@@ -214,40 +169,6 @@ class RetrievalIndex:
         return self._dim
 
     # ---- filters -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _filter(sources, start, end, *, sources_required: bool):
-        """The prefilter: sources as a list of ids, and the window overlap rule of SegmentIndex.list."""
-        from lancedb.expr import col, lit
-
-        clauses = []
-        if sources is None:
-            if sources_required:
-                raise ValueError("sources is required: the list of source ids a search may return")
-        else:
-            if isinstance(sources, str) or not isinstance(sources, Iterable):
-                raise ValueError(f"sources must be a list of source ids, got {sources!r}")
-            sources = list(dict.fromkeys(sources))
-            if not sources:
-                raise ValueError("sources must not be empty")
-            for s in sources:
-                if not isinstance(s, str) or not s:
-                    raise ValueError(f"every source must be a non-empty str, got {s!r}")
-            clauses.append(col("source_id").isin(sources))
-        start, end = _window(start, end)
-        if start is not None and end is not None and start == end:     # a point: the segments that contain it
-            clauses += [col("t0") <= lit(start), col("t1") > lit(start)]
-        else:
-            if start is not None:
-                clauses.append(col("t1") > lit(start))
-            if end is not None:
-                clauses.append(col("t0") < lit(end))
-        if not clauses:
-            return None
-        out = clauses[0]
-        for c in clauses[1:]:
-            out = out & c
-        return out
-
     # ---- reading -----------------------------------------------------------------------------------------------
     def search(self, query_text: str | None = None, query_vector=None, *, sources: list[str],
                start: float | None = None, end: float | None = None, limit: int = 10) -> list[dict]:
@@ -270,11 +191,11 @@ class RetrievalIndex:
             raise ValueError("a search needs query_text, query_vector or both")
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit must be an int in [1, {MAX_LIMIT}], got {limit!r}")
-        where = self._filter(sources, start, end, sources_required=True)
-        vector = _unit("query_vector", query_vector, None) if query_vector is not None else None
+        where = scope_filter(sources, start, end, sources_required=True)
+        vector = unit_vector("query_vector", query_vector, None) if query_vector is not None else None
         table = self._open()
         if vector is not None:
-            vector = _unit("query_vector", vector, self._dim)
+            vector = unit_vector("query_vector", vector, self._dim)
         try:
             return self._search(table, query_text, vector, where, int(limit))
         except ValueError:
@@ -310,7 +231,7 @@ class RetrievalIndex:
 
     def captions(self, sources: list[str], start: float | None = None, end: float | None = None) -> dict[str, str]:
         """segment_id -> caption of the rows of `sources` overlapping [start, end) (a filtered scan, no ranking)."""
-        where = self._filter(sources, start, end, sources_required=True)
+        where = scope_filter(sources, start, end, sources_required=True)
         table = self._open()
         try:
             rows = table.search().where(where).select(["segment_id", "caption"]).limit(None).to_arrow()
@@ -329,7 +250,7 @@ class RetrievalIndex:
 
     def count(self, sources: list[str] | None = None, start: float | None = None, end: float | None = None) -> int:
         """Rows of `sources` (None: all) overlapping [start, end)."""
-        where = self._filter(sources, start, end, sources_required=False)
+        where = scope_filter(sources, start, end, sources_required=False)
         table = self._open()
         try:
             return table.count_rows(where.to_sql() if where is not None else None)
@@ -337,46 +258,12 @@ class RetrievalIndex:
             raise self._unavailable(e) from e
 
     # ---- writing -----------------------------------------------------------------------------------------------
-    def _rows_table(self, rows: Iterable[Mapping], dim: int) -> pa.Table:
-        """Validated rows as an Arrow table; a segment_id given twice keeps its last row."""
-        by_id: dict[str, Mapping] = {}
-        for r in rows:
-            if not isinstance(r, Mapping):
-                raise ValueError(f"rows must be mappings, got {type(r).__name__}")
-            sid = r.get("segment_id")
-            if source_of(sid) != r.get("source_id"):
-                raise ValueError(f"segment {sid!r} does not belong to source {r.get('source_id')!r}")
-            t0, t1 = _number("t0", r.get("t0")), _number("t1", r.get("t1"))
-            if t0 is None or t1 is None or t1 <= t0:
-                raise ValueError(f"segment {sid!r} needs t0 < t1, got {r.get('t0')!r}, {r.get('t1')!r}")
-            caption, model_id = r.get("caption"), r.get("model_id")
-            if not isinstance(caption, str) or len(caption) > MAX_CAPTION_CHARS:
-                raise ValueError(f"segment {sid!r}: caption must be a str of at most {MAX_CAPTION_CHARS} chars")
-            if not isinstance(model_id, str) or not model_id:
-                raise ValueError(f"segment {sid!r}: model_id must be a non-empty str")
-            by_id.pop(sid, None)
-            by_id[sid] = r
-        n = len(by_id)
-        vectors = np.empty((n, dim), dtype=np.float32)
-        for i, (sid, r) in enumerate(by_id.items()):
-            vectors[i] = _unit(f"vector of {sid!r}", r.get("vector"), dim)
-        vals = list(by_id.values())
-        return pa.table({
-            "segment_id": pa.array(list(by_id), pa.string()),
-            "source_id": pa.array([r["source_id"] for r in vals], pa.string()),
-            "t0": pa.array([float(r["t0"]) for r in vals], pa.float64()),
-            "t1": pa.array([float(r["t1"]) for r in vals], pa.float64()),
-            "caption": pa.array([r["caption"] for r in vals], pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-            "model_id": pa.array([r["model_id"] for r in vals], pa.string()),
-        }, schema=table_schema(dim))
-
     def upsert(self, rows: Iterable[Mapping]) -> int:
         """Insert or replace rows by segment_id (keys: segment_id, source_id, t0, t1, caption, vector, model_id).
         Returns the rows written. Searchable when this returns."""
         with self._lock:
             table = self._open()
-            data = self._rows_table(rows, self._dim)
+            data = rows_table(rows, self._dim)
             if data.num_rows == 0:
                 return 0
             try:
@@ -424,7 +311,7 @@ class RetrievalIndex:
 
         if not isinstance(source_id, str) or not source_id:
             raise ValueError(f"source_id must be a non-empty str, got {source_id!r}")
-        before = _number("before", before)
+        before = check_number("before", before)
         where = col("source_id") == lit(source_id)
         if before is not None:
             where = where & (col("t1") <= lit(before))
@@ -472,7 +359,7 @@ class RetrievalIndex:
 
     def _append(self, table, batch, dim) -> int:
         """Plain appends during a rebuild: the rows come from the truth, one per segment_id."""
-        data = self._rows_table(batch, dim)
+        data = rows_table(batch, dim)
         table.add(data)
         return data.num_rows
 
