@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--folder", default=None, help="where the tables go (default: a temp folder, removed after)")
     args = ap.parse_args(argv)
 
+    import pipeline.retrieval  # noqa: F401 - first: it sets LanceDB's log level before the native library loads
+
     import lancedb
 
     folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="bench-search-"))
