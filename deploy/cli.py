@@ -33,6 +33,16 @@ def current_settings(ctx: click.Context) -> Settings:
         raise click.UsageError(f"bad settings: {e}") from e
 
 
+def window_options(command):
+    """--start and --end as people write times: seconds (epoch for live feeds, media time for archives), ISO 8601,
+    -2h, today, 'yesterday 14:00', +1:30 into an archive (pipeline.times; the zone is settings.time_zone)."""
+    for name in ("--end", "--start"):
+        command = click.option(name, default=None, metavar="TIME",
+                               help=f"window {name[2:]}: 1765000000, 2026-12-06T14:00+01:00, -2h, 'yesterday 14:00', "
+                                    "+1:30")(command)
+    return command
+
+
 # ---- config ------------------------------------------------------------------------------------------------------
 @cli.command("config")
 @click.pass_context
@@ -102,15 +112,20 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
 
 @cli.command("segments")
 @click.argument("source")
-@click.option("--start", type=float, default=None, help="window start (seconds; epoch seconds for live feeds)")
-@click.option("--end", type=float, default=None, help="window end")
+@window_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.pass_context
-def segments_cmd(ctx: click.Context, source: str, start: float | None, end: float | None, as_json: bool) -> None:
+def segments_cmd(ctx: click.Context, source: str, start: str | None, end: str | None, as_json: bool) -> None:
     """List the indexed segments of SOURCE that overlap [start, end)."""
     from pipeline.index import IndexUnavailable, SegmentIndex
+    from pipeline.times import parse_time, with_times
 
     settings = current_settings(ctx)
+    try:
+        start = parse_time(start, "--start", tz=settings.time_zone)
+        end = parse_time(end, "--end", tz=settings.time_zone)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     try:                                  # a query never creates an index: a wrong or unmounted root is an error
         index = SegmentIndex(settings.index_root, create=False)
         rows = index.list(source, start=start, end=end)
@@ -123,7 +138,8 @@ def segments_cmd(ctx: click.Context, source: str, start: float | None, end: floa
 
         rows = with_captions(CaptionStore(index), rows, model_id(settings.resolved_caption_model_path()),
                              settings.index_root)
-    print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['t0']:.2f}-{r['t1']:.2f}\tgrid {tuple(r['grid_thw'])}"
+    rows = [with_times(r, settings.time_zone) for r in rows]
+    print_rows(rows, as_json, lambda r: f"{r['segment_id']}\t{r['start']} - {r['end']}\tgrid {tuple(r['grid_thw'])}"
                                        f"\t{r['n_tokens']} tokens\t{r['model_id']}\t{r.get('caption') or ''}",
                f"no segments for source {source!r} in that window")
 
@@ -240,17 +256,16 @@ def _api_call(fn):
         sys.exit(1)
 
 
-def _window(start: float | None, end: float | None) -> str:
+def _window(start: str | None, end: str | None) -> str:
     if start is None and end is None:
         return "all footage"
-    return f"[{'-inf' if start is None else f'{start:g}'}, {'+inf' if end is None else f'{end:g}'})"
+    return f"[{'-inf' if start is None else start}, {'+inf' if end is None else end})"
 
 
 @cli.command("ask")
 @click.argument("question")
 @click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
-@click.option("--start", type=float, default=None, help="window start (seconds; epoch seconds for live feeds)")
-@click.option("--end", type=float, default=None, help="window end")
+@window_options
 @click.option("--max-new-tokens", type=int, default=None, help="answer length cap (default: the server's)")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
 @click.option("--json", "as_json", is_flag=True, help="print the whole answer record as JSON")
@@ -269,7 +284,7 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
         return
     click.echo("" if live else f"answer: {out['answer']}")
     for ev in out["evidence"]:
-        click.echo(f"evidence: {ev['source']} {ev['t0']:.2f}-{ev['t1']:.2f} ({ev.get('segment_id', '')})")
+        click.echo(f"evidence: {ev['source']} {ev['start']} - {ev['end']} ({ev.get('segment_id', '')})")
     if out.get("narrowed"):
         click.echo("note: the window held more footage than the budget; search picked the evidence above")
     click.echo(f"model: {out['model']}; Redis stream tubescope:answers entry {out.get('stream_entry')}")
@@ -278,8 +293,7 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
 @cli.command("search")
 @click.argument("query")
 @click.option("-s", "--source", "sources", multiple=True, help="source id (repeat; default: every source)")
-@click.option("--start", type=float, default=None, help="window start")
-@click.option("--end", type=float, default=None, help="window end")
+@window_options
 @click.option("--limit", type=int, default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @api_options
@@ -289,7 +303,7 @@ def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_
     with _api(url, key) as api:
         rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
     print_rows(rows, as_json,
-               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['t0']:.2f}-{r['t1']:.2f}\t{r['segment_id']}"
+               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['start']} - {r['end']}\t{r['segment_id']}"
                          f"\t{r.get('caption') or ''}",
                f"no segments in {_window(start, end)}")
 

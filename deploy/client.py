@@ -109,17 +109,17 @@ class TubescopeClient:
     def sources(self) -> list[dict]:
         return self._call("GET", "/v1/sources")["sources"]
 
-    def segments(self, source_id: str, start: float | None = None, end: float | None = None) -> list[dict]:
+    def segments(self, source_id: str, start: float | str | None = None, end: float | str | None = None) -> list[dict]:
         params = {k: v for k, v in dict(start=start, end=end).items() if v is not None}
         return self._call("GET", f"/v1/sources/{source_id}/segments", params=params)["segments"]
 
-    def search(self, query: str, sources: list[str] | None = None, start: float | None = None,
-               end: float | None = None, limit: int | None = None) -> list[dict]:
+    def search(self, query: str, sources: list[str] | None = None, start: float | str | None = None,
+               end: float | str | None = None, limit: int | None = None) -> list[dict]:
         body = {k: v for k, v in dict(query=query, sources=sources, start=start, end=end, limit=limit).items()
                 if v is not None}
         return self._call("POST", "/v1/search", json=body)["results"]
 
-    def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
+    def ask(self, question: str, sources: list[str], start: float | str | None = None, end: float | str | None = None,
             max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None) -> dict:
         """The answer record; with on_token the answer is streamed (SSE) and each token handed to on_token."""
         body = {k: v for k, v in dict(question=question, sources=list(sources), start=start, end=end,

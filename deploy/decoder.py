@@ -35,6 +35,7 @@ from pipeline.kv import prefill_kv
 from pipeline import metrics
 from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings
+from pipeline.times import with_times
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.generate import generate
 from qwen2vl.onednn_linear import use_onednn_linears_
@@ -123,8 +124,9 @@ class Decoder:
         rows = list_window(self.index, sources, start, end, self.model_id)
         ranked, coverage = self._ranked(query, rows, start, end)
         self._count("searches")
-        results = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
-                    "score": float(score), "caption": r.get("caption")} for r, score in ranked[:limit]]
+        tz = self.settings.time_zone
+        results = [with_times({"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
+                               "score": float(score), "caption": r.get("caption")}, tz) for r, score in ranked[:limit]]
         metrics.record_search(time.perf_counter() - t_start)
         if self.events is not None:          # search results and their evidence go to Redis too
             self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
@@ -203,7 +205,8 @@ class Decoder:
                    "decode_s": t_end - t_first, "total_s": t_end - t_start, "prefix_cache": "hit" if hit else "miss",
                    "prompt_tokens": len(plan.input_ids), "visual_tokens": plan.visual_tokens,
                    "new_tokens": len(new_ids)}
-        evidence = [{"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"]}
+        evidence = [with_times({"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"]},
+                               self.settings.time_zone)
                     for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
         result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
                   "timings": timings, "narrowed": narrowed, "stream_entry": None}

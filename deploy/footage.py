@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 
 import torch
 
+from pipeline.times import EPOCH_THRESHOLD_S
 from qwen2vl.chat import VIDEO_PLACEHOLDER
 from qwen2vl.rope import get_rope_index
 
-EPOCH_THRESHOLD_S = 1e9            # t0 at or after 2001-09-09 is read as epoch seconds (live feeds), else media time
 VISION_END = "<|vision_end|>"
 SPECIAL_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                    "<|image_pad|>", "<|video_pad|>", "<|endoftext|>")

@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[ApiKey] = []                   # JSON list in the environment: [{"key": ..., "role": "admin"}]
     ask_token_budget: int = Field(16_384, ge=1)   # visual tokens per question; more footage is narrowed by search
+    time_zone: str = "UTC"                        # IANA zone of times written without an offset and of times shown
     max_gap_seconds: float = Field(60.0, gt=0)    # longer gaps between selected segments are shortened to this (M-RoPE)
     # request limits of the REST API (413/422 with a message naming the limit)
     api_max_request_bytes: int = Field(64 * 1024, ge=1024)     # request body size (413)
@@ -127,6 +128,14 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_roots(cls, v: list[Path]) -> list[Path]:
         return [p.expanduser().resolve() for p in v]
+
+    @field_validator("time_zone", mode="after")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from pipeline.times import zone
+
+        zone(v)
+        return v
 
     @field_validator("redis_url", mode="after")
     @classmethod

@@ -277,6 +277,14 @@ def test_search_ranks_segments(served):
         err(c.post("/v1/search", json={"query": ""}), 422, "query")
         err(c.post("/v1/search", json={"query": "q", "sources": []}), 422, "non-empty list")
         err(c.post("/v1/search", json={"query": "q", "sources": ["nope"]}), 404, "nope")
+        # times as people write them: "+m:ss" into an archive; hits show their times back the same way
+        late = c.post("/v1/search", json={"query": "a white box", "sources": [SOURCE], "start": "+0:02"}).json()
+        assert [(x["segment_id"], x["start"], x["end"]) for x in late["results"]] == [("clip:2000", "0:02", "0:04")]
+        err(c.post("/v1/search", json={"query": "q", "start": "soon"}), 422, "start must be a time")
+        err(c.post("/v1/search", json={"query": "q", "end": True}), 422, "end")
+        segs = c.get(f"/v1/sources/{SOURCE}/segments", params={"end": "+0:01"}).json()["segments"]
+        assert [(x["segment_id"], x["start"]) for x in segs] == [("clip:0", "0:00")]
+        err(c.get(f"/v1/sources/{SOURCE}/segments", params={"start": "-2x"}), 422, "start must be a time")
     with http(served, CAM_READER) as c:                       # sees no source: an empty result, not an error
         assert c.post("/v1/search", json={"query": "q"}).json()["results"] == []
 

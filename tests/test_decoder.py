@@ -97,7 +97,8 @@ def test_answer_equals_direct_generate_contiguous_window(world, tmp_path):
     assert len(fast) == (7 * len(dec.model.model.layers) if onednn_available() else 0)     # the answer came from them
     assert result["model"] == world["mid"] and result["narrowed"] is False and result["stream_entry"] is None
     assert [e["segment_id"] for e in result["evidence"]] == ["cam1:0", "cam1:2000", "cam1:4000"]
-    assert result["evidence"][0] == {"source": "cam1", "segment_id": "cam1:0", "t0": 0.0, "t1": 2.0}
+    assert result["evidence"][0] == {"source": "cam1", "segment_id": "cam1:0", "t0": 0.0, "t1": 2.0,
+                                     "start": "0:00", "end": "0:02"}
     t = result["timings"]
     assert t["prefix_cache"] == "miss" and t["visual_tokens"] == 3 * 36 and 0 < t["new_tokens"] <= N_NEW
     assert t["prompt_tokens"] > t["visual_tokens"]

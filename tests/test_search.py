@@ -90,7 +90,7 @@ def test_scores_equal_direct_forward_and_cached_rerun_reads_nothing(world, tmp_p
         assert r["score"] == pytest.approx(direct, abs=1e-4), r
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     assert len({round(r["score"], 6) for r in results}) == 5          # distinct: the order means something
-    assert results[0].keys() == {"source", "segment_id", "t0", "t1", "score", "caption"}
+    assert results[0].keys() == {"source", "segment_id", "t0", "t1", "score", "caption", "start", "end"}
     assert all(r["caption"] is None for r in results)                  # nothing captioned here: all sampled
 
     again = dec.search(QUERY, ["cam1", "sq"], limit=10)                # cached prefixes: only the question runs

@@ -140,11 +140,11 @@ def test_search_and_ask_commands_over_indexed_footage(server):
     answer = json.loads(r.stdout)
     assert [e["segment_id"] for e in answer["evidence"]] == ["clip:0", "clip:2000"] and answer["stream_entry"]
 
-    r = run(server, "ask", "What moves?", "-s", "clip", "--start", "0", "--end", "2", "--max-new-tokens", "4")
+    r = run(server, "ask", "What moves?", "-s", "clip", "--start", "0", "--end", "+0:02", "--max-new-tokens", "4")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert lines[0].startswith("answer: ")
-    assert "evidence: clip 0.00-2.00 (clip:0)" in lines
+    assert "evidence: clip 0:00 - 0:02 (clip:0)" in lines                  # media time, as written
     assert lines[-1].startswith("model: ") and "Redis stream tubescope:answers entry " in lines[-1]
 
     r = run(server, "ask", "What moves?", "-s", "nope")

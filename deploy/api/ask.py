@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import ServiceContext, check_length, check_window, reader_key, service, sources_for
+from deploy.api.deps import Time, ServiceContext, check_length, check_window, reader_key, service, sources_for
 from deploy.api.errors import overload_response, raise_decoder_error
 from deploy.auth import Caller
 
@@ -21,8 +21,8 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1)
     sources: list[str] | None = None
     source: str | None = None
-    start: float | None = None
-    end: float | None = None
+    start: Time = None
+    end: Time = None
     max_new_tokens: int | None = Field(None, ge=1)
     stream: bool = False
 
@@ -41,14 +41,14 @@ async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: S
     sources = await asyncio.to_thread(sources_for, context, caller,
                                       [body.source] if body.source is not None else body.sources)
     check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
-    check_window(body.start, body.end, s)
+    start, end = check_window(body.start, body.end, s)
     max_new = body.max_new_tokens
     if max_new is None:
         max_new = min(s.api_default_new_tokens, s.api_max_new_tokens)
     if max_new > s.api_max_new_tokens:
         raise HTTPException(422, f"max_new_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
                                  "(api_max_new_tokens)")
-    req = {"question": body.question, "sources": sources, "start": body.start, "end": body.end,
+    req = {"question": body.question, "sources": sources, "start": start, "end": end,
            "max_new_tokens": max_new}
     # Caught here, not by an exception handler: Serve installs its own handler for BackPressureError (a 503
     # without our message or Retry-After) over any the app registers.

@@ -4,12 +4,14 @@ Every route declares its scope as a dependency: reader_key (any valid key), admi
 resolves dependencies before it validates the body, so a missing key is a 401 and a forbidden one a 403 before any
 422. `route_scopes` reads those declarations back, so create_api can refuse a route without one.
 """
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field, StrictFloat, StrictInt
 
 from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
 from pipeline.settings import Settings
@@ -122,13 +124,32 @@ def sources_for(context: ServiceContext, caller: Caller, sources: list[str] | No
 
 
 # ---- request limits (api_* settings) ---------------------------------------------------------------------------------
-def check_window(start: float | None, end: float | None, settings: Settings) -> None:
+# a start or end as people write it: epoch or media seconds, ISO 8601, "-2h", "yesterday 14:00" (pipeline.times)
+Time = Annotated[StrictFloat | StrictInt | str | None, Field(union_mode="left_to_right")]
+
+
+def parse_window(start, end, settings: Settings) -> tuple[float | None, float | None]:
+    """(start, end) in seconds from times as people write them (pipeline.times); 422 naming the bad field."""
+    from pipeline.times import parse_time
+
+    now = time.time()
+    try:
+        return (parse_time(start, "start", tz=settings.time_zone, now=now),
+                parse_time(end, "end", tz=settings.time_zone, now=now))
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+def check_window(start, end, settings: Settings) -> tuple[float | None, float | None]:
+    """Parsed (start, end) of an ask or search: end after start, within api_max_window_seconds."""
+    start, end = parse_window(start, end, settings)
     if start is not None and end is not None:
         if end <= start:
             raise HTTPException(422, f"window end ({end}) must be after start ({start})")
         if end - start > settings.api_max_window_seconds:
             raise HTTPException(422, f"window of {end - start:g} s is longer than the limit "
                                      f"{settings.api_max_window_seconds:g} s (api_max_window_seconds)")
+    return start, end
 
 
 def check_length(what: str, text: str, limit: int, setting: str) -> None:

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import ServiceContext, check_length, check_window, reader_key, service, sources_for
+from deploy.api.deps import Time, ServiceContext, check_length, check_window, reader_key, service, sources_for
 from deploy.api.errors import overload_response, raise_decoder_error
 from deploy.auth import Caller
 
@@ -17,8 +17,8 @@ class SearchRequest(BaseModel):
 
     query: str = Field(min_length=1)
     sources: list[str] | None = None
-    start: float | None = None
-    end: float | None = None
+    start: Time = None
+    end: Time = None
     limit: int = Field(10, ge=1)
 
 
@@ -28,15 +28,15 @@ async def search(body: SearchRequest, caller: Caller = Depends(reader_key),
     s = context.settings
     sources = await asyncio.to_thread(sources_for, context, caller, body.sources)    # index I/O off the loop
     check_length("query", body.query, s.api_max_query_chars, "api_max_query_chars")
-    check_window(body.start, body.end, s)
+    start, end = check_window(body.start, body.end, s)
     if body.limit > s.api_max_search_results:
         raise HTTPException(422, f"limit {body.limit} is over the maximum {s.api_max_search_results} "
                                  "(api_max_search_results)")
     if not sources:
         return {"results": [], "coverage": {"segments": 0, "captioned": 0, "retrieval": False}}
     try:
-        out = await context.decoder.search.remote({"query": body.query, "sources": sources, "start": body.start,
-                                                   "end": body.end, "limit": body.limit})
+        out = await context.decoder.search.remote({"query": body.query, "sources": sources, "start": start,
+                                                   "end": end, "limit": body.limit})
     except BackPressureError:      # caught here: Serve's own handler for it would answer without Retry-After
         return overload_response(s.api_retry_after_seconds)
     raise_decoder_error(out)

@@ -1,10 +1,11 @@
 """Indexed sources and their segments with captions (/v1/sources): any key, limited to the sources it may see."""
 from fastapi import APIRouter, Depends, HTTPException
 
-from deploy.api.deps import ServiceContext, reader_key, service
+from deploy.api.deps import ServiceContext, parse_window, reader_key, service
 from deploy.auth import Caller, require_sources
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
+from pipeline.times import with_times
 
 router = APIRouter()
 
@@ -15,9 +16,10 @@ def list_sources(caller: Caller = Depends(reader_key), context: ServiceContext =
 
 
 @router.get("/v1/sources/{source_id:path}/segments")
-def list_segments(source_id: str, start: float | None = None, end: float | None = None,
+def list_segments(source_id: str, start: str | None = None, end: str | None = None,
                   caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     require_sources(caller, [source_id])
+    start, end = parse_window(start, end, context.settings)
     if start is not None and end is not None and end < start:
         raise HTTPException(422, f"window end ({end}) must be >= start ({start})")
     if source_id not in {s["source_id"] for s in context.index.sources()}:
@@ -25,4 +27,5 @@ def list_segments(source_id: str, start: float | None = None, end: float | None 
     rows = context.index.list(source_id, start=start, end=end)
     if context.settings.captions:
         rows = with_captions(CaptionStore(context.index), rows, context.caption_model_id, context.settings.index_root)
-    return {"source_id": source_id, "segments": [{**r, "grid_thw": list(r["grid_thw"])} for r in rows]}
+    tz = context.settings.time_zone
+    return {"source_id": source_id, "segments": [with_times({**r, "grid_thw": list(r["grid_thw"])}, tz) for r in rows]}
