@@ -3,11 +3,12 @@
     .venv/bin/python bench/ingest.py            # 2 x 30 s 360p30 archive clips; 4 live 360p feeds for 20 s
     .venv/bin/python bench/ingest.py --quick    # 2 x 6 s clips; 2 feeds for 8 s
 
-archive: source-seconds indexed per wall-second by a real archive job (Ray Data, VisionEncoder actor pool, tiny
+archive: source-seconds indexed per wall-second by a real archive job (Ray Data, VisionEncoder actor, tiny
 model, SegmentIndex, Redis events), against the decode-only rate (pipeline.video -> segments -> uint8 tubes, the
 same files, in this process) measured in the same run. The job is run twice: the first run includes Ray Data start-up
 and the encoder actor loading the checkpoint; the second indexes copies of the clips under new source ids on the warm
-cluster (steady state). Goal: steady-state ratio >= 0.8. A third run on further copies replaces the vision tower by
+cluster, with the encoder actor the first job left loaded (encoder_keepalive_seconds, as a service's next job finds
+it): steady state. Goal: steady-state ratio >= 0.8. A third run on further copies replaces the vision tower by
 zero tokens (pipeline_only): the pipeline's own cost, apart from the tiny model's compute. Last, the CPU seconds of
 decoding and of the tiny tower over the same tubes are measured in this process: no job on these cores can beat
 ratio_ceiling = decode_only_s x cores / (decode CPU s + tower CPU s), with the cheaper of the tower on the actor's
