@@ -27,6 +27,11 @@ import numpy as np
 
 from qwen2vl.geometry import PATCH_DIM
 
+# Decoded blocks of a few segments, each handed to an encoder as it is ready. Ray Data's default 128 MiB holds ~12
+# segments of 360p video: the encoder would wait ~2 s for its first block and have 1-2 s of blocks left after the last
+# decode task (measured on 2 cores over 600 s of 360p footage: ratio to the CPU ceiling 0.886 -> 0.911, 3 runs each).
+DECODED_BLOCK_BYTES = 32 << 20
+
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp",
                     ".mxf", ".h264", ".hevc"}
 
@@ -204,6 +209,7 @@ def decoded_segments(plan: JobPlan, settings):
     seg_s, fps, done = float(settings.segment_seconds), float(settings.fps), plan.done
     window_segments = max(1, int(settings.segments_per_task))
     ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
+    ds.context.target_max_block_size = DECODED_BLOCK_BYTES          # this job's copy of the DataContext
     ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]), num_cpus=0.25)
     return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels),
                        num_cpus=1)

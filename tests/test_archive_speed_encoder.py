@@ -180,3 +180,19 @@ def test_an_encoder_that_dies_is_replaced_and_its_block_encoded_again(tmp_path, 
     assert pool.actors[0] is not first
     assert sorted(str(sid) for b in batches for sid in b["segment_id"]) == ["cam:0", "cam:2000"]
     assert all(len(tok) for b in batches for tok in b["tokens"])
+
+
+def test_decoded_blocks_are_a_few_segments_without_touching_the_global_data_context(tmp_path, ray_local, tiny_model,
+                                                                                    video_factory):
+    from ray.data import DataContext
+
+    from pipeline.archive import DECODED_BLOCK_BYTES, decoded_segments, plan_job
+    from pipeline.index import SegmentIndex
+
+    before = DataContext.get_current().target_max_block_size
+    s = _small_job_settings(tmp_path, tiny_model)
+    clip = video_factory("cam.mp4", width=128, height=96, fps=10, seconds=2.0)
+    ds = decoded_segments(plan_job([str(clip)], s, SegmentIndex(s.index_root)), s)
+    assert ds.context.target_max_block_size == DECODED_BLOCK_BYTES < 128 << 20
+    assert DataContext.get_current().target_max_block_size == before
+    assert [str(r["segment_id"]) for r in ds.take_all()] == ["cam:0"]
