@@ -28,8 +28,8 @@ import numpy as np
 from qwen2vl.geometry import PATCH_DIM
 
 # Decoded blocks of a few segments, each handed to an encoder as it is ready. Ray Data's default 128 MiB holds ~12
-# segments of 360p video: the encoder would wait ~2 s for its first block and have 1-2 s of blocks left after the last
-# decode task (measured on 2 cores over 600 s of 360p footage: ratio to the CPU ceiling 0.886 -> 0.911, 3 runs each).
+# segments of 360p video: the encoder would wait for a whole block before its first call and have more of them left
+# after the last decode task (docs/architecture.md, "Where the archive job's time goes").
 DECODED_BLOCK_BYTES = 32 << 20
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp",
