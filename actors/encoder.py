@@ -1,7 +1,7 @@
 """VisionEncoder: runs the Qwen2-VL vision tower over packed, variable-resolution batches of tubes.
 
-Used two ways with the same code: as a Ray Data actor pool (`map_batches(VisionEncoder, compute=ActorPoolStrategy(...))`,
-rows = segments) for archive jobs, and as a plain object inside the live indexer.
+Used two ways with the same code: called on numpy batches of segment rows by the archive encoder actors
+(pipeline.encoder_pool), and as a plain object inside the live indexer.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class VisionEncoder:
                 self.on_batch(fill, dt, batch.patches)
         return [torch.cat([tok for _, tok in sorted(p, key=lambda x: x[0])]) for p in pieces]
 
-    # ---- Ray Data adapter: a batch of segment rows (numpy format) -> the same rows plus tokens ----------------------
+    # ---- archive adapter: a batch of segment rows (Ray Data numpy format) -> the same rows plus tokens -------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["segment_id"])
         ok = [i for i in range(n) if not batch["error"][i] and batch["segment_id"][i]]   # skip error and empty rows

@@ -1,17 +1,21 @@
 """Ingest throughput and live latency (JSON on stdout).
 
-    .venv/bin/python bench/ingest.py            # 2 x 30 s 360p30 archive clips; 4 live 360p feeds for 20 s
-    .venv/bin/python bench/ingest.py --quick    # 2 x 6 s clips; 2 feeds for 8 s
+    .venv/bin/python bench/ingest.py                    # 2 x 30 s 360p30 archive clips; 4 live 360p feeds for 20 s
+    .venv/bin/python bench/ingest.py --quick            # 2 x 6 s clips; 2 feeds for 8 s
+    .venv/bin/python bench/ingest.py --archive-seconds 300 --archive-only   # the archive steady state alone
 
-archive: source-seconds indexed per wall-second by a real archive job (Ray Data, VisionEncoder actor pool, tiny
-model, SegmentIndex, Redis events), against the decode-only rate (pipeline.video -> segments -> uint8 tubes, the
+archive: source-seconds indexed per wall-second by a real archive job (Ray Data decode tasks, VisionEncoder actor,
+tiny model, SegmentIndex, Redis events), against the decode-only rate (pipeline.video -> segments -> uint8 tubes, the
 same files, in this process) measured in the same run. The job is run twice: the first run includes Ray Data start-up
 and the encoder actor loading the checkpoint; the second indexes copies of the clips under new source ids on the warm
-cluster (steady state). Goal: steady-state ratio >= 0.8. A third run on further copies replaces the vision tower by
-zero tokens (pipeline_only): the pipeline's own cost, apart from the tiny model's compute. Last, the CPU seconds of
-decoding and of the tiny tower over the same tubes are measured in this process: no job on these cores can beat
+cluster, with the encoder actor the first job left loaded (encoder_keepalive_seconds, as a service's next job finds
+it): steady state. A third run on further copies replaces the vision tower by zero tokens (pipeline_only): the
+pipeline's own cost, apart from the tiny model's compute. Last, the CPU seconds of decoding and of the tiny tower over
+the same tubes are measured in this process: no job on these cores can beat
 ratio_ceiling = decode_only_s x cores / (decode CPU s + tower CPU s), with the cheaper of the tower on the actor's
-threads and on one thread.
+threads and on one thread. ratio_ceiling moves with decode_only_s (the decoder's threads, other load on the machine);
+their quotient, warm_vs_ceiling = (decode CPU s + tower CPU s) / (cores x job_warm_s), does not: the share of the
+cores the job turns into decoding and encoding. Goal: warm_vs_ceiling >= 0.9.
 live: N feeds of a 360p file played at real time (FeedReader actors), one LiveIndexer; latency = wall clock at the
 Redis event minus the segment's last sampled frame. Goal: p95 <= 3 s, no drops.
 """
@@ -109,7 +113,6 @@ def bench_archive(work: Path, settings, seconds: float) -> dict:
         "ratio_warm_vs_decode_only": round(decode_s / warm.seconds, 3),
         "ratio_cold_vs_decode_only": round(decode_s / cold.seconds, 3),
         "segments": cold.segments + warm.segments, "failed": cold.failed + warm.failed,
-        "goal_ratio": 0.8,
         # The same warm job with the vision tower replaced by zero tokens: what the pipeline itself costs
         # (decode tasks, Arrow blocks, the actor, index writes, events), apart from the tiny model's compute.
         "pipeline_only_s": round(probe_job.seconds, 3),
@@ -120,6 +123,8 @@ def bench_archive(work: Path, settings, seconds: float) -> dict:
         "decode_cpu_s": round(decode_cpu_s, 2), "tower_cpu_s": round(tower_cpu_s, 2),
         "tower_cpu_1_thread_s": round(tower_cpu_min_s, 2), "cores": CORES,
         "ratio_ceiling": round(decode_s * CORES / (decode_cpu_s + min(tower_cpu_s, tower_cpu_min_s)), 3),
+        "warm_vs_ceiling": round((decode_cpu_s + min(tower_cpu_s, tower_cpu_min_s)) / (CORES * warm.seconds), 3),
+        "goal_warm_vs_ceiling": 0.9,
     }
 
 
@@ -188,6 +193,7 @@ def bench_live(work: Path, settings, n_feeds: int, run_s: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--archive-only", action="store_true", help="skip the live benchmark")
     ap.add_argument("--archive-seconds", type=float, default=None,
                     help="length of each archive clip (default 30; long clips show the steady state)")
     args = ap.parse_args()
@@ -198,9 +204,11 @@ def main() -> None:
         settings = load_settings(data_dir=work / "data")
         print("archive ...", file=sys.stderr)
         archive = bench_archive(work, settings, args.archive_seconds or (6.0 if args.quick else 30.0))
-        print("live ...", file=sys.stderr)
-        live_settings = load_settings(data_dir=work / "data", segment_seconds=2.0)
-        live = bench_live(work, live_settings, 2 if args.quick else 4, 8.0 if args.quick else 20.0)
+        live = None
+        if not args.archive_only:
+            print("live ...", file=sys.stderr)
+            live_settings = load_settings(data_dir=work / "data", segment_seconds=2.0)
+            live = bench_live(work, live_settings, 2 if args.quick else 4, 8.0 if args.quick else 20.0)
     finally:
         import ray
 

@@ -3,7 +3,9 @@
 The job is a small pipeline of named steps (docs/architecture.md, "Flow"):
 
     plan_job         files, globs, folders and URIs -> one row per file, with the segments already indexed
-    encoded_segments the Ray Data plan: plan_windows -> decode_to_tube_rows -> the encoder actor pool
+    decoded_segments the Ray Data plan: plan_windows -> decode_to_tube_rows (one row of uint8 tubes per segment)
+    encoded_segments the decoded blocks, by reference, through the encoder actors (pipeline.encoder_pool), which
+                     stay loaded between jobs when they reserve no CPU or GPU
     JobWriter        the driver writes each encoded batch as it arrives (pipeline.indexing), reports progress,
                      polls for cancellation, and knows every file's fate, so the report is exact
 
@@ -19,10 +21,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from qwen2vl.geometry import PATCH_DIM
+
+# Decoded blocks of a few segments, each handed to an encoder as it is ready. Ray Data's default 128 MiB holds ~12
+# segments of 360p video: the encoder would wait for a whole block before its first call and have more of them left
+# after the last decode task (docs/architecture.md, "Where the archive job's time goes").
+DECODED_BLOCK_BYTES = 32 << 20
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp",
                     ".mxf", ".h264", ".hevc"}
@@ -195,26 +203,40 @@ def plan_job(paths: list[str], settings, index, source_id: str | None = None) ->
     return JobPlan(files, failures, rows, done, model_path)
 
 
-def encoded_segments(plan: JobPlan, settings, encoder_cls):
-    """The Ray Data plan of a job: one row per encoded segment (or per failed or empty window)."""
+def decoded_segments(plan: JobPlan, settings):
+    """The Ray Data plan of a job: one row of uint8 tubes per segment (or per failed or empty window)."""
     import ray
 
     seg_s, fps, done = float(settings.segment_seconds), float(settings.fps), plan.done
     window_segments = max(1, int(settings.segments_per_task))
     ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
+    ds.context.target_max_block_size = DECODED_BLOCK_BYTES          # this job's copy of the DataContext
     ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]), num_cpus=0.25)
-    ds = ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels),
-                     num_cpus=1)
+    return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels),
+                       num_cpus=1)
+
+
+def encoder_pool(plan: JobPlan, settings, encoder_cls):
+    """The job's encoder actors (pipeline.encoder_pool): found loaded when an earlier job left them."""
+    from pipeline.encoder_pool import EncoderPool
+
     n_actors = max(1, int(settings.num_encoder_actors))
     gpus = _gpus_per_encoder(settings)
-    return ds.map_batches(encoder_cls, fn_constructor_kwargs={"model_path": plan.model_path,
-                                                              "token_budget": settings.encoder_token_budget,
-                                                              "dtype": settings.encoder_dtype,
-                                                              "threads": _encoder_threads(gpus, n_actors)},
-                          compute=ray.data.ActorPoolStrategy(size=n_actors),
-                          num_cpus=settings.encoder_cpus, num_gpus=gpus,
-                          batch_size=int(settings.encoder_batch_segments), batch_format="numpy",
-                          **_cpu_encoder_env(gpus))
+    return EncoderPool(encoder_cls, {"model_path": plan.model_path, "token_budget": settings.encoder_token_budget,
+                                     "dtype": settings.encoder_dtype, "threads": _encoder_threads(gpus, n_actors)},
+                       n_actors, num_cpus=settings.encoder_cpus, num_gpus=gpus,
+                       runtime_env=_cpu_encoder_env(gpus),
+                       keepalive_s=settings.encoder_keepalive_seconds)
+
+
+def encoded_segments(plan: JobPlan, settings, encoder_cls) -> Iterator[dict]:
+    """Encoder output batches (numpy columns): one row per encoded segment (or per failed or empty window)."""
+    pool = encoder_pool(plan, settings, encoder_cls)
+    try:
+        yield from pool.encode_bundles(decoded_segments(plan, settings).iter_internal_ref_bundles(),
+                                       int(settings.encoder_batch_segments))
+    finally:
+        pool.release()
 
 
 class JobWriter:
@@ -293,12 +315,16 @@ def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | N
     plan = plan_job(paths, settings, index, source_id)
     writer = JobWriter(plan, index, events, progress)
     if plan.files:
-        for batch in encoded_segments(plan, settings, encoder_cls).iter_batches(batch_size=None, batch_format="numpy"):
-            writer.write(batch)
-            if on_progress is not None:
-                on_progress(writer.elapsed(), len(plan.files))
-            if should_cancel is not None and should_cancel():
-                raise JobCancelled(f"cancelled after {writer.report.segments} segments")
+        batches = encoded_segments(plan, settings, encoder_cls)
+        try:
+            for batch in batches:
+                writer.write(batch)
+                if on_progress is not None:
+                    on_progress(writer.elapsed(), len(plan.files))
+                if should_cancel is not None and should_cancel():
+                    raise JobCancelled(f"cancelled after {writer.report.segments} segments")
+        finally:
+            batches.close()          # a job that stops early releases its encoders now, not when collected
     report = writer.finish()
     sweep_retention(index, settings)
     return report
@@ -325,15 +351,15 @@ def _encoder_threads(gpus_per_encoder: float, n_actors: int) -> int | None:
     return max(1, int(node_cpus) // n_actors)
 
 
-def _cpu_encoder_env(gpus_per_encoder: float) -> dict:
-    """Ray options of CPU encoder actors: OpenMP threads that sleep instead of spinning while they wait.
+def _cpu_encoder_env(gpus_per_encoder: float) -> dict | None:
+    """runtime_env of CPU encoder actors: OpenMP threads that sleep instead of spinning while they wait.
 
     The encoder's threads share their cores with decode tasks; a spinning thread burns the time slice its descheduled
     partner needs (measured: -20% encoder CPU per segment on a busy 2-core node, no change on idle cores).
     """
     if gpus_per_encoder > 0:
-        return {}
-    return {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
+        return None
+    return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
 
 
 def _progress(enabled: bool, total: int):

@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     encoder_cpus: float = Field(0.0, ge=0)
     gpus_per_encoder: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
     encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    encoder_batch_segments: int = Field(8, ge=1)  # segments handed to one encoder call by Ray Data
+    encoder_batch_segments: int = Field(8, ge=1)  # segments per encoder call (a decoded block, this many at a time)
     segments_per_task: int = Field(8, ge=1)       # segments decoded by one archive read task
+    # seconds an idle archive encoder that reserves no CPU or GPU stays loaded for the next job; 0: one per job
+    encoder_keepalive_seconds: float = Field(60.0, ge=0)
 
     # ---- captions (docs/architecture.md, "Captions") ----------------------------------------------------------
     captions: bool = True                         # caption and embed every indexed segment; false: search samples

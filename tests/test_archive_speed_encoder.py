@@ -1,8 +1,10 @@
-"""Archive-speed changes of the encoder stage: the reused input buffer and the thread count of CPU encoder actors."""
+"""Archive-speed changes of the encoder stage: the reused input buffer, the thread count of CPU encoder actors, and
+encoders kept loaded between jobs."""
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -79,3 +81,118 @@ def test_cpu_archive_job_runs_its_encoder_on_the_node_cores_with_sleeping_omp_th
     report = index_archive([str(clip)], s, Probe, progress=False)
     assert report.exit_code == 0 and report.segments == 1
     assert json.loads(seen.read_text()) == {"threads": 2, "omp": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+# ---- encoders kept loaded between jobs (pipeline.encoder_pool) -------------------------------------------------
+def _small_job_settings(tmp_path, tiny_model, **overrides):
+    return load_settings(data_dir=tmp_path / "data", model_path=tiny_model, segment_seconds=2.0,
+                         min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40, encoder_token_budget=300, **overrides)
+
+
+def _pid_recording_encoder(log):
+    class Recorder(VisionEncoder):                # defined here, so Ray ships it by value with `log`
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with open(log, "a") as f:
+                f.write(f"init {os.getpid()}\n")
+
+        def __call__(self, batch):
+            with open(log, "a") as f:
+                f.write(f"call {os.getpid()}\n")
+            return super().__call__(batch)
+
+    return Recorder
+
+
+def _log_lines(log) -> list[tuple[str, int]]:
+    return [(kind, int(pid)) for kind, pid in (line.split() for line in log.read_text().splitlines())]
+
+
+def test_a_second_job_finds_the_encoder_the_first_left_loaded(tmp_path, ray_local, tiny_model, video_factory):
+    log = tmp_path / "encoder.log"
+    encoder_cls = _pid_recording_encoder(log)
+    s = _small_job_settings(tmp_path, tiny_model)
+    for i in range(2):
+        clip = video_factory(f"cam{i}.mp4", width=128, height=96, fps=10, seconds=4.0)
+        report = index_archive([str(clip)], s, encoder_cls, progress=False)
+        assert report.exit_code == 0 and report.segments == 2
+    lines = _log_lines(log)
+    assert [kind for kind, _ in lines if kind == "init"] == ["init"]          # loaded once
+    assert len({pid for _, pid in lines}) == 1 and [kind for kind, _ in lines].count("call") >= 2
+
+
+def test_without_keepalive_each_job_starts_and_ends_its_own_encoder(tmp_path, ray_local, tiny_model, video_factory):
+    log = tmp_path / "encoder.log"
+    encoder_cls = _pid_recording_encoder(log)
+    s = _small_job_settings(tmp_path, tiny_model, encoder_keepalive_seconds=0)
+    for i in range(2):
+        clip = video_factory(f"cam{i}.mp4", width=128, height=96, fps=10, seconds=2.0)
+        assert index_archive([str(clip)], s, encoder_cls, progress=False).segments == 1
+    inits = [pid for kind, pid in _log_lines(log) if kind == "init"]
+    assert len(inits) == 2 and inits[0] != inits[1]
+
+
+def test_an_idle_encoder_ends_itself_and_the_next_job_starts_another(tmp_path, ray_local, tiny_model, video_factory):
+    import ray
+
+    from pipeline.archive import JobPlan, encoder_pool
+
+    log = tmp_path / "encoder.log"
+    encoder_cls = _pid_recording_encoder(log)
+    s = _small_job_settings(tmp_path, tiny_model, encoder_keepalive_seconds=1)
+    clip = video_factory("cam.mp4", width=128, height=96, fps=10, seconds=2.0)
+    assert index_archive([str(clip)], s, encoder_cls, progress=False).segments == 1
+    pool = encoder_pool(JobPlan([], [], [], {}, str(tiny_model)), s, encoder_cls)   # finds the loaded actor
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ray.get(pool.actors[0].__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the idle encoder did not end itself")
+    clip2 = video_factory("cam2.mp4", width=128, height=96, fps=10, seconds=2.0)
+    assert index_archive([str(clip2)], s, encoder_cls, progress=False).segments == 1
+    inits = [pid for kind, pid in _log_lines(log) if kind == "init"]
+    assert len(inits) == 2
+
+
+def test_an_encoder_that_dies_is_replaced_and_its_block_encoded_again(tmp_path, ray_local, tiny_model, video_factory):
+    import ray
+
+    from pipeline.archive import decoded_segments, encoder_pool, plan_job
+    from pipeline.index import SegmentIndex
+
+    log = tmp_path / "encoder.log"
+    encoder_cls = _pid_recording_encoder(log)
+    s = _small_job_settings(tmp_path, tiny_model, encoder_keepalive_seconds=0)
+    clip = video_factory("cam.mp4", width=128, height=96, fps=10, seconds=4.0)
+    plan = plan_job([str(clip)], s, SegmentIndex(s.index_root))
+    pool = encoder_pool(plan, s, encoder_cls)
+    ray.get(pool.actors[0].__ray_ready__.remote())
+    first = pool.actors[0]
+    ray.kill(first)
+    try:
+        batches = list(pool.encode_bundles(decoded_segments(plan, s).iter_internal_ref_bundles(), 8))
+    finally:
+        pool.release()
+    assert pool.actors[0] is not first
+    assert sorted(str(sid) for b in batches for sid in b["segment_id"]) == ["cam:0", "cam:2000"]
+    assert all(len(tok) for b in batches for tok in b["tokens"])
+
+
+def test_decoded_blocks_are_a_few_segments_without_touching_the_global_data_context(tmp_path, ray_local, tiny_model,
+                                                                                    video_factory):
+    from ray.data import DataContext
+
+    from pipeline.archive import DECODED_BLOCK_BYTES, decoded_segments, plan_job
+    from pipeline.index import SegmentIndex
+
+    before = DataContext.get_current().target_max_block_size
+    s = _small_job_settings(tmp_path, tiny_model)
+    clip = video_factory("cam.mp4", width=128, height=96, fps=10, seconds=2.0)
+    ds = decoded_segments(plan_job([str(clip)], s, SegmentIndex(s.index_root)), s)
+    assert ds.context.target_max_block_size == DECODED_BLOCK_BYTES < 128 << 20
+    assert DataContext.get_current().target_max_block_size == before
+    assert [str(r["segment_id"]) for r in ds.take_all()] == ["cam:0"]
