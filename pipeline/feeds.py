@@ -118,3 +118,21 @@ def sampler_config(feed: dict, settings: Settings | None = None, **overrides: An
     values["backoff_initial_s"] = min(SamplerConfig.backoff_initial_s, values["backoff_max_s"])
     values.update({k: v for k, v in {**per_feed, **overrides}.items() if v is not None})
     return SamplerConfig(source_id=feed["id"], url=feed["url"], **values)
+
+
+def resolve_sources(requested: list[str], source_ids: set[str], feeds: list[dict] | None) -> list[str]:
+    """Source ids for what a person wrote: a source (or feed) id as is, or a feed's name. ValueError when a name is
+    ambiguous (several feeds, or a feed name that is also another source's id). Unknown words stay as they are, for
+    the caller's "unknown source" error. `feeds` (list_feeds) may be None when every word is a known id."""
+    by_name: dict[str, list[str]] = {}
+    for f in feeds or []:
+        by_name.setdefault(f.get("name") or f["id"], []).append(f["id"])
+    out = []
+    for word in requested:
+        named = [i for i in by_name.get(word, []) if i != word]
+        known = word in source_ids or any(f["id"] == word for f in feeds or [])
+        if named and (known or len(named) > 1):
+            ids = sorted(set(named) | ({word} if known else set()))
+            raise ValueError(f"{word!r} names several sources ({', '.join(ids)}): use a source id")
+        out.append(named[0] if named else word)
+    return list(dict.fromkeys(out))

@@ -430,6 +430,12 @@ def test_feeds_add_list_get_delete(served, tmp_path):
         assert st["connected"] is False and {"lag_s", "last_frame_time", "reconnects", "drops"} <= set(st)
 
         err(c.post("/v1/feeds", json={"url": refused, "id": "door"}), 409, "already exists")
+        # a feed is addressed by its name wherever a source is taken (nothing indexed for it yet: 404 by id)
+        err(c.post("/v1/search", json={"query": "q", "sources": ["Door"]}), 404, "'door'")
+        err(c.post("/v1/ask", json={"question": "q?", "source": "Door"}), 404, "'door'")
+    with http(served, CAM_READER) as c:                 # a name outside the key's sources resolves to nothing
+        err(c.post("/v1/search", json={"query": "q", "sources": ["Door"]}), 403, "'Door'")
+    with http(served) as c:
         err(c.post("/v1/feeds", json={"url": "ftp://h/x.mp4"}), 422, "scheme 'ftp'")
         outside = tmp_path / "x.mp4"
         err(c.post("/v1/feeds", json={"url": str(outside)}), 422, "outside the allowed roots")

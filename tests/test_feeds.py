@@ -238,3 +238,18 @@ def test_reader_actor_pull_does_not_block_other_calls(ray_local, settings, tmp_p
         assert ray.get(reader.status.remote())["running"] is False
     finally:
         ray.kill(reader)
+
+
+def test_sources_are_found_by_id_or_feed_name():
+    from pipeline.feeds import resolve_sources
+
+    feeds = [{"id": "f1", "name": "lobby"}, {"id": "f2", "name": "gate"}, {"id": "f3", "name": "gate"},
+             {"id": "f4", "name": "clip"}, {"id": "f5", "name": "f5"}]
+    indexed = {"clip", "f1", "f5"}
+    assert resolve_sources(["lobby", "f1", "f5"], indexed, feeds) == ["f1", "f5"]     # repeats fold
+    assert resolve_sources(["nowhere"], indexed, feeds) == ["nowhere"]       # left for the caller's 404
+    assert resolve_sources(["clip"], indexed, None) == ["clip"]              # known ids need no registry
+    with pytest.raises(ValueError, match=r"'gate' names several sources \(f2, f3\)"):
+        resolve_sources(["gate"], indexed, feeds)
+    with pytest.raises(ValueError, match=r"'clip' names several sources \(clip, f4\)"):   # an id and a feed's name
+        resolve_sources(["clip"], indexed, feeds)

@@ -119,8 +119,23 @@ def sources_for(context: ServiceContext, caller: Caller, sources: list[str] | No
         return visible(caller, [s["source_id"] for s in context.index.sources()])
     if not sources or not all(isinstance(s, str) and s for s in sources):
         raise HTTPException(422, "sources must be a non-empty list of source ids")
-    require_sources(caller, sources)
-    return list(dict.fromkeys(sources))
+    return resolve_names(context, caller, sources)
+
+
+def resolve_names(context: ServiceContext, caller: Caller, sources: list[str]) -> list[str]:
+    """Source ids for ids or feed names (pipeline.feeds.resolve_sources), each allowed for the caller (403)."""
+    from pipeline.feeds import list_feeds, resolve_sources
+
+    indexed = {s["source_id"] for s in context.index.sources()}
+    # only names the caller may see: a name never reveals the id of a feed outside the key's sources
+    feeds = None if all(s in indexed for s in sources) else \
+        [f for f in list_feeds(context.redis) if caller.may_see(f["id"])]
+    try:
+        resolved = resolve_sources(sources, indexed, feeds)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    require_sources(caller, resolved)
+    return resolved
 
 
 # ---- request limits (api_* settings) ---------------------------------------------------------------------------------

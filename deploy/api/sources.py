@@ -1,8 +1,8 @@
 """Indexed sources and their segments with captions (/v1/sources): any key, limited to the sources it may see."""
 from fastapi import APIRouter, Depends, HTTPException
 
-from deploy.api.deps import ServiceContext, parse_window, reader_key, service
-from deploy.auth import Caller, require_sources
+from deploy.api.deps import ServiceContext, parse_window, reader_key, resolve_names, service
+from deploy.auth import Caller
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
 from pipeline.times import with_times
@@ -18,7 +18,7 @@ def list_sources(caller: Caller = Depends(reader_key), context: ServiceContext =
 @router.get("/v1/sources/{source_id:path}/segments")
 def list_segments(source_id: str, start: str | None = None, end: str | None = None,
                   caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
-    require_sources(caller, [source_id])
+    [source_id] = resolve_names(context, caller, [source_id])
     start, end = parse_window(start, end, context.settings)
     if start is not None and end is not None and end < start:
         raise HTTPException(422, f"window end ({end}) must be >= start ({start})")
