@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/captions.py            # 32 segments of 8 tubes x 26x46 patches (2,392 tokens each)
     .venv/bin/python bench/captions.py --quick    # 8 small segments, few tokens: a smoke run of a few seconds
+    .venv/bin/python bench/captions.py --grid 1,8,8    # short prefixes (16 tokens): decode-bound
 
 The tiny random checkpoint (qwen2vl.write_tiny_checkpoint: hidden 64, 2 layers, vocab 151,680), fp32 on the CPU.
 Segments are SYNTHETIC stored tokens (fp16, random) of a typical grid; both contenders describe the same segments:
@@ -47,8 +48,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens of each caption")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--grid", default="8,26,46", help="t,h,w in patches of every segment (default: 8 s of 360p)")
     args = ap.parse_args(argv)
-    grid = (8, 26, 46)
+    grid = tuple(int(x) for x in args.grid.split(","))
     if args.quick:
         grid, args.segments, args.new_tokens, args.reps = (8, 8, 8), 8, 8, 1
     work = Path(tempfile.mkdtemp(prefix="tubescope-bench-captions-"))
@@ -56,6 +58,36 @@ def main(argv=None) -> dict:
         return run(args, work, grid)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@torch.no_grad()
+def phases(cap, items) -> dict:
+    """Where a segment's time goes, alone and in one batch: the video prefix (prefill), the embedding prompt, the
+    caption (greedy decode). Batching shares the decode and embedding steps across segments; the prefill is one
+    pass over the segment's own tokens either way (on the tiny model its attention is most of it)."""
+    from pipeline.kv import suffix_hidden
+    from qwen2vl.generate import generate
+
+    checked = [cap._check_item(k, item) for k, item in enumerate(items[:cap.batch_size])]
+
+    def split(batch) -> list[float]:
+        t0 = time.perf_counter()
+        cache = cap._prefill(batch)
+        t1 = time.perf_counter()
+        n = cache.seq_len
+        suffix_hidden(cap.model, torch.tensor([cap.embed_suffix] * len(batch)), cache)
+        cache.crop(n)
+        t2 = time.perf_counter()
+        generate(cap.model, torch.tensor([cap.caption_suffix] * len(batch)), past_key_values=cache,
+                 max_new_tokens=cap.max_new_tokens)
+        t3 = time.perf_counter()
+        return [(b - a) * 1000.0 / len(batch) for a, b in ((t0, t1), (t1, t2), (t2, t3))]
+
+    single = [split([one]) for one in checked[:4]]
+    batched = split(checked)
+    names = ("prefill", "embedding", "caption")
+    return {"single": {k: round(statistics.mean(x[i] for x in single), 2) for i, k in enumerate(names)},
+            f"batch_of_{len(checked)}": {k: round(batched[i], 2) for i, k in enumerate(names)}}
 
 
 def run(args, work: Path, grid: tuple[int, int, int]) -> dict:
@@ -111,6 +143,7 @@ def run(args, work: Path, grid: tuple[int, int, int]) -> dict:
         "outputs_equal": [c for c, _ in b_out] == [c for c, _ in s_out] and vector_diff <= 1e-5,
         "max_vector_diff": vector_diff,
         "mean_caption_chars": round(statistics.mean(len(c) for c, _ in b_out), 1),
+        "phases_ms_per_segment": phases(cap, items),
     }
     print(json.dumps(result, indent=1))
     return result
