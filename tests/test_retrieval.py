@@ -357,3 +357,19 @@ def test_the_footage_index_ignores_the_retrieval_folder(tmp_path):
     assert all(FOLDER not in f and ".lance" not in f for f in ds.files)
     assert ds.to_table(columns=["segment_id"]).column(0).to_pylist() == ["cam:16000"]
     assert os.path.isfile(tmp_path / "_tubescope_index")
+
+
+def test_past_the_ann_threshold_vectors_are_indexed_and_still_found(tmp_path, monkeypatch):
+    import pipeline.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "ANN_MIN_ROWS", 600)
+    ix = make_index(tmp_path)
+    rows = rows_for("cam", 800, seed=12)
+    ix.rebuild(rows)
+    assert any(i.index_type.upper().startswith("IVF") for i in ix._open().list_indices())
+    assert ix.optimize()["built"] == []                        # built once, not again
+    for k in (0, 399, 799):                                   # a row's own vector finds it first, anywhere
+        assert ix.search(None, rows[k]["vector"], sources=["cam"], limit=5)[0]["segment_id"] == rows[k]["segment_id"]
+    narrow = ix.search(None, rows[0]["vector"], sources=["cam"], start=rows[500]["t0"], end=rows[503]["t1"], limit=10)
+    assert [h["segment_id"] for h in narrow] and all(rows[500]["t0"] <= h["t0"] < rows[503]["t1"] for h in narrow)
+    assert len(narrow) == 4                                   # a narrow window still returns all it holds
