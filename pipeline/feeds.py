@@ -12,12 +12,11 @@ import json
 import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from pipeline.redis_server import as_client
 from pipeline.settings import Settings, load_settings
-from pipeline.video.protocols import ALL_SCHEMES, check_protocol, local_file_path, validate_url
+from pipeline.video.protocols import ALL_SCHEMES, check_protocol, check_roots, validate_url
 from pipeline.video.segments import frames_per_segment
 from pipeline.video.stream import SamplerConfig
 from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
@@ -29,17 +28,6 @@ MAX_FPS = 30.0
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _check_file(url: str, file_roots: list | None) -> None:
-    path = local_file_path(url)
-    if path is None or file_roots is None:
-        return
-    resolved = Path(path).expanduser().resolve()
-    roots = [Path(r).expanduser().resolve() for r in file_roots]
-    if not any(resolved == r or r in resolved.parents for r in roots):
-        raise ValueError(f"local file {path!r} is outside the allowed roots "
-                         f"({', '.join(map(str, roots)) or 'none configured'})")
 
 
 def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = None,
@@ -56,7 +44,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     settings = settings or load_settings()
     url = validate_url(url, schemes)
     check_protocol(url)
-    _check_file(url, file_roots)
+    check_roots(url, file_roots)
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
         raise ValueError(f"name must be a non-empty string of at most 200 characters, got {name!r}")
     if fps is not None:
@@ -112,9 +100,12 @@ def sampler_config(feed: dict, settings: Settings | None = None, **overrides: An
     per_feed = {"fps": feed.get("fps"), "max_pixels": feed.get("max_pixels")}
     if per_feed["max_pixels"] is not None:          # a small per-feed cap lowers the floor with it
         per_feed["min_pixels"] = min(settings.min_pixels, per_feed["max_pixels"])
+    # the stored URL is checked again by the reader under today's settings: schemes, and the file roots when set
     values = dict(fps=settings.fps, segment_seconds=settings.segment_seconds, min_pixels=settings.min_pixels,
                   max_pixels=settings.max_pixels, queue_size=settings.feed_queue_segments,
-                  backoff_max_s=settings.feed_reconnect_max_seconds)
+                  backoff_max_s=settings.feed_reconnect_max_seconds,
+                  schemes=tuple(settings.feed_schemes) + ("file",),
+                  file_roots=tuple(str(r) for r in settings.file_roots) or None)
     values["backoff_initial_s"] = min(SamplerConfig.backoff_initial_s, values["backoff_max_s"])
     values.update({k: v for k, v in {**per_feed, **overrides}.items() if v is not None})
     return SamplerConfig(source_id=feed["id"], url=feed["url"], **values)

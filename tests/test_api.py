@@ -437,6 +437,10 @@ def test_feeds_add_list_get_delete(served, tmp_path):
         err(c.post("/v1/search", json={"query": "q", "sources": ["Door"]}), 403, "'Door'")
     with http(served) as c:
         err(c.post("/v1/feeds", json={"url": "ftp://h/x.mp4"}), 422, "scheme 'ftp'")
+        for sneaky, words in ((f"concat:{served['clip']}|/etc/passwd", "scheme 'concat'"),
+                              (f"file:{served['clip']}", "must be written file://"),
+                              (f"subfile,,start,0,end,0,,:{served['clip']}", "scheme 'subfile'")):
+            err(c.post("/v1/feeds", json={"url": sneaky}), 422, words)    # FFmpeg prefixes are schemes too
         outside = tmp_path / "x.mp4"
         err(c.post("/v1/feeds", json={"url": str(outside)}), 422, "outside the allowed roots")
         err(c.post("/v1/feeds", json={"url": f"file://{outside}"}), 422, "outside the allowed roots")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
-from pipeline.video.protocols import check_protocol, ffmpeg_protocols, open_arguments, validate_url
+from pipeline.video.protocols import (check_protocol, check_roots, ffmpeg_protocols, local_file_path, open_arguments,
+                                      scheme_of, validate_url)
 from pipeline.video.segments import SegmentBuilder
 from pipeline.video.stream import SamplerConfig, SegmentQueue, StreamSampler
 from qwen2vl.processor import smart_resize
@@ -99,13 +101,78 @@ def test_validate_feed_url_allowlist():
     assert "s3cret" not in str(e.value)
 
 
+@pytest.mark.parametrize("url,words", [
+    # FFmpeg reads "<scheme>:" as a protocol whether or not "//" follows: every form is parsed to one scheme
+    ("file:/etc/passwd", "must be written file://"), ("http:evil.example/x", "must be written http://"),
+    ("concat:/a.mp4|/b.mp4", "scheme 'concat'"), ("subfile,,start,0,end,0,,:/etc/passwd", "scheme 'subfile'"),
+    ("cache:http://h/x", "scheme 'cache'"), ("async:file:/x", "scheme 'async'"), ("tcp:h:80", "scheme 'tcp'"),
+    ("data:video/mp4;base64,AAAA", "scheme 'data'"), ("crypto:file:/x", "scheme 'crypto'"),
+    ("cam:1.mp4", "scheme 'cam'")])
+def test_pseudo_protocols_and_prefix_forms_are_refused(url, words):
+    with pytest.raises(ValueError, match=words):
+        validate_url(url)
+    assert local_file_path(url) is None                           # never taken for a local path either
+
+
+def test_paths_stay_paths_and_every_open_has_a_protocol_whitelist(tmp_path):
+    assert validate_url("/data/a:b.mp4") == "/data/a:b.mp4" and local_file_path("/data/a:b.mp4") == "/data/a:b.mp4"
+    assert scheme_of("clips/a:b.mp4") == "file" and scheme_of("Concat:x") == "concat"
+    url, opts = open_arguments("clips/x.mp4", 5, 3)               # a relative path opens by its absolute path
+    assert url == str((Path.cwd() / "clips/x.mp4").resolve()) and opts == {"protocol_whitelist": "file"}
+    assert open_arguments("file:///tmp/a.mp4", 5, 3) == ("/tmp/a.mp4", {"protocol_whitelist": "file"})
+    for url in ("rtsp://h/x", "https://h/x.m3u8", "udp://:5600", "srt://h:1"):
+        whitelist = open_arguments(url, 5, 3)[1]["protocol_whitelist"].split(",")
+        assert "file" not in whitelist and "concat" not in whitelist and whitelist
+    # folders are checked after links are resolved
+    root, outside = tmp_path / "root", tmp_path / "outside.mp4"
+    root.mkdir()
+    outside.write_bytes(b"x")
+    (root / "link.mp4").symlink_to(outside)
+    check_roots(str(root / "x.mp4"), [root])
+    for sneaky in (str(root / "link.mp4"), str(root / ".." / "outside.mp4"), f"file://{root}/../outside.mp4"):
+        with pytest.raises(ValueError, match="outside the allowed roots"):
+            check_roots(sneaky, [root])
+
+
+def test_a_playlist_read_through_a_file_object_opens_nothing_it_names(tmp_path, stream_video):
+    """An archive on object storage is read through a file object; a playlist there must not pull in local files."""
+    from pipeline.video.media import DecodeError, open_container
+
+    playlist = tmp_path / "evil.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nfile://{stream_video}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(DecodeError):
+        container, file_obj = open_container(f"file://{playlist}")
+        list(container.decode(video=0))
+    container, file_obj = open_container(f"file://{stream_video}")      # a real video through a file object: fine
+    assert any(True for _ in container.decode(video=0))
+    container.close()
+    file_obj.close()
+
+
+def test_a_stored_url_is_checked_again_at_every_open(samplers, tmp_path):
+    """A feed stored under older rules (a pseudo-protocol, a file outside today's roots) is refused when the reader
+    opens it: it never reads, and its status says why."""
+    for url, cfg, words in (("concat:/a.mp4|/b.mp4", {}, "scheme 'concat'"),
+                            (str(tmp_path / "x.mp4"), {"file_roots": (str(tmp_path / "elsewhere"),)}, "outside"),
+                            ("rtsp://h/x", {"schemes": ("https",)}, "scheme 'rtsp'")):
+        s = samplers(url, **FAST_RETRY, **cfg)
+        deadline = time.time() + 10
+        while s.status()["open_failures"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        st = s.status()
+        assert st["open_failures"] >= 1 and st["last_error"].startswith("refused: ") and words in st["last_error"]
+        assert st["frames_decoded"] == 0 and st["connects"] == 0
+
+
 def test_open_arguments_per_protocol():
     url, opts = open_arguments("rtsp://h/cam", 4, 3)
     assert opts["rtsp_transport"] == "tcp" and opts["timeout"] == "2000000"   # µs, half the read timeout
     url, opts = open_arguments("http://h/live.m3u8", 5, 3)
-    assert opts == {"live_start_index": "-1", "m3u8_hold_counters": "3"}
+    assert opts == {"live_start_index": "-1", "m3u8_hold_counters": "3",
+                    "protocol_whitelist": "http,https,tcp,tls,crypto"}
     url, opts = open_arguments("udp://127.0.0.1:5600", 5, 3)
-    assert url == "udp://127.0.0.1:5600?fifo_size=1000000&overrun_nonfatal=1" and opts == {}
+    assert url == "udp://127.0.0.1:5600?fifo_size=1000000&overrun_nonfatal=1"
+    assert opts == {"protocol_whitelist": "udp"}
     url, _ = open_arguments("udp://127.0.0.1:5600?fifo_size=10", 5, 3)
     assert url == "udp://127.0.0.1:5600?fifo_size=10&overrun_nonfatal=1"      # the caller's value wins
 
@@ -194,8 +261,8 @@ def test_backoff_grows_capped_with_jitter():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="scheme"):
-        SamplerConfig(source_id="a", url="ftp://x/y")
+    with pytest.raises(ValueError, match="url"):
+        SamplerConfig(source_id="a", url="  ")
     with pytest.raises(ValueError, match="even whole number"):
         SamplerConfig(source_id="a", url="rtsp://h/x", fps=2.0, segment_seconds=0.5)
     with pytest.raises(ValueError, match="source_id"):

@@ -13,6 +13,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline.video.protocols import NO_PROTOCOLS, PROTOCOLS
+
 from qwen2vl.geometry import FACTOR, smart_resize
 
 INTERPOLATIONS = ("BICUBIC", "BILINEAR", "FAST_BILINEAR", "AREA", "LANCZOS", "POINT")
@@ -69,14 +71,16 @@ def open_container(path: Any) -> tuple[av.container.InputContainer, Any]:
             if entry.size == 0:
                 raise DecodeError(path, "file is empty (0 bytes)")
             file_obj = fs.open_input_file(inner)
-            return av.open(file_obj, "r"), file_obj
+            # read through the file object; nothing it names (a playlist's entries) may be opened
+            return av.open(file_obj, "r", options={"protocol_whitelist": NO_PROTOCOLS}), file_obj
         if not os.path.exists(path):
             raise DecodeError(path, "no such file")
         if not os.path.isfile(path):
             raise DecodeError(path, "not a regular file")
         if os.path.getsize(path) == 0:
             raise DecodeError(path, "file is empty (0 bytes)")
-        return av.open(path, "r"), None
+        # the absolute path, so FFmpeg never reads a prefix of it as a protocol, and the file protocol only
+        return av.open(os.path.abspath(path), "r", options={"protocol_whitelist": PROTOCOLS["file"].whitelist}), None
     except DecodeError:
         raise
     except Exception as e:   # FFmpeg errors, OSError, pyarrow's own errors while opening

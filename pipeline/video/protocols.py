@@ -8,6 +8,8 @@ all. Adding a protocol is one row in PROTOCOLS, plus an options function when it
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -53,34 +55,46 @@ class Protocol:
     ffmpeg: str                              # the FFmpeg protocol the scheme runs on (rtsp over tcp, rtsps over tls)
     options: OpenOptions = _no_options       # how to open it
     network: bool = True                     # False: a local file (played at real time by the stream reader)
+    # FFmpeg's protocol_whitelist while reading: the protocol itself and what it opens underneath. A playlist or
+    # an RTSP server can name other URLs; nothing outside this list (file:, concat:, data:, ...) is ever opened.
+    whitelist: str = ""
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "rtsp": Protocol("tcp", _rtsp_options),
-    "rtsps": Protocol("tls", _rtsp_options),
-    "http": Protocol("http", _http_options),
-    "https": Protocol("https", _http_options),
-    "udp": Protocol("udp", _udp_options),
-    "srt": Protocol("srt"),
-    "file": Protocol("file", network=False),
+    "rtsp": Protocol("tcp", _rtsp_options, whitelist="rtsp,rtp,tcp,udp"),
+    "rtsps": Protocol("tls", _rtsp_options, whitelist="rtsp,rtsps,rtp,tcp,udp,tls"),
+    "http": Protocol("http", _http_options, whitelist="http,https,tcp,tls,crypto"),   # redirects may go to https
+    "https": Protocol("https", _http_options, whitelist="https,http,tcp,tls,crypto"),
+    "udp": Protocol("udp", _udp_options, whitelist="udp"),
+    "srt": Protocol("srt", whitelist="srt"),
+    "file": Protocol("file", network=False, whitelist="file"),
 }
+NO_PROTOCOLS = "none"             # the whitelist of a container read through a Python file object: no nested opens
 NETWORK_SCHEMES: tuple[str, ...] = tuple(s for s, p in PROTOCOLS.items() if p.network)
 ALL_SCHEMES: tuple[str, ...] = tuple(PROTOCOLS)
 
 
+# What FFmpeg reads as a protocol prefix: scheme characters then ":" ("concat:", "file:/x", "http:host/x"), or
+# "subfile,<options>:". Anything else is a path of the file protocol.
+_FFMPEG_PREFIX = re.compile(r"([A-Za-z0-9+.\-]+)(?:,[^:]*)?:")
+
+
 def scheme_of(url: str) -> str:
-    """The URL's scheme in lower case; "file" for a bare local path (no "://")."""
-    parts = urlsplit(url)
-    if "://" not in url or not parts.scheme:
-        return "file"
-    return parts.scheme.lower()
+    """The scheme FFmpeg would use for `url`, in lower case: "file" for a path; for anything else the prefix
+    before ":", whether or not "//" follows (so "concat:a|b" is "concat", "file:/x" is "file")."""
+    m = _FFMPEG_PREFIX.match(url)
+    return m.group(1).lower() if m else "file"
+
+
+def _is_path(url: str) -> bool:
+    return _FFMPEG_PREFIX.match(url) is None
 
 
 def local_file_path(url: str) -> str | None:
-    """The local path of a file source (bare path or file://), or None for a network source."""
-    if "://" not in url or not urlsplit(url).scheme:
+    """The local path of a file source (a path or file:///path), or None for a network source."""
+    if _is_path(url):
         return url
-    if scheme_of(url) == "file":
+    if scheme_of(url) == "file" and url[len("file"):].startswith("://"):
         return unquote(urlsplit(url).path)
     return None
 
@@ -88,8 +102,11 @@ def local_file_path(url: str) -> str | None:
 def validate_url(url: Any, schemes: tuple[str, ...] | list[str] = ALL_SCHEMES) -> str:
     """Return the URL stripped of surrounding blanks, or raise ValueError saying what is wrong.
 
-    A URL without "://" is a local file path (allowed only when "file" is in `schemes`). Network URLs need a host
-    or a port ("udp://:5600" listens on every interface).
+    One parse decides the scheme, the same way FFmpeg will (scheme_of): a path is a local file (allowed only when
+    "file" is in `schemes`); anything with a protocol prefix must be `scheme://...` with a scheme of PROTOCOLS that
+    `schemes` allows, so FFmpeg's other protocols ("concat:", "subfile,,...:", "cache:", "async:", "data:",
+    "tcp:") and prefix forms without "//" ("file:/x", "http:host/x") are refused. Network URLs need a host or a
+    port ("udp://:5600" listens on every interface).
     """
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"feed url must be a non-empty string, got {url!r}")
@@ -98,13 +115,15 @@ def validate_url(url: Any, schemes: tuple[str, ...] | list[str] = ALL_SCHEMES) -
         raise ValueError(f"feed url must not contain control characters, got {redact_url(url)!r}")
     allowed = tuple(s.lower() for s in schemes)
     scheme = scheme_of(url)
-    if "://" not in url or not urlsplit(url).scheme:
+    if _is_path(url):
         if "file" not in allowed:
             raise ValueError(f"feed url {url!r} has no scheme; expected one of {', '.join(allowed)}")
         return url
     if scheme not in allowed or scheme not in PROTOCOLS:
         raise ValueError(f"unsupported feed url scheme {scheme!r} in {redact_url(url)!r}; "
                          f"expected one of {', '.join(s for s in allowed if s in PROTOCOLS)}")
+    if not url[len(scheme):].startswith("://"):
+        raise ValueError(f"feed url {redact_url(url)!r} must be written {scheme}://...")
     parts = urlsplit(url)
     if not PROTOCOLS[scheme].network:
         if not unquote(parts.path):
@@ -119,10 +138,30 @@ def validate_url(url: Any, schemes: tuple[str, ...] | list[str] = ALL_SCHEMES) -
     return url
 
 
+def check_roots(url: str, roots: list | tuple | None) -> None:
+    """ValueError when `url` is a local file outside every folder of `roots` (after resolving links and "..");
+    None accepts any local path (trusted callers), network URLs pass."""
+    path = local_file_path(url)
+    if path is None or roots is None:
+        return
+    resolved = os.path.realpath(os.path.expanduser(path))
+    real_roots = [os.path.realpath(os.path.expanduser(str(r))) for r in roots]
+    if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in real_roots):
+        raise ValueError(f"local file {path!r} is outside the allowed roots "
+                         f"({', '.join(real_roots) or 'none configured'})")
+
+
 def open_arguments(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
-    """(url, options) for av.open of a network URL, from its row of PROTOCOLS."""
+    """(url, options) for av.open, from the URL's row of PROTOCOLS: its own options and its protocol whitelist.
+    A local file opens by its absolute path (never read as a protocol prefix) with only the file protocol."""
+    path = local_file_path(url)
+    if path is not None:
+        return os.path.abspath(os.path.expanduser(path)), {"protocol_whitelist": PROTOCOLS["file"].whitelist}
     protocol = PROTOCOLS.get(scheme_of(url))
-    return (url, {}) if protocol is None else protocol.options(url, read_s, hls_hold_counters)
+    if protocol is None:
+        raise ValueError(f"unsupported feed url scheme {scheme_of(url)!r} in {redact_url(url)!r}")
+    url, options = protocol.options(url, read_s, hls_hold_counters)
+    return url, {**options, "protocol_whitelist": protocol.whitelist}
 
 
 @functools.cache

@@ -28,7 +28,8 @@ import av
 from pipeline.records import Segment
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
 from pipeline.video.media import INTERPOLATION, upright
-from pipeline.video.protocols import describe_error, local_file_path, open_arguments, redact_url, validate_url
+from pipeline.video.protocols import (ALL_SCHEMES, check_roots, describe_error, local_file_path, open_arguments,
+                                      redact_url, validate_url)
 from pipeline.video.segments import SegmentBuilder, frames_per_segment
 from qwen2vl.geometry import FACTOR, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
 
@@ -97,11 +98,15 @@ class SamplerConfig:
     max_ahead_s: float = 2.0            # frame times running further ahead of the wall clock re-anchor
     hls_hold_counters: int = 5          # HLS playlist reloads without a new segment before EOF
     max_gaps_kept: int = 100            # gaps listed in status(); gap_count counts them all
+    schemes: tuple[str, ...] = ALL_SCHEMES   # URL schemes this reader may open (checked at every open)
+    file_roots: tuple[str, ...] | None = None   # folders a local file must lie in; None: any (trusted callers)
 
     def __post_init__(self):
         if not isinstance(self.source_id, str) or not self.source_id or ":" in self.source_id:
             raise ValueError(f"source_id must be a non-empty str without ':', got {self.source_id!r}")
-        self.url = validate_url(self.url)
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ValueError(f"url must be a non-empty string, got {self.url!r}")
+        self.url = self.url.strip()         # its scheme and folder are checked at every open (_open)
         frames_per_segment(self.fps, self.segment_seconds)
         if not TOKEN_AREA <= self.min_pixels <= self.max_pixels:
             raise ValueError(f"need {TOKEN_AREA} <= min_pixels <= max_pixels, got {self.min_pixels}, "
@@ -229,9 +234,17 @@ class StreamSampler:
 
     def _open(self, backoff: Backoff):
         cfg = self.config
+        try:                  # the stored URL is checked again at every open: the rules may be stricter than at
+            validate_url(cfg.url, cfg.schemes)       # registration (docs/architecture.md, "Streams and protocols")
+            check_roots(cfg.url, cfg.file_roots)
+        except ValueError as e:
+            self.open_failures += 1
+            self._set_error(f"refused: {e}")
+            if backoff.failures == 0:
+                self._event("open_failed", {"error": self.last_error})
+            self._wait(backoff.next_delay())
+            return None
         url, options = open_arguments(cfg.url, cfg.read_timeout_s, cfg.hls_hold_counters)
-        if self._file_path is not None:
-            url, options = self._file_path, {}
         try:
             container = av.open(url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
         except (av.error.FFmpegError, OSError) as e:
