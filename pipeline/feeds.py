@@ -22,7 +22,7 @@ from pipeline.video.stream import SamplerConfig
 from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
 
 FEEDS_KEY = "tubescope:feeds"
-_FEED_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FEED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")        # the whole id (fullmatch: no trailing newline)
 MAX_FPS = 30.0
 
 
@@ -59,7 +59,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
                              f"encoder token budget), got {max_pixels!r}")
     if feed_id is None:
         feed_id = uuid.uuid4().hex[:12]
-    elif not isinstance(feed_id, str) or not _FEED_ID.match(feed_id):
+    elif not isinstance(feed_id, str) or not _FEED_ID.fullmatch(feed_id):
         raise ValueError(f"feed_id must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
                          f"got {feed_id!r}")
     record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         if v is None or v.strip() == "":
             return None             # REDIS_URL= (empty) means "not set": use the embedded server
         if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {redact_url(v)!r}")
         return v
 
     @field_validator("index_dir", mode="after")
@@ -269,8 +269,19 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     token = _config_file.set(Path(config_file) if config_file is not None else None)
     try:
         return Settings(**overrides)
+    except ValidationError as e:
+        raise ValueError(describe_errors(e)) from None
     finally:
         _config_file.reset(token)
+
+
+def describe_errors(e: ValidationError) -> str:
+    """pydantic's errors without the values given: a bad API key or Redis URL must not be printed back."""
+    lines = [f"{e.error_count()} invalid setting(s):"]
+    for err in e.errors(include_input=False, include_url=False):
+        where = ".".join(str(x) for x in err["loc"]) or "settings"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def settings_json(settings: Settings) -> str:

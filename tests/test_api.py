@@ -75,6 +75,11 @@ def http(served, key: str | None = ADMIN) -> httpx.Client:
     return httpx.Client(base_url=served["url"], headers=headers, timeout=120)
 
 
+def raw_post(c: httpx.Client, path: str, body: str) -> httpx.Response:
+    """A JSON body written by hand: NaN, Infinity and 1e400 are what httpx itself refuses to send."""
+    return c.post(path, content=body.encode(), headers={"content-type": "application/json"})
+
+
 def err(r: httpx.Response, status: int, words: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     assert words in r.json()["error"], r.json()
@@ -274,6 +279,9 @@ def test_search_ranks_segments(served):
         err(c.post("/v1/search", json={"query": "x" * 501}), 422, "query has 501 characters; the limit is 500")
         err(c.post("/v1/search", json={"query": "q", "limit": 101}), 422, "api_max_search_results")
         err(c.post("/v1/search", json={"query": "q", "limit": 0}), 422, "limit")
+        err(c.post("/v1/search", json={"query": "q", "limit": True}), 422, "limit")
+        err(raw_post(c, "/v1/search", '{"query": "q", "start": NaN}'), 422, "start")
+        err(raw_post(c, "/v1/search", '{"query": "q", "end": 1e400}'), 422, "end")
         err(c.post("/v1/search", json={"query": ""}), 422, "query")
         err(c.post("/v1/search", json={"query": "q", "sources": []}), 422, "non-empty list")
         err(c.post("/v1/search", json={"query": "q", "sources": ["nope"]}), 404, "nope")
@@ -445,6 +453,9 @@ def test_feeds_add_list_get_delete(served, tmp_path):
         err(c.post("/v1/feeds", json={"url": str(outside)}), 422, "outside the allowed roots")
         err(c.post("/v1/feeds", json={"url": f"file://{outside}"}), 422, "outside the allowed roots")
         err(c.post("/v1/feeds", json={"url": refused, "fps": 0}), 422, "fps")
+        for bad in ("true", '"2"', "NaN", "Infinity", "1e400"):         # no bool, string or non-finite numbers
+            err(raw_post(c, "/v1/feeds", f'{{"url": "{refused}", "fps": {bad}}}'), 422, "fps")
+        err(c.post("/v1/feeds", json={"url": refused, "id": "door2\n"}), 422, "feed_id")
         err(c.post("/v1/feeds", json={"url": refused, "id": "a:b"}), 422, "feed_id")
         err(c.post("/v1/feeds", json={}), 422, "url")
         err(c.get("/v1/feeds/nope"), 404, "no feed with id 'nope'")

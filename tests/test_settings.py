@@ -149,3 +149,11 @@ def test_index_dir_may_be_a_uri_or_a_local_path(tmp_path, monkeypatch):
     s = load_settings(index_dir="rel/idx")
     monkeypatch.chdir("/")
     assert s.index_root == tmp_path / "rel" / "idx"
+
+
+def test_settings_errors_never_print_secrets_back():
+    for bad in ({"api_keys": [{"key": "short-s3cret", "role": "admin"}]}, {"redis_url": "http://u:s3cret@h:1/0"},
+                {"api_keys": [{"key": "long-enough-s3cret-key", "role": "root"}]}):
+        with pytest.raises(ValueError) as e:
+            load_settings(**bad)
+        assert "s3cret" not in str(e.value) and ("api_keys" in str(e.value) or "redis_url" in str(e.value))

@@ -16,7 +16,7 @@ router = APIRouter()
 
 
 class AskRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
 
     question: str = Field(min_length=1)
     sources: list[str] | None = None

@@ -14,11 +14,11 @@ STATUS_TIMEOUT_S = 5.0
 
 
 class FeedCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
 
     url: str = Field(description="rtsp://, http(s)://, udp://, srt://...; or a local file under file_roots")
     name: str | None = None
-    fps: float | None = None
+    fps: float | None = Field(None, allow_inf_nan=False)
     max_pixels: int | None = None
     id: str | None = Field(None, description="feed id (= source id); default: a random 12-character id")
 

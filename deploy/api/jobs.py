@@ -12,7 +12,7 @@ router = APIRouter()
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
 
     paths: list[str] = Field(description="files, folders or globs under file_roots (or allowed pyarrow.fs URIs)")
     source_id: str | None = None

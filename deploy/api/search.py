@@ -13,7 +13,7 @@ router = APIRouter()
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
 
     query: str = Field(min_length=1)
     sources: list[str] | None = None
