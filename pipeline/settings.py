@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     decoder_max_ongoing_requests: int = Field(1, ge=1)   # per replica; more wait in Serve's queue
     decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503
+    api_metrics_public: bool = False              # /metrics without a key (it names every source); else admin key
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
 
     # ---- retention --------------------------------------------------------------------------------------------

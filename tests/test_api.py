@@ -96,7 +96,7 @@ def wait_for_metric(c: httpx.Client, pattern: str, timeout_s: float = 20.0) -> s
 
 
 # ---- health, metrics, docs ------------------------------------------------------------------------------------------
-def test_health_metrics_and_docs_need_no_key(served):
+def test_health_and_docs_need_no_key_metrics_need_an_unlimited_admin(served):
     with http(served, None) as c:
         assert c.get("/healthz").json() == {"status": "ok", "redis": True, "index": True}
         assert c.get("/docs").status_code == 200
@@ -104,10 +104,14 @@ def test_health_metrics_and_docs_need_no_key(served):
         assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(spec["paths"])
         assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"     # /docs can send a key
         assert "security" in spec["paths"]["/v1/ask"]["post"] and "security" not in spec["paths"]["/healthz"]["get"]
-        assert c.get("/metrics").status_code == 200
+        err(c.get("/metrics"), 401, "missing API key")       # the series name every source, with counts and bytes
+        err(c.get("/v1/nowhere"), 404, "Not Found")
+    for key in (READER, CAM_ADMIN):                          # a reader, or an admin of some sources only
+        with http(served, key) as c:
+            assert c.get("/metrics").status_code == 403
+    with http(served) as c:
         # requests are counted in Ray's metrics (from every replica) and /metrics shows this node's series
         wait_for_metric(c, r'tubescope_requests_total\{[^}]*endpoint="GET /healthz"[^}]*status="200"')
-        err(c.get("/v1/nowhere"), 404, "Not Found")
 
 
 # ---- auth matrix ------------------------------------------------------------------------------------------------------
@@ -188,6 +192,12 @@ def test_job_indexes_a_clip_and_its_segments_are_listed(served):
         err(c.get(f"/v1/sources/{SOURCE}/segments", params={"start": "soon"}), 422, "start")
     with http(served, CAM_READER) as c:                       # a limited key does not even see the source
         assert c.get("/v1/sources").json() == {"sources": []}
+    with http(served, CAM_ADMIN) as c:                        # ...nor another source's job, its counts or feeds
+        err(c.get(f"/v1/jobs/{job['id']}"), 404, "no job with id")
+        err(c.delete(f"/v1/jobs/{job['id']}"), 404, "no job with id")
+        assert c.get("/v1/status").json() == {"index": {"sources": 0, "segments": 0, "bytes": 0}, "feeds": {}}
+    with http(served) as c:
+        assert c.get("/v1/status").json()["index"]["segments"] >= 2
 
 
 def test_job_errors(served, tmp_path):
@@ -409,7 +419,7 @@ def test_overload_is_503_with_retry_after(served):
     for r in results:
         if r.status_code == 503:
             assert r.headers.get("retry-after") == "7" and "busy" in r.json()["error"], (r.headers, r.text)
-    with http(served, None) as c:
+    with http(served) as c:
         wait_for_metric(c, r'tubescope_requests_total\{[^}]*endpoint="POST /v1/ask"[^}]*status="503"')
 
 

@@ -135,13 +135,14 @@ def test_job_request_checks(roots):
 
 
 def test_every_route_declares_its_scope():
-    """Each REST route names exactly one scope dependency; only health and metrics are public."""
+    """Each REST route names exactly one scope dependency; only health is public, metrics need an unlimited admin
+    (or api_metrics_public)."""
     from deploy.api.deps import route_scopes
     from deploy.api.main import ROUTERS
 
     scopes = {route: found for router in ROUTERS for route, found in route_scopes(router).items()}
     assert scopes == {
-        "GET /healthz": ["public"], "GET /metrics": ["public"], "GET /v1/status": ["admin"],
+        "GET /healthz": ["public"], "GET /metrics": ["metrics"], "GET /v1/status": ["admin"],
         "POST /v1/feeds": ["admin"], "GET /v1/feeds": ["reader"], "GET /v1/feeds/{feed_id}": ["reader"],
         "DELETE /v1/feeds/{feed_id}": ["admin"],
         "POST /v1/jobs": ["admin"], "GET /v1/jobs/{job_id}": ["admin"], "DELETE /v1/jobs/{job_id}": ["admin"],

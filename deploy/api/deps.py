@@ -87,7 +87,19 @@ def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer
     return caller
 
 
-SCOPES = {public: "public", reader_key: "reader", admin_key: "admin"}
+def metrics_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                context: ServiceContext = Depends(service)) -> Caller | None:
+    """/metrics: open to anyone only when api_metrics_public; else an admin key for every source (the series name
+    every source, with counts and bytes)."""
+    if context.settings.api_metrics_public:
+        return None
+    caller = admin_key(credentials, context)
+    if caller.sources is not None:
+        raise AuthError(403, "the metrics name every source: they need an admin key that is not limited to some")
+    return caller
+
+
+SCOPES = {public: "public", reader_key: "reader", admin_key: "admin", metrics_key: "metrics"}
 
 
 def route_scopes(router: APIRouter) -> dict[str, list[str]]:

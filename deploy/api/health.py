@@ -1,4 +1,5 @@
-"""Service health: /healthz and /metrics answer without a key (probes, scrapers); /v1/status needs an admin key."""
+"""Service health: /healthz answers without a key (probes); /metrics needs an admin key for every source unless
+api_metrics_public; /v1/status needs an admin key and shows a limited one only its own sources."""
 import asyncio
 from typing import Any
 
@@ -7,7 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.api.deps import ServiceContext, admin_key, public, service
+from deploy.api.deps import ServiceContext, admin_key, metrics_key, public, service
 from deploy.auth import Caller
 from pipeline import metrics
 from pipeline.index import IndexUnavailable
@@ -29,7 +30,7 @@ def healthz(context: ServiceContext = Depends(service)):
     return {"status": "ok", "redis": True, "index": True}
 
 
-@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(public)])
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_key)])
 def metrics_text():
     """This node's tubescope_* metrics (from every actor and replica on it, via Ray's metrics export) followed by
     this replica's process metrics. A Prometheus server should scrape Ray's export port on every node instead
@@ -38,7 +39,9 @@ def metrics_text():
 
 
 @router.get("/v1/status")
-async def status(_caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+async def status(caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+    if caller.sources is not None:            # a limited admin: its own sources and feeds, nothing service-wide
+        return await _limited_status(context, caller)
     out: dict[str, Any] = {"index": await asyncio.to_thread(context.index.stats)}
     out["decoder"] = await context.decoder.stats.remote()
     if context.retention is not None:
@@ -47,4 +50,14 @@ async def status(_caller: Caller = Depends(admin_key), context: ServiceContext =
         out["captions"] = await context.captions.status.remote()
     if context.feed_service is not None:
         out.update(await context.feed_service.status.remote())
+    return out
+
+
+async def _limited_status(context: ServiceContext, caller: Caller) -> dict:
+    sources = [s for s in await asyncio.to_thread(context.index.sources) if caller.may_see(s["source_id"])]
+    out: dict[str, Any] = {"index": {"sources": len(sources), "segments": sum(s["segments"] for s in sources),
+                                     "bytes": sum(s["bytes"] for s in sources)}}
+    if context.feed_service is not None:
+        feeds = (await context.feed_service.status.remote()).get("feeds", {})
+        out["feeds"] = {fid: st for fid, st in feeds.items() if caller.may_see(fid)}
     return out

@@ -18,13 +18,18 @@ class JobCreate(BaseModel):
     source_id: str | None = None
 
 
-def _job(context: ServiceContext, job_id: str) -> dict:
+def _job(context: ServiceContext, job_id: str, caller: Caller) -> dict:
+    """The job, for a caller that may see its source: another source's job is as absent as a wrong id (404)."""
     from deploy.jobs import get_job
 
     try:
-        return get_job(context.redis, job_id)
+        job = get_job(context.redis, job_id)
     except KeyError:
-        raise HTTPException(404, f"no job with id {job_id!r}") from None
+        job = None
+    if job is None or (caller.sources is not None
+                       and (job.get("source_id") is None or not caller.may_see(job["source_id"]))):
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return job
 
 
 @router.post("/v1/jobs", status_code=202)
@@ -42,24 +47,25 @@ def create_job(body: JobCreate, caller: Caller = Depends(admin_key), context: Se
 
 
 @router.get("/v1/jobs/{job_id}")
-def get_job(job_id: str, _caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+def get_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from deploy.jobs import ACTIVE_STATES, mark_lost
 
-    job = _job(context, job_id)
+    job = _job(context, job_id, caller)
     ref = context.job_refs.get(job_id)
     if job["state"] in ACTIVE_STATES and ref is not None and ray.wait([ref], timeout=0)[0]:
         try:
             ray.get(ref)
         except Exception as e:  # noqa: BLE001 - the task died before writing its final state
             mark_lost(context.redis, job_id, f"job task died: {type(e).__name__}: {e}"[:2000])
-        job = _job(context, job_id)
+        job = _job(context, job_id, caller)
     return job
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202)
-def cancel_job(job_id: str, _caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
+def cancel_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from deploy.jobs import request_cancel
 
+    _job(context, job_id, caller)
     try:
         return request_cancel(context.redis, job_id)
     except KeyError:
