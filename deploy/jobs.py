@@ -148,7 +148,7 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
         _write(client, job_id, state="cancelled", finished=time.time())
         client.expire(job_key(job_id), JOB_TTL_S)
         return "cancelled"
-    files, _ = expand_sources(paths)
+    files, _ = expand_sources(paths, settings.file_roots)
     _write(client, job_id, state="running", started=time.time(), files_total=len(files))
     events = EventSink(redis_url, settings.outbox_dir / "jobs" / job_id, maxlen=settings.stream_maxlen,
                        outbox_max=settings.outbox_max_events)
@@ -163,7 +163,8 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     try:
         index = SegmentIndex(settings.index_root, create=False)     # made by the service; a vanished one fails
         report = index_archive(paths, settings, VisionEncoder, source_id=source_id, index=index, events=events,
-                               progress=False, on_progress=on_progress, should_cancel=should_cancel)
+                               progress=False, on_progress=on_progress, should_cancel=should_cancel,
+                               file_roots=settings.file_roots)
         state = _final_state(report)
         _write(client, job_id, state=state, segments=report.segments, skipped=report.skipped,
                source_seconds=report.source_seconds, indexed=report.indexed, failures=report.failed,

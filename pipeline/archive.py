@@ -57,10 +57,22 @@ class JobReport:
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------------
-def expand_sources(paths: list[str]) -> tuple[list[str], list[dict]]:
-    """Files, folders (recursive, video extensions), globs, and pyarrow.fs URIs -> (files, failures)."""
+def expand_sources(paths: list[str], file_roots: list | None = None) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursive, video extensions), globs, and pyarrow.fs URIs -> (files, failures).
+
+    file_roots: when given, every local file a path expands to must lie under one of them once links and ".." are
+    resolved; the others are left out, and the failure names only the path as given (never what lies outside)."""
     files, failed = [], []
     for p in paths:
+        if file_roots is not None and not ("://" in p and not p.startswith("file://")):
+            found, failed_here = expand_sources([p])
+            outside = [f for f in found if not _inside(f, file_roots)]
+            if outside:
+                failed.append({"path": p, "error": f"{len(outside)} file(s) it names lie outside the allowed roots "
+                                                   "(links resolved)"})
+            failed += failed_here
+            files.extend(f for f in found if f not in outside)
+            continue
         if "://" in p and not p.startswith("file://"):
             files.extend(_expand_uri(p, failed))
             continue
@@ -85,6 +97,11 @@ def expand_sources(paths: list[str]) -> tuple[list[str], list[dict]]:
             seen.add(f)
             unique.append(f)
     return unique, failed
+
+
+def _inside(path: str, roots: list) -> bool:
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in (os.path.realpath(str(x)) for x in roots))
 
 
 def _expand_uri(uri: str, failed: list[dict]) -> list[str]:
@@ -191,11 +208,13 @@ class JobPlan:
     model_path: str
 
 
-def plan_job(paths: list[str], settings, index, source_id: str | None = None) -> JobPlan:
-    """Expand the inputs into files, name their sources, and look up what is already indexed (idempotent re-runs)."""
+def plan_job(paths: list[str], settings, index, source_id: str | None = None,
+             file_roots: list | None = None) -> JobPlan:
+    """Expand the inputs into files (under file_roots when given), name their sources, and look up what is already
+    indexed (idempotent re-runs)."""
     from pipeline.checkpoints import model_id
 
-    files, failures = expand_sources(list(paths))
+    files, failures = expand_sources(list(paths), file_roots)
     rows = [{"path": p, "source_id": source_id_for(p, source_id, len(files))} for p in files]
     model_path = str(settings.resolved_model_path())
     mid = model_id(model_path) if files else ""
@@ -301,18 +320,20 @@ class JobWriter:
 
 
 def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | None = None, index=None,
-                  events=None, progress: bool = True, on_progress=None, should_cancel=None) -> JobReport:
+                  events=None, progress: bool = True, on_progress=None, should_cancel=None,
+                  file_roots: list | None = None) -> JobReport:
     """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
 
     encoder_cls: the encoder stage, a callable class constructed with model_path, token_budget, dtype and threads
     (actors.encoder.VisionEncoder). on_progress(report, files_total): called after every batch (job status for the
     REST API). should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
+    file_roots: when given (REST jobs), files outside them after resolving links are left out and reported.
     """
     from pipeline.index import SegmentIndex
     from pipeline.retention import sweep_retention
 
     index = index or SegmentIndex(settings.index_root)
-    plan = plan_job(paths, settings, index, source_id)
+    plan = plan_job(paths, settings, index, source_id, file_roots)
     writer = JobWriter(plan, index, events, progress)
     if plan.files:
         batches = encoded_segments(plan, settings, encoder_cls)

@@ -173,3 +173,24 @@ def test_a_finished_job_applies_retention(tmp_path, video_factory, ray_local, ti
     report = index_archive([str(clip)], s, VisionEncoder, index=index, progress=False)
     assert report.segments == 2 and report.exit_code == 0
     assert index.list("kept") == []
+
+
+def test_expanded_paths_are_checked_against_the_roots_after_resolving_links(tmp_path):
+    """A REST job's globs, folders and files may not reach outside file_roots through links; the failure names only
+    the path as given, never what lies outside."""
+    root, outside = tmp_path / "root", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    (root / "a.mp4").write_bytes(b"x")
+    (outside / "hidden-name.mp4").write_bytes(b"x")
+    (root / "b.mp4").symlink_to(outside / "hidden-name.mp4")
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    for given in (str(root / "*.mp4"), str(root), str(root / "b.mp4"), str(root / "sub" / "*.mp4")):
+        files, failed = expand_sources([given], file_roots=[root])
+        assert all(f.startswith(str(root)) and "hidden" not in f for f in files), (given, files)
+        assert [f["path"] for f in failed] == [given] and "outside the allowed roots" in failed[0]["error"]
+        assert "hidden-name" not in json.dumps(failed)
+    files, failed = expand_sources([str(root / "a.mp4")], file_roots=[root])
+    assert files == [str(root / "a.mp4")] and failed == []
+    files, _ = expand_sources([str(root / "*.mp4")])                        # trusted callers (the CLI): no roots
+    assert len(files) == 2

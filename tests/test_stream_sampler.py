@@ -118,8 +118,9 @@ def test_paths_stay_paths_and_every_open_has_a_protocol_whitelist(tmp_path):
     assert validate_url("/data/a:b.mp4") == "/data/a:b.mp4" and local_file_path("/data/a:b.mp4") == "/data/a:b.mp4"
     assert scheme_of("clips/a:b.mp4") == "file" and scheme_of("Concat:x") == "concat"
     url, opts = open_arguments("clips/x.mp4", 5, 3)               # a relative path opens by its absolute path
-    assert url == str((Path.cwd() / "clips/x.mp4").resolve()) and opts == {"protocol_whitelist": "file"}
-    assert open_arguments("file:///tmp/a.mp4", 5, 3) == ("/tmp/a.mp4", {"protocol_whitelist": "file"})
+    assert url == str((Path.cwd() / "clips/x.mp4").resolve()) and opts["protocol_whitelist"] == "file"
+    assert "mov" in opts["format_whitelist"].split(",") and "hls" not in opts["format_whitelist"].split(",")
+    assert open_arguments("file:///tmp/a.mp4", 5, 3) == ("/tmp/a.mp4", opts)
     for url in ("rtsp://h/x", "https://h/x.m3u8", "udp://:5600", "srt://h:1"):
         whitelist = open_arguments(url, 5, 3)[1]["protocol_whitelist"].split(",")
         assert "file" not in whitelist and "concat" not in whitelist and whitelist
@@ -134,15 +135,19 @@ def test_paths_stay_paths_and_every_open_has_a_protocol_whitelist(tmp_path):
             check_roots(sneaky, [root])
 
 
-def test_a_playlist_read_through_a_file_object_opens_nothing_it_names(tmp_path, stream_video):
-    """An archive on object storage is read through a file object; a playlist there must not pull in local files."""
+def test_a_playlist_or_list_file_opens_nothing_it_names(tmp_path, stream_video):
+    """A playlist (hls) or list file (concat) among the archives, local or on object storage, must not pull in other
+    files: only video containers are read."""
     from pipeline.video.media import DecodeError, open_container
 
     playlist = tmp_path / "evil.m3u8"
     playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nfile://{stream_video}\n#EXT-X-ENDLIST\n")
-    with pytest.raises(DecodeError):
-        container, file_obj = open_container(f"file://{playlist}")
-        list(container.decode(video=0))
+    concat = tmp_path / "evil.ffconcat"
+    concat.write_text(f"ffconcat version 1.0\nfile {stream_video}\n")
+    for path in (f"file://{playlist}", str(playlist), str(concat)):
+        with pytest.raises(DecodeError):
+            container, file_obj = open_container(path)
+            list(container.decode(video=0))
     container, file_obj = open_container(f"file://{stream_video}")      # a real video through a file object: fine
     assert any(True for _ in container.decode(video=0))
     container.close()

@@ -13,7 +13,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline.video.protocols import NO_PROTOCOLS, PROTOCOLS
+from pipeline.video.protocols import NO_PROTOCOLS, local_open_options
 
 from qwen2vl.geometry import FACTOR, smart_resize
 
@@ -72,7 +72,8 @@ def open_container(path: Any) -> tuple[av.container.InputContainer, Any]:
                 raise DecodeError(path, "file is empty (0 bytes)")
             file_obj = fs.open_input_file(inner)
             # read through the file object; nothing it names (a playlist's entries) may be opened
-            return av.open(file_obj, "r", options={"protocol_whitelist": NO_PROTOCOLS}), file_obj
+            return av.open(file_obj, "r", options={**local_open_options(), "protocol_whitelist": NO_PROTOCOLS}), \
+                file_obj
         if not os.path.exists(path):
             raise DecodeError(path, "no such file")
         if not os.path.isfile(path):
@@ -80,7 +81,7 @@ def open_container(path: Any) -> tuple[av.container.InputContainer, Any]:
         if os.path.getsize(path) == 0:
             raise DecodeError(path, "file is empty (0 bytes)")
         # the absolute path, so FFmpeg never reads a prefix of it as a protocol, and the file protocol only
-        return av.open(os.path.abspath(path), "r", options={"protocol_whitelist": PROTOCOLS["file"].whitelist}), None
+        return av.open(os.path.abspath(path), "r", options=local_open_options()), None
     except DecodeError:
         raise
     except Exception as e:   # FFmpeg errors, OSError, pyarrow's own errors while opening

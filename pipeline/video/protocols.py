@@ -50,6 +50,9 @@ def _udp_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, 
     return url, {}
 
 
+CONTAINER_FORMATS = "mov,matroska,avi,mpegts,flv,mpeg,mpegvideo,asf,mxf,h264,hevc,ivf,ogg,m4v,rawvideo"
+
+
 @dataclass(frozen=True)
 class Protocol:
     ffmpeg: str                              # the FFmpeg protocol the scheme runs on (rtsp over tcp, rtsps over tls)
@@ -58,6 +61,7 @@ class Protocol:
     # FFmpeg's protocol_whitelist while reading: the protocol itself and what it opens underneath. A playlist or
     # an RTSP server can name other URLs; nothing outside this list (file:, concat:, data:, ...) is ever opened.
     whitelist: str = ""
+    formats: str = ""                        # FFmpeg's format_whitelist (demuxers); empty: any
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -67,7 +71,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "https": Protocol("https", _http_options, whitelist="https,http,tcp,tls,crypto"),
     "udp": Protocol("udp", _udp_options, whitelist="udp"),
     "srt": Protocol("srt", whitelist="srt"),
-    "file": Protocol("file", network=False, whitelist="file"),
+    # local files: video containers only, so a playlist (hls), a list (concat) or an image pattern that names other
+    # files is never read from an allowed folder
+    "file": Protocol("file", network=False, whitelist="file", formats=CONTAINER_FORMATS),
 }
 NO_PROTOCOLS = "none"             # the whitelist of a container read through a Python file object: no nested opens
 NETWORK_SCHEMES: tuple[str, ...] = tuple(s for s, p in PROTOCOLS.items() if p.network)
@@ -151,12 +157,17 @@ def check_roots(url: str, roots: list | tuple | None) -> None:
                          f"({', '.join(real_roots) or 'none configured'})")
 
 
+def local_open_options() -> dict[str, str]:
+    """av.open options of a local file: the file protocol only, video containers only."""
+    return {"protocol_whitelist": PROTOCOLS["file"].whitelist, "format_whitelist": PROTOCOLS["file"].formats}
+
+
 def open_arguments(url: str, read_s: float, hls_hold_counters: int) -> tuple[str, dict[str, str]]:
     """(url, options) for av.open, from the URL's row of PROTOCOLS: its own options and its protocol whitelist.
     A local file opens by its absolute path (never read as a protocol prefix) with only the file protocol."""
     path = local_file_path(url)
     if path is not None:
-        return os.path.abspath(os.path.expanduser(path)), {"protocol_whitelist": PROTOCOLS["file"].whitelist}
+        return os.path.abspath(os.path.expanduser(path)), local_open_options()
     protocol = PROTOCOLS.get(scheme_of(url))
     if protocol is None:
         raise ValueError(f"unsupported feed url scheme {scheme_of(url)!r} in {redact_url(url)!r}")
