@@ -157,3 +157,12 @@ def test_settings_errors_never_print_secrets_back():
         with pytest.raises(ValueError) as e:
             load_settings(**bad)
         assert "s3cret" not in str(e.value) and ("api_keys" in str(e.value) or "redis_url" in str(e.value))
+
+
+def test_redaction_hides_passwords_and_credential_query_parameters():
+    assert redact_url("rtsp://u:pw@cam:554/s?channel=1") == "rtsp://u:***@cam:554/s?channel=1"
+    assert redact_url("https://cdn/live.m3u8?token=abc123&quality=hd") == "https://cdn/live.m3u8?token=***&quality=hd"
+    url = "https://b.s3/x.mp4?X-Amz-Credential=AKIA&X-Amz-Signature=f00d&X-Amz-Expires=60"
+    assert redact_url(url) == "https://b.s3/x.mp4?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    assert redact_url("rtsp://cam/s?user=admin&password=hunter2") == "rtsp://cam/s?user=admin&password=***"
+    assert redact_url("udp://:5600?fifo_size=10") == "udp://:5600?fifo_size=10"      # nothing secret: unchanged

@@ -218,18 +218,30 @@ def check_protocol(url: str) -> None:
                          "against an FFmpeg that has it")
 
 
+# query parameters that carry credentials in camera and CDN URLs (tokens, signed-URL signatures, passwords)
+_SECRET_PARAM = re.compile(r"(?i)(pass|pwd|secret|token|key|auth|sig|credential|session)")
+
+
 def redact_url(url: str | None) -> str | None:
-    """The URL with its password replaced by ***, for printing."""
+    """The URL with its password, and the value of every credential-looking query parameter, replaced by ***."""
     if not url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+            query = "&".join(f"{k}=***" if _SECRET_PARAM.search(k) else f"{k}={v}" for k, v in pairs)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def describe_error(exc: BaseException, url: str) -> str:
