@@ -183,21 +183,18 @@ class CaptionService:
 
     def _start(self) -> None:
         from actors.captioner import CaptionPool
-        from pipeline.captioning import CaptionFollower, CaptionWriter, open_retrieval
-        from pipeline.captions import CaptionStore
+        from pipeline.captioning import caption_follower
         from pipeline.index import SegmentIndex
 
         s = self.settings
         while not self._stop.is_set():
             try:
-                store = CaptionStore(SegmentIndex(s.index_root, create=False))
+                index = SegmentIndex(s.index_root, create=False)
                 pool = CaptionPool(s, self.model_path)
                 self.state = "rebuilding"
-                retrieval = open_retrieval(store, s.index_root, pool.model_id, pool.dim)
-                self.follower = CaptionFollower(
-                    store, pool, CaptionWriter(store, retrieval, self.events), batch_size=s.caption_batch_size,
-                    queue_segments=s.caption_queue_segments, poll_s=s.caption_poll_seconds,
-                    on_unavailable=lambda e: self._rebuild(store, retrieval, pool)).start()
+                self.follower = caption_follower(s, index, pool, self.events,
+                                                 on_unavailable=lambda e: self._rebuild(self.follower))
+                self.follower.start()
                 self.state, self.error = "running", ""
                 return
             except Exception as e:  # noqa: BLE001 - e.g. the index volume is not mounted yet: retry
@@ -205,18 +202,19 @@ class CaptionService:
                 logging.getLogger(__name__).exception("caption service setup failed; retrying")
                 self._stop.wait(max(5.0, s.caption_poll_seconds))
 
-    def _rebuild(self, store, retrieval, pool) -> None:
+    def _rebuild(self, follower) -> None:
         """The retrieval index went missing or corrupt under the follower: rebuild it from the footage index."""
         from pipeline.captioning import rebuild_retrieval
         from pipeline.retrieval import RetrievalUnavailable
 
+        retrieval = follower.writer.retrieval
         try:
             retrieval.count()
             return
         except RetrievalUnavailable:
             pass
         self.state = "rebuilding"
-        rebuild_retrieval(store, retrieval, pool.model_id, dim=pool.dim)
+        rebuild_retrieval(follower.store, retrieval, follower.pool.model_id, dim=follower.pool.dim)
         self.state = "running"
 
     def status(self) -> dict:

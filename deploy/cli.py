@@ -81,7 +81,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
     from deploy.runtime import local_runtime
     from actors.encoder import VisionEncoder
     from pipeline.archive import index_archive
-    from pipeline.captioning import find_backlog
+    from pipeline.captioning import caption_follower, find_backlog
 
     settings = current_settings(ctx)
     with local_runtime(settings) as rt:
@@ -89,7 +89,8 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
         if settings.captions:            # a caption actor pool works beside the encoders, following the index
             from actors.captioner import CaptionPool
 
-            captions = caption_follower(rt, CaptionPool(settings, str(rt.model_path)), poll_s=1.0).start()
+            captions = caption_follower(settings, rt.index, CaptionPool(settings, str(rt.model_path)), rt.events,
+                                        poll_s=1.0).start()
         report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index,
                                events=rt.events, progress=True)
         if captions is not None:         # then what it has not reached yet, for this job's sources
@@ -145,18 +146,6 @@ def segments_cmd(ctx: click.Context, source: str, start: str | None, end: str | 
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
-def caption_follower(rt, pool, poll_s: float = 2.0, sources=None):
-    """A CaptionFollower over the runtime's index, writing to the retrieval index (opened or rebuilt) and Redis."""
-    from pipeline.captioning import CaptionFollower, CaptionWriter, open_retrieval
-    from pipeline.captions import CaptionStore
-
-    s = rt.settings
-    store = CaptionStore(rt.index)
-    retrieval = open_retrieval(store, s.index_root, pool.model_id, pool.dim)
-    return CaptionFollower(store, pool, CaptionWriter(store, retrieval, rt.events), batch_size=s.caption_batch_size,
-                           queue_segments=s.caption_queue_segments, poll_s=poll_s, sources=sources)
-
-
 def _bar(desc: str, total: int):
     from tqdm import tqdm
 
@@ -176,7 +165,7 @@ def captions_backfill(ctx: click.Context, source: str | None) -> None:
     any time and run it again to resume."""
     from deploy.runtime import local_runtime
     from pipeline.captioner import Captioner
-    from pipeline.captioning import LocalCaptioning, find_backlog
+    from pipeline.captioning import LocalCaptioning, caption_follower, find_backlog
     from pipeline.checkpoints import model_id
 
     settings = current_settings(ctx)
@@ -184,7 +173,7 @@ def captions_backfill(ctx: click.Context, source: str | None) -> None:
         captioner = Captioner(settings.caption_model_path or rt.model_path,
                               max_new_tokens=settings.caption_max_new_tokens, batch_size=settings.caption_batch_size)
         pool = LocalCaptioning(rt.index, captioner, token_model_id=model_id(rt.model_path))
-        follower = caption_follower(rt, pool, sources=[source] if source else None)
+        follower = caption_follower(settings, rt.index, pool, rt.events, sources=[source] if source else None)
         backlog = find_backlog(follower.store, pool.model_id, follower.sources, token_model_id=pool.token_model_id)
         with _bar("captions", backlog.segments) as bar:
             n = follower.catch_up(bar.update)

@@ -42,6 +42,11 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
     return yes[0], no[0]
 
 
+def search_question(query: str) -> str:
+    """The yes/no question about a clip for a query (a query written as a question keeps a single '?')."""
+    return SEARCH_PROMPT.format(query=query.strip().rstrip("?").rstrip())
+
+
 def evenly_spaced(n: int, cap: int) -> list[int]:
     """min(n, cap) indices spread evenly over range(n), first and last included."""
     if n <= cap:
@@ -99,7 +104,7 @@ class SegmentRanker:
 
         load_tokens(segment_id) -> fp16 visual tokens [n, D] (read only for segments whose prefix is not cached).
         """
-        question = SEARCH_PROMPT.format(query=query.strip().rstrip("?").rstrip())   # a question as query: one '?'
+        question = search_question(query)
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["t0"], rows[i]["source_id"]))
         ordered = [rows[i] for i in order]
         scores: dict[int, float] = {}
@@ -115,7 +120,7 @@ class SegmentRanker:
     def rerank(self, query: str, rows: list[dict],
                load_tokens: Callable[[str], torch.Tensor]) -> list[tuple[dict, float]]:
         """(row, score) for every one of `rows` (candidates from retrieval), best first."""
-        question = SEARCH_PROMPT.format(query=query.strip().rstrip("?").rstrip())
+        question = search_question(query)
         scores = self._score(rows, question, load_tokens)
         order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]["t0"], rows[i]["source_id"]))
         return [(rows[i], scores[i]) for i in order]

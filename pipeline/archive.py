@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.video.protocols import under_roots
 from qwen2vl.geometry import PATCH_DIM
 
 # Decoded blocks of a few segments, each handed to an encoder as it is ready. Ray Data's default 128 MiB holds ~12
@@ -66,7 +67,7 @@ def expand_sources(paths: list[str], file_roots: list | None = None) -> tuple[li
     for p in paths:
         if file_roots is not None and not ("://" in p and not p.startswith("file://")):
             found, failed_here = expand_sources([p])
-            outside = [f for f in found if not _inside(f, file_roots)]
+            outside = [f for f in found if not under_roots(f, file_roots)]
             if outside:
                 failed.append({"path": p, "error": f"{len(outside)} file(s) it names lie outside the allowed roots "
                                                    "(links resolved)"})
@@ -97,11 +98,6 @@ def expand_sources(paths: list[str], file_roots: list | None = None) -> tuple[li
             seen.add(f)
             unique.append(f)
     return unique, failed
-
-
-def _inside(path: str, roots: list) -> bool:
-    real = os.path.realpath(path)
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in (os.path.realpath(str(x)) for x in roots))
 
 
 def _expand_uri(uri: str, failed: list[dict]) -> list[str]:

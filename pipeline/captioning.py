@@ -260,6 +260,18 @@ def open_retrieval(store: CaptionStore, root, model_id: str, dim: int):
     return retrieval
 
 
+def caption_follower(settings, index, pool, events=None, *, sources: Iterable[str] | None = None,
+                     poll_s: float | None = None, on_unavailable=None) -> CaptionFollower:
+    """A CaptionFollower of `index` for `pool`, writing to the retrieval index (opened, or rebuilt from the footage
+    index) and to `events`, sized by the caption settings."""
+    store = CaptionStore(index)
+    retrieval = open_retrieval(store, settings.index_root, pool.model_id, pool.dim)
+    return CaptionFollower(store, pool, CaptionWriter(store, retrieval, events), batch_size=settings.caption_batch_size,
+                           queue_segments=settings.caption_queue_segments, sources=sources,
+                           poll_s=settings.caption_poll_seconds if poll_s is None else poll_s,
+                           on_unavailable=on_unavailable)
+
+
 def prune_retrieval(index, retrieval) -> int:
     """Delete the retrieval rows of segments the footage index no longer holds (retention, deleted sources).
     Returns rows deleted."""

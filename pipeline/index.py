@@ -88,7 +88,7 @@ def escape_source(source_id: str) -> str:
     return SOURCE_PREFIX + escaped
 
 
-def _check_number(name: str, value) -> float | None:
+def check_number(name: str, value) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
@@ -302,7 +302,7 @@ class SegmentIndex:
         for s in segments:
             if not isinstance(s, IndexedSegment):
                 raise ValueError(f"add() takes IndexedSegment records, got {type(s).__name__}")
-        stamp = _check_number("indexed_at", indexed_at)
+        stamp = check_number("indexed_at", indexed_at)
         stamp = time.time() if stamp is None else stamp
         by_source: dict[str, list[tuple[int, IndexedSegment]]] = {}
         for i, s in enumerate(segments):
@@ -336,7 +336,7 @@ class SegmentIndex:
         (start == end) lists the segments with t0 <= start < t1. Rows: segment_id, source_id, t0, t1,
         grid_thw (tuple), tube_ts, model_id, n_tokens, token_dim, indexed_at, bytes.
         """
-        start, end = _check_number("start", start), _check_number("end", end)
+        start, end = check_number("start", start), check_number("end", end)
         if start is not None and end is not None and end < start:
             raise ValueError(f"window end ({end}) must be >= start ({start})")
         if model_id is not None and (not isinstance(model_id, str) or not model_id):
@@ -423,7 +423,7 @@ class SegmentIndex:
     # ---- deleting and retention ------------------------------------------------------------------------------------
     def delete(self, source_id: str, before: float | None = None) -> int:
         """Delete a source's segments: all of them, or those that end at or before `before` (t1 <= before)."""
-        before = _check_number("before", before)
+        before = check_number("before", before)
         folder = self._dir(source_id)
         if before is None:
             infos = self._ls(folder)
@@ -469,13 +469,13 @@ class SegmentIndex:
         """Retention: delete segments indexed more than max_age_s ago (one age for all sources, or a mapping
         source_id -> age; unmapped sources keep everything), then the oldest-indexed segments across all sources
         until the data bytes fit in max_bytes. Also removes crash leftovers (temp files). Returns segments deleted."""
-        now = _check_number("now", now)
+        now = check_number("now", now)
         now = time.time() if now is None else now
         if isinstance(max_age_s, Mapping):
-            ages = {str(k): _check_number("max_age_s", v) for k, v in max_age_s.items()}
+            ages = {str(k): check_number("max_age_s", v) for k, v in max_age_s.items()}
             default_age = None
         else:
-            ages, default_age = {}, _check_number("max_age_s", max_age_s)
+            ages, default_age = {}, check_number("max_age_s", max_age_s)
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
                                       or max_bytes < 0):
             raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")

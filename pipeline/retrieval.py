@@ -39,8 +39,8 @@ import pyarrow.fs as pafs
 os.environ.setdefault("LANCEDB_LOG", "error")
 from lancedb.index import FTS, IvfSq  # noqa: E402
 
-from pipeline.index import MARKER
-from pipeline.retrieval_rows import check_number, rows_table, scope_filter, table_schema, unit_vector
+from pipeline.index import MARKER, check_number
+from pipeline.retrieval_rows import rows_table, scope_filter, table_schema, unit_vector
 
 FOLDER = "_retrieval"
 TABLE = "segments"

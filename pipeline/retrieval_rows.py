@@ -2,12 +2,12 @@
 and window prefilter. Kept apart so the engine module holds only what talks to LanceDB."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.index import check_number
 from pipeline.records import source_of
 
 MAX_CAPTION_CHARS = 10_000
@@ -23,15 +23,6 @@ def table_schema(dim: int) -> pa.Schema:
         ("vector", pa.list_(pa.float32(), dim)),      # L2-normalised
         ("model_id", pa.string()),                    # the checkpoint that wrote the caption and vector
     ])
-
-
-def check_number(name: str, value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number of seconds or None, got {value!r}")
-    return float(value)
 
 
 def check_window(start, end) -> tuple[float | None, float | None]:

@@ -150,11 +150,17 @@ def check_roots(url: str, roots: list | tuple | None) -> None:
     path = local_file_path(url)
     if path is None or roots is None:
         return
-    resolved = os.path.realpath(os.path.expanduser(path))
-    real_roots = [os.path.realpath(os.path.expanduser(str(r))) for r in roots]
-    if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in real_roots):
+    if not under_roots(path, roots):
+        real_roots = [os.path.realpath(os.path.expanduser(str(r))) for r in roots]
         raise ValueError(f"local file {path!r} is outside the allowed roots "
                          f"({', '.join(real_roots) or 'none configured'})")
+
+
+def under_roots(path: str, roots: list | tuple) -> bool:
+    """Whether `path` lies in one of the folders `roots` once links and ".." are resolved on both sides."""
+    real = os.path.realpath(os.path.expanduser(path))
+    return any(real == r or real.startswith(r.rstrip("/") + "/")
+               for r in (os.path.realpath(os.path.expanduser(str(x))) for x in roots))
 
 
 def local_open_options() -> dict[str, str]:
