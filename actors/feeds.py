@@ -240,7 +240,7 @@ class FeedSupervisor:
                 continue
             self._unresponsive[fid] = 0
             if not st["running"]:
-                log.warning("feed %s: reader thread ended (%s); restarting it", fid, st.get("last_error"))
+                log.warning("feed %s: reader thread ended (%s); restarting it", fid, st.get("last_error_detail"))
                 bad.append(fid)
         return bad
 

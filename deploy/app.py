@@ -321,6 +321,8 @@ def run_app(settings: Settings, *, host: str | None = None, port: int | None = N
 
     host = host or settings.host
     port = port or settings.port
+    # the deployments' settings name where the API really listens: its port is one feeds may never point at
+    settings = settings.model_copy(update={"host": host, "port": port})
     logging_config = {"log_level": "WARNING"} if quiet else None
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -3,8 +3,9 @@
 Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}. The id is the source_id of the
 feed's segments. add_feed / list_feeds / get_feed / remove_feed work on a redis.Redis client or a redis:// URL;
 add_feed checks everything before storing anything (the URL against the protocol table, local files against the
-allowed roots, per-feed fps by the segment rule, max_pixels against the encoder budget). sampler_config turns a
-record and the settings into the plain StreamSampler config (pipeline.video never reads settings).
+allowed roots, per-feed fps by the segment rule, max_pixels against the encoder budget, and last the host every
+address of it resolves to, under host_policy). sampler_config turns a record and the settings into the plain
+StreamSampler config (pipeline.video never reads settings).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.redis_server import as_client
 from pipeline.settings import Settings, load_settings
+from pipeline.video.hosts import HostPolicy, Service, check_host
 from pipeline.video.protocols import ALL_SCHEMES, check_protocol, check_roots, validate_url
 from pipeline.video.segments import frames_per_segment
 from pipeline.video.stream import SamplerConfig
@@ -39,7 +42,8 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     schemes: the URL schemes accepted (the REST API passes settings.feed_schemes). file_roots: when given,
     local files must lie under one of them (the REST API passes settings.file_roots); None (trusted Python
     callers) accepts any local path. fps and max_pixels override the settings for this feed (None: use them);
-    they are checked against `settings` (default: load_settings()).
+    they are checked against `settings` (default: load_settings()). The host is checked under host_policy(settings)
+    whoever calls: no caller may point a feed at this node's own services.
     """
     settings = settings or load_settings()
     url = validate_url(url, schemes)
@@ -62,6 +66,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     elif not isinstance(feed_id, str) or not _FEED_ID.fullmatch(feed_id):
         raise ValueError(f"feed_id must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
                          f"got {feed_id!r}")
+    check_host(url, host_policy(settings))            # last: it may ask DNS
     record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
               "max_pixels": max_pixels, "created": time.time()}
     if not as_client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
@@ -94,18 +99,53 @@ def remove_feed(redis: Any, feed_id: str) -> dict:
 
 
 
+def host_policy(settings: Settings) -> HostPolicy:
+    """Where feeds may point under `settings`: feed_allow_hosts, feed_udp_listen, and the service's own ports known
+    to this process (the API, Redis, Ray's metrics export, and every Ray port of the cluster when Ray is up)."""
+    services = [Service("API", settings.host, settings.port)]
+    if settings.redis_url:
+        redis = urlsplit(settings.redis_url)
+        if redis.scheme in ("redis", "rediss") and redis.hostname:
+            services.append(Service("Redis", redis.hostname, redis.port or 6379))
+    if settings.metrics_export_port:
+        services.append(Service("Ray metrics export", "", settings.metrics_export_port))
+    services += _ray_services()
+    return HostPolicy(allow=tuple(settings.feed_allow_hosts), services=tuple(dict.fromkeys(services)),
+                      udp_listen=settings.feed_udp_listen)
+
+
+_RAY_NODE_PORTS = ("NodeManagerPort", "ObjectManagerPort", "MetricsExportPort", "MetricsAgentPort",
+                   "DashboardAgentListenPort", "RuntimeEnvAgentPort")
+
+
+def _ray_services() -> list[Service]:
+    """The ports of the Ray cluster this process belongs to: its GCS and each live node's raylet, object manager and
+    agents. None outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    gcs_host, _, gcs_port = (ray.get_runtime_context().gcs_address or "").rpartition(":")
+    out = [Service("Ray GCS", gcs_host, int(gcs_port))] if gcs_port.isdigit() else []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            out += [Service("Ray", node.get("NodeManagerAddress", ""), int(node[key]))
+                    for key in _RAY_NODE_PORTS if node.get(key)]
+    return out
+
+
 def sampler_config(feed: dict, settings: Settings | None = None, **overrides: Any) -> SamplerConfig:
     """The StreamSampler config of a registry record: settings, then the feed's fps/max_pixels, then overrides."""
     settings = settings or load_settings()
     per_feed = {"fps": feed.get("fps"), "max_pixels": feed.get("max_pixels")}
     if per_feed["max_pixels"] is not None:          # a small per-feed cap lowers the floor with it
         per_feed["min_pixels"] = min(settings.min_pixels, per_feed["max_pixels"])
-    # the stored URL is checked again by the reader under today's settings: schemes, and the file roots when set
+    # the stored URL is checked again by the reader under today's settings: schemes, hosts, and the file roots when set
     values = dict(fps=settings.fps, segment_seconds=settings.segment_seconds, min_pixels=settings.min_pixels,
                   max_pixels=settings.max_pixels, queue_size=settings.feed_queue_segments,
                   backoff_max_s=settings.feed_reconnect_max_seconds,
                   schemes=tuple(settings.feed_schemes) + ("file",),
-                  file_roots=tuple(str(r) for r in settings.file_roots) or None)
+                  file_roots=tuple(str(r) for r in settings.file_roots) or None, hosts=host_policy(settings))
     values["backoff_initial_s"] = min(SamplerConfig.backoff_initial_s, values["backoff_max_s"])
     values.update({k: v for k, v in {**per_feed, **overrides}.items() if v is not None})
     return SamplerConfig(source_id=feed["id"], url=feed["url"], **values)

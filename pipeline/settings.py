@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
+from pipeline.video.hosts import check_allow_entry
 from pipeline.video.protocols import NETWORK_SCHEMES, redact_url
 from pipeline.video.segments import frames_per_segment
 from qwen2vl.geometry import PATCH_AREA, TEMPORAL_PATCH_SIZE, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
     feed_schemes: list[str] = list(NETWORK_SCHEMES)   # network schemes of the protocol table, or fewer
     file_roots: list[Path] = []                   # local files the REST API may read (feeds and jobs); none by default
+    # host names, addresses and CIDRs a feed may read although loopback or link-local (pipeline/video/hosts.py)
+    feed_allow_hosts: list[str] = []
+    feed_udp_listen: bool = False                 # udp://:PORT feeds (they bind a port of the node) allowed
 
     # ---- serving ----------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -131,6 +135,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_roots(cls, v: list[Path]) -> list[Path]:
         return [p.expanduser().resolve() for p in v]
+
+    @field_validator("feed_allow_hosts", mode="after")
+    @classmethod
+    def _allow_entries(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(check_allow_entry(entry) for entry in v))
 
     @field_validator("time_zone", mode="after")
     @classmethod

@@ -47,7 +47,8 @@ def served(tmp_path_factory, ray_local):
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
         api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
         decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
-        feed_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5)
+        feed_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5,
+        feed_allow_hosts=["127.0.0.1"])            # test feeds on 127.0.0.1; the rest of loopback stays refused
     port = free_port()
     url = run_app(settings, host="127.0.0.1", port=port, live=False)
     state = {"url": url, "settings": settings, "redis": redis, "clip": clip, "port": port}

@@ -31,7 +31,7 @@ SMALL_FEEDS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784,
 
 @pytest.fixture
 def settings(tmp_path):
-    return load_settings(data_dir=tmp_path / "data")
+    return load_settings(data_dir=tmp_path / "data", feed_allow_hosts=["127.0.0.1"])   # test sources live there
 
 
 # ---------------------------------------------------------------- registry
@@ -55,7 +55,7 @@ def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
            (dict(url="rtsp://h/x", max_pixels=100), "max_pixels"),
            (dict(url="rtsp://h/x", max_pixels=2.5), "max_pixels"),
            (dict(url="rtsp://h/x", feed_id="a:b"), "feed_id"),
-           (dict(url="rtsp://h/x", feed_id="demo"), "already exists"),
+           (dict(url="rtsp://10.0.0.6/x", feed_id="demo"), "already exists"),
            (dict(url="rtsp://h/x", name=""), "name"),
            (dict(url="/etc/passwd", file_roots=[tmp_path]), "outside the allowed roots"),
            (dict(url="file:///tmp/x.mp4", schemes=["rtsp", "http"]), "scheme 'file'")]
@@ -77,6 +77,40 @@ def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
         get_feed(r, "nope")
     with pytest.raises(ValueError, match="redis"):
         list_feeds("not-a-url")
+
+
+@pytest.mark.timeout(60)
+def test_registration_refuses_this_node_unless_allowed(ray_local, redis_server, tmp_path):
+    """Loopback, link-local and unspecified hosts, udp listeners and the service's own ports (Redis, the API, Ray)
+    are refused before anything is stored; feed_allow_hosts and feed_udp_listen let the first ones through."""
+    r = redis_server.client()
+    strict = load_settings(data_dir=tmp_path / "data", redis_url=redis_server.url, port=8123)
+    gcs_port = int(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+    raylet_port = next(n["NodeManagerPort"] for n in ray.nodes() if n["Alive"])
+    for url, words in ((f"rtsp://127.0.0.1:{free_tcp_port()}/cam", "'127.0.0.1' is a loopback address"),
+                       ("rtsp://localhost/cam", "'localhost' resolves to 127.0.0.1"),
+                       ("http://169.254.169.254/latest/meta-data/", "link-local"),
+                       ("rtsp://[::1]/cam", "loopback"), ("rtsp://0.0.0.0/cam", "unspecified"),
+                       ("udp://:5600", "feed_udp_listen"), ("rtsp://no-such-camera.invalid/cam", "does not resolve")):
+        with pytest.raises(ValueError, match=words):
+            add_feed(r, url, settings=strict)
+    loose = strict.model_copy(update={"feed_allow_hosts": ["127.0.0.0/8", "::1"], "feed_udp_listen": True})
+    for port, service in ((redis_server.port, "Redis"), (8123, "API"), (gcs_port, "Ray GCS"), (raylet_port, "Ray")):
+        with pytest.raises(ValueError, match=f"port {port} of this service's own {service}"):
+            add_feed(r, f"rtsp://127.0.0.1:{port}/x", settings=loose)     # allowed loopback, but never these
+    assert list_feeds(r) == []                                           # nothing stored
+    ok = add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="cam", settings=loose)
+    assert add_feed(r, "udp://:5600", settings=loose)["url"] == "udp://:5600"
+    # the reader checks the stored URL again under today's settings: stored under looser rules, refused at open
+    from pipeline.video.stream import StreamSampler
+
+    sampler = StreamSampler(sampler_config(ok, strict, **SMALL_FEEDS))
+    sampler.start()
+    try:
+        st = wait_for(lambda: (st := sampler.status())["open_failures"] >= 1 and st, 10, what="the refusal")
+        assert st["last_error"].startswith("refused: ") and "loopback" in st["last_error"] and st["connects"] == 0
+    finally:
+        sampler.stop()
 
 
 def test_sampler_config_from_a_feed(settings):
@@ -120,8 +154,9 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
         assert all(s.source_id == "lobby" and s.segment_id.startswith("lobby:") for s in segs)
         assert segs[0].frames.shape[0] == 2 and segs[0].t0 > time.time() - 60          # epoch-stamped
         st = sup.statuses()
-        # a refused feed reports why and keeps retrying; the other feed is unaffected
-        assert "Connection refused" in st["dead"]["last_error"] and st["dead"]["open_failures"] >= 1
+        # a refused feed reports why (the cause in the detail) and keeps retrying; the other feed is unaffected
+        assert st["dead"]["last_error"] == "open failed: source unreachable" and st["dead"]["open_failures"] >= 1
+        assert "Connection refused" in st["dead"]["last_error_detail"]
         assert st["dead"]["running"] and st["lobby"]["connected"] and st["lobby"]["last_error"] is None
         if "srt" not in ffmpeg_protocols():
             st = wait_for(lambda: (lambda s: s if s["oldsrt"]["last_error"] else None)(sup.statuses()), 10,
@@ -130,7 +165,8 @@ def test_supervisor_follows_the_registry_and_restarts_readers(ray_local, redis_s
         def dead_open_failed():
             events = [{k.decode(): v.decode() for k, v in e[1].items()} for e in r.xrange("tubescope:errors")]
             return [f for f in events if f["source_id"] == "dead" and f["kind"] == "feed_open_failed"]
-        wait_for(dead_open_failed, 10, what="the refused feed's error event")
+        events = wait_for(dead_open_failed, 10, what="the refused feed's error event")
+        assert {e["error"] for e in events} == {"open failed: source unreachable"}   # events tell no port state
         assert sup.reconcile() == {"started": [], "adopted": [], "stopped": [], "restarted": []}   # steady state
 
         # a crashed reader is recreated under the same name and reads again

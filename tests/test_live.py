@@ -25,7 +25,7 @@ SMALL_FEEDS = dict(segment_seconds=1.0, min_pixels=4 * 784, max_pixels=64 * 784,
 def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, tmp_path):
     model = qwen2vl.write_tiny_checkpoint(tmp_path / "tiny")
     settings = load_settings(data_dir=tmp_path / "data", model_path=model, segment_seconds=1.0,
-                             min_pixels=4 * 784, max_pixels=64 * 784)
+                             min_pixels=4 * 784, max_pixels=64 * 784, feed_allow_hosts=["127.0.0.1"])
     r = redis_server.client()
     add_feed(r, str(make_stream_video(tmp_path / "lobby.mp4", seconds=3.0)), feed_id="lobby", settings=settings)
     add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)   # refused, retried

@@ -64,7 +64,8 @@ def run_workload(args: dict) -> None:
     _log("ray up")
     model = qwen2vl.write_tiny_checkpoint(work / "tiny")
     settings = load_settings(data_dir=work / "data", model_path=model, segment_seconds=1.0, min_pixels=4 * 784,
-                             max_pixels=40 * 784, encoder_token_budget=300, redis_url=args["redis_url"])
+                             max_pixels=40 * 784, encoder_token_budget=300, redis_url=args["redis_url"],
+                             feed_allow_hosts=["127.0.0.1"])           # the refused RTSP feed is on loopback
     index = SegmentIndex(settings.index_root)
     out: dict = {}
 

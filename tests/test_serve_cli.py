@@ -68,7 +68,7 @@ def server(tmp_path_factory):
     env.update(TUBESCOPE_DATA_DIR=str(root / "data"), TUBESCOPE_FILE_ROOTS=json.dumps([str(videos)]),
                TUBESCOPE_SEGMENT_SECONDS="2", TUBESCOPE_MIN_PIXELS=str(4 * 784),
                TUBESCOPE_MAX_PIXELS=str(16 * 784), TUBESCOPE_DECODER_CPUS="0", TUBESCOPE_FEED_RECONCILE_SECONDS="0.5",
-               RAY_USAGE_STATS_ENABLED="0")
+               TUBESCOPE_FEED_ALLOW_HOSTS='["127.0.0.1"]', RAY_USAGE_STATS_ENABLED="0")   # test feeds on loopback
     port = free_port()
     proc = ServeProcess(env, port)
     try:

@@ -3,6 +3,8 @@ UDP, a local file at real time), plus the pure pieces (clock, slots, segments, q
 from __future__ import annotations
 
 import random
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -10,14 +12,16 @@ import numpy as np
 import pytest
 
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
+from pipeline.video.hosts import HostPolicy, Service
 from pipeline.video.protocols import (check_protocol, check_roots, ffmpeg_protocols, local_file_path, open_arguments,
                                       scheme_of, validate_url)
 from pipeline.video.segments import SegmentBuilder
-from pipeline.video.stream import SamplerConfig, SegmentQueue, StreamSampler
+from pipeline.video.stream import UNREACHABLE, SamplerConfig, SegmentQueue, StreamSampler
 from qwen2vl.processor import smart_resize
 from streams import HlsServer, RtspServer, UdpSender, free_tcp_port, make_stream_video, wait_for
 
 SMALL = dict(min_pixels=4 * 784, max_pixels=64 * 784)     # small frames keep the tests light on 2 cores
+LOOPBACK = HostPolicy(allow=("127.0.0.1",))              # the test servers listen there; feeds read it only if allowed
 pytestmark = pytest.mark.timeout(30)
 FAST_RETRY = dict(backoff_initial_s=0.2, backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0)
 
@@ -34,7 +38,7 @@ def samplers():
     made = []
 
     def make(url, source_id="cam", **kw):
-        s = StreamSampler(SamplerConfig(source_id=source_id, url=str(url), **{**SMALL, **kw}))
+        s = StreamSampler(SamplerConfig(source_id=source_id, url=str(url), **{**SMALL, "hosts": LOOPBACK, **kw}))
         made.append(s)
         s.start()
         return s
@@ -155,18 +159,29 @@ def test_a_playlist_or_list_file_opens_nothing_it_names(tmp_path, stream_video):
 
 
 def test_a_stored_url_is_checked_again_at_every_open(samplers, tmp_path):
-    """A feed stored under older rules (a pseudo-protocol, a file outside today's roots) is refused when the reader
-    opens it: it never reads, and its status says why."""
-    for url, cfg, words in (("concat:/a.mp4|/b.mp4", {}, "scheme 'concat'"),
-                            (str(tmp_path / "x.mp4"), {"file_roots": (str(tmp_path / "elsewhere"),)}, "outside"),
-                            ("rtsp://h/x", {"schemes": ("https",)}, "scheme 'rtsp'")):
-        s = samplers(url, **FAST_RETRY, **cfg)
-        deadline = time.time() + 10
-        while s.status()["open_failures"] < 1 and time.time() < deadline:
-            time.sleep(0.05)
-        st = s.status()
-        assert st["open_failures"] >= 1 and st["last_error"].startswith("refused: ") and words in st["last_error"]
-        assert st["frames_decoded"] == 0 and st["connects"] == 0
+    """A feed stored under older rules (a pseudo-protocol, a file outside today's roots, a host on loopback or the
+    link, a port of the service itself, a udp listener) is refused when the reader opens it: it never reads, and
+    its status says why."""
+    with RtspServer() as srv:                   # a live source there: only the check stands between it and a read
+        port = srv.port
+        for url, cfg, words in (
+                ("concat:/a.mp4|/b.mp4", {}, "scheme 'concat'"),
+                (str(tmp_path / "x.mp4"), {"file_roots": (str(tmp_path / "elsewhere"),)}, "outside"),
+                ("rtsp://h/x", {"schemes": ("https",)}, "scheme 'rtsp'"),
+                (srv.url, {"hosts": HostPolicy()}, "'127.0.0.1' is a loopback address"),
+                (f"rtsp://localhost:{port}/cam", {"hosts": HostPolicy()}, "'localhost' resolves to 127.0.0.1"),
+                ("http://169.254.169.254/latest/meta-data/", {}, "link-local"),
+                (srv.url, {"hosts": HostPolicy(allow=("127.0.0.1",), services=(Service("Redis", "", port),))},
+                 "this service's own Redis"),
+                ("udp://:5600", {}, "feed_udp_listen")):
+            _refused_at_open(samplers, url, cfg, words)
+
+
+def _refused_at_open(samplers, url, cfg, words):
+    s = samplers(url, **FAST_RETRY, **cfg)
+    st = wait_for(lambda: (st := s.status())["open_failures"] >= 1 and st, 10, what=f"{url} refused")
+    assert st["last_error"].startswith("refused: ") and words in st["last_error"], st["last_error"]
+    assert st["frames_decoded"] == 0 and st["connects"] == 0
 
 
 def test_open_arguments_per_protocol():
@@ -338,7 +353,7 @@ def test_rtsp_kill_and_restart_reconnects_with_gap(samplers):
     gap = st["gaps"][0]
     # frame times may run ahead of arrival by the open burst (bounded by max_ahead_s, 2 s by default)
     assert killed_at - 1.0 < gap["start"] <= killed_at + 2.0 and gap["end"] - gap["start"] >= 1.0
-    assert "refused" in st["last_error"].lower() or "disconnected" in st["last_error"]
+    assert "refused" in st["last_error_detail"].lower() or "disconnected" in st["last_error_detail"]
     assert st["reconnects"] == 1 and st["connects"] == 2
     everything = before + flushed + after
     check_times(everything)
@@ -406,12 +421,44 @@ def test_refused_connection_backs_off_and_other_feeds_go_on(stream_video, sample
                   what="5 refused attempts")
     # attempts at 0, 0.2, 0.6, 1.4, 3.0 s: the delays double (no busy loop)
     assert time.monotonic() - t0 >= 0.2 + 0.4 + 0.8 + 1.6 - 0.05
-    assert "Connection refused" in st["last_error"] and not st["connected"] and st["segments_produced"] == 0
+    assert st["last_error"] == UNREACHABLE and "Connection refused" in st["last_error_detail"]
+    assert not st["connected"] and st["segments_produced"] == 0
     assert st["running"] and st["gap_count"] == 0 and st["backoff_s"] == pytest.approx(3.2)
     assert len(alive.next_segments(max_n=8, timeout_s=0)) >= 2     # the healthy feed went on meanwhile
     assert alive.status()["last_error"] is None
     t = time.monotonic()
     assert dead.stop() and time.monotonic() - t < 0.5                 # prompt stop during a backoff wait
+
+
+@pytest.mark.timeout(40)
+def test_a_closed_port_a_silent_one_and_a_foreign_one_read_the_same(samplers):
+    """What a feed's readers see never tells a closed port from a filtered one or one that speaks another
+    protocol (the feed is no port scanner); the cause stays in the detail, for logs and admins."""
+    with socket.socket() as silent, socket.socket() as foreign:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)                                         # connects complete, nothing ever answers
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen(8)
+
+        def speak_ssh():
+            while True:
+                try:
+                    conn, _ = foreign.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        threading.Thread(target=speak_ssh, daemon=True).start()
+        ports = {"closed": free_tcp_port(), "silent": silent.getsockname()[1], "foreign": foreign.getsockname()[1]}
+        feeds = {kind: samplers(f"rtsp://127.0.0.1:{port}/cam", source_id=kind, **FAST_RETRY)
+                 for kind, port in ports.items()}
+        status = {kind: wait_for(lambda s=s: (st := s.status())["open_failures"] >= 1 and st, 15, what=kind)
+                  for kind, s in feeds.items()}
+    assert {st["last_error"] for st in status.values()} == {UNREACHABLE}
+    assert "refused" in status["closed"]["last_error_detail"].lower()
+    assert "refused" not in status["silent"]["last_error_detail"].lower()
+    assert len({st["last_error_detail"].split(":")[1] for st in status.values()}) > 1   # the causes differ
 
 
 @pytest.mark.timeout(30)

@@ -1,6 +1,7 @@
 """Live feeds (/v1/feeds): an admin key registers and removes them; any key lists and inspects those it may see.
 
-The registry is in Redis (actors.feeds); FeedService's supervisor starts and stops the readers."""
+The registry is in Redis (actors.feeds); FeedService's supervisor starts and stops the readers. A reader key sees a
+feed's errors as its readers do ("source unreachable"); the cause and the failure timings are for admins only."""
 import ray
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
@@ -8,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deploy.api.deps import ServiceContext, admin_key, reader_key, require_named_source, service
 from deploy.auth import Caller, require_sources
 from pipeline.video.protocols import redact_url
+from pipeline.video.stream import DETAIL_FIELDS
 
 router = APIRouter()
 STATUS_TIMEOUT_S = 5.0
@@ -26,6 +28,12 @@ class FeedCreate(BaseModel):
 def public_feed(record: dict) -> dict:
     """A registry record as the API shows it: credentials in the URL redacted."""
     return {**record, "url": redact_url(record["url"])}
+
+
+def status_for(caller: Caller, status: dict) -> dict:
+    """A reader's status as `caller` may see it: without the cause of failures and their timings (which tell a
+    closed port from a filtered one) unless an admin asks."""
+    return status if caller.is_admin else {k: v for k, v in status.items() if k not in DETAIL_FIELDS}
 
 
 @router.post("/v1/feeds", status_code=201)
@@ -71,7 +79,7 @@ def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: Servic
     except Exception as e:  # noqa: BLE001 - a dead or stuck reader is a status, not a server error
         status = {"state": "unreachable", "running": False, "connected": False,
                   "error": f"{type(e).__name__}: {e}"[:500]}
-    return {**public_feed(record), "status": status}
+    return {**public_feed(record), "status": status_for(caller, status)}
 
 
 @router.delete("/v1/feeds/{feed_id}")

@@ -27,6 +27,7 @@ import av
 
 from pipeline.records import Segment
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
+from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
 from pipeline.video.media import INTERPOLATION, upright
 from pipeline.video.protocols import (ALL_SCHEMES, check_roots, describe_error, local_file_path, open_arguments,
                                       redact_url, validate_url)
@@ -78,6 +79,14 @@ class SegmentQueue:
             return len(self._items)
 
 
+# What the feed's readers see of a failed open or a lost connection: a refused connection, a timeout, a closed port
+# and a port that speaks no video all read the same, so a feed is no port scanner. The cause is in the detail.
+UNREACHABLE = "open failed: source unreachable"
+CONNECTION_LOST = "connection lost"
+# status fields only admins see: the cause, and the timings that tell a quick refusal from a slow timeout
+DETAIL_FIELDS = ("last_error_detail", "last_error_time", "open_failures", "backoff_s")
+
+
 # ---------------------------------------------------------------- config
 
 @dataclass
@@ -100,6 +109,7 @@ class SamplerConfig:
     max_gaps_kept: int = 100            # gaps listed in status(); gap_count counts them all
     schemes: tuple[str, ...] = ALL_SCHEMES   # URL schemes this reader may open (checked at every open)
     file_roots: tuple[str, ...] | None = None   # folders a local file must lie in; None: any (trusted callers)
+    hosts: HostPolicy = HostPolicy()         # where a network URL may point (checked at every open)
 
     def __post_init__(self):
         if not isinstance(self.source_id, str) or not self.source_id or ":" in self.source_id:
@@ -166,7 +176,8 @@ class StreamSampler:
         self.last_frame_time: float | None = None    # epoch time of the last sampled frame
         self.last_decoded_time: float | None = None  # epoch time of the last decoded frame
         self.last_segment_time: float | None = None  # end time (t1) of the last completed segment
-        self.last_error: str | None = None
+        self.last_error: str | None = None           # what any reader of the feed may see: never the port's state
+        self.last_error_detail: str | None = None    # the cause itself (logs, admins)
         self.last_error_time: float | None = None
         self.backoff_s: float | None = None          # the delay before the next attempt, while waiting
         self.gap_count = 0
@@ -214,18 +225,19 @@ class StreamSampler:
                     container = self._open(backoff)
                 except Exception as e:              # unexpected (a bug, bad options): report, back off, retry
                     log.exception("feed %s: unexpected error while opening", cfg.source_id)
-                    self._set_error(f"open failed: internal error: {type(e).__name__}: {e}")
+                    self._set_error("open failed: internal error",
+                                    f"open failed: internal error: {type(e).__name__}: {e}")
                     self._wait(backoff.next_delay())
                     continue
                 if container is None:
                     continue
                 sampled_before = self.frames_sampled
-                reason = self._read(container)
+                reason, detail = self._read(container)
                 if self.frames_sampled > sampled_before:
                     backoff.reset()                 # it worked for a while: retry soon
                 if self._stop.is_set():
                     break
-                self._disconnected(reason)
+                self._disconnected(reason, detail)
                 self._wait(backoff.next_delay())
         finally:
             self._emit_segments(self._builder.flush())
@@ -235,32 +247,23 @@ class StreamSampler:
     def _open(self, backoff: Backoff):
         cfg = self.config
         try:                  # the stored URL is checked again at every open: the rules may be stricter than at
-            validate_url(cfg.url, cfg.schemes)       # registration (docs/architecture.md, "Streams and protocols")
-            check_roots(cfg.url, cfg.file_roots)
+            validate_url(cfg.url, cfg.schemes)       # registration, a name may resolve elsewhere now
+            check_roots(cfg.url, cfg.file_roots)     # (docs/architecture.md, "Streams and protocols")
+            check_host(cfg.url, cfg.hosts)
+        except UnresolvedHost as e:
+            return self._open_failed(backoff, UNREACHABLE, f"open failed: {e}")
         except ValueError as e:
-            self.open_failures += 1
-            self._set_error(f"refused: {e}")
-            if backoff.failures == 0:
-                self._event("open_failed", {"error": self.last_error})
-            self._wait(backoff.next_delay())
-            return None
+            return self._open_failed(backoff, f"refused: {e}")
         url, options = open_arguments(cfg.url, cfg.read_timeout_s, cfg.hls_hold_counters)
         try:
             container = av.open(url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+        except av.error.ProtocolNotFoundError as e:      # this node's FFmpeg lacks it: nothing about the source
+            return self._open_failed(backoff, f"open failed: {describe_error(e, cfg.url)}")
         except (av.error.FFmpegError, OSError) as e:
-            self.open_failures += 1
-            first_of_streak = backoff.failures == 0
-            self._set_error(f"open failed: {describe_error(e, cfg.url)}")
-            if first_of_streak:
-                self._event("open_failed", {"error": self.last_error})
-            self._wait(backoff.next_delay())
-            return None
+            return self._open_failed(backoff, UNREACHABLE, f"open failed: {describe_error(e, cfg.url)}")
         if not container.streams.video:
             container.close()
-            self.open_failures += 1
-            self._set_error("open failed: the source has no video stream")
-            self._wait(backoff.next_delay())
-            return None
+            return self._open_failed(backoff, UNREACHABLE, "open failed: the source has no video stream")
         if self.connects > 0:
             self.reconnects += 1
         self.connects += 1
@@ -270,14 +273,24 @@ class StreamSampler:
         self._event("connected", {"reconnects": self.reconnects})
         return container
 
-    def _read(self, container) -> str:
-        """Demux and decode until EOF, an error or stop(); return why it ended."""
+    def _open_failed(self, backoff: Backoff, error: str, detail: str | None = None) -> None:
+        """Count a failed open, report it (an event for the first of a streak), wait out the backoff."""
+        self.open_failures += 1
+        first_of_streak = backoff.failures == 0
+        self._set_error(error, detail)
+        if first_of_streak:
+            self._event("open_failed", {"error": self.last_error})
+        self._wait(backoff.next_delay())
+        return None
+
+    def _read(self, container) -> tuple[str, str]:
+        """Demux and decode until EOF, an error or stop(); return why it ended: (what readers see, the cause)."""
         stream = container.streams.video[0]
         time_base = stream.time_base
         try:
             for packet in container.demux(stream):
                 if self._stop.is_set():
-                    return "stopped"
+                    return "stopped", "stopped"
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:       # e.g. the truncated last packet of a dying RTSP session
@@ -286,15 +299,15 @@ class StreamSampler:
                 for frame in frames:
                     self._on_frame(frame, time_base)
                     if self._stop.is_set():
-                        return "stopped"
-            return "eof"
+                        return "stopped", "stopped"
+            return "eof", "eof"
         except av.error.FFmpegError as e:               # ExitError (read timeout), TimeoutError, OSError (EIO) ...
-            return describe_error(e, self.config.url)
-        except UnusableVideo as e:
-            return str(e)
+            return CONNECTION_LOST, describe_error(e, self.config.url)
+        except UnusableVideo as e:                      # frames decoded: the source is video, nothing to hide
+            return str(e), str(e)
         except Exception as e:                          # a bug must not kill the feed: report it and reconnect
             log.exception("feed %s: unexpected error while reading", self.config.source_id)
-            return f"internal error: {type(e).__name__}: {e}"
+            return "internal error", f"internal error: {type(e).__name__}: {e}"
         finally:
             try:
                 container.close()
@@ -342,10 +355,10 @@ class StreamSampler:
             if dropped is not None:
                 log.info("feed %s: consumer behind, dropped segment %s", self.config.source_id, dropped.segment_id)
 
-    def _disconnected(self, reason: str) -> None:
+    def _disconnected(self, reason: str, detail: str) -> None:
         self._emit_segments(self._builder.flush())     # keep what was read before the drop
         if reason != "eof" or self._file_path is None:
-            self._set_error(f"disconnected: {reason}")
+            self._set_error(f"disconnected: {reason}", f"disconnected: {detail}")
         now = time.time()
         with self._lock:
             if self._open_gap is None and self.last_decoded_time is not None:
@@ -366,10 +379,12 @@ class StreamSampler:
         self._stop.wait(delay_s)
         self.backoff_s = None
 
-    def _set_error(self, message: str) -> None:
+    def _set_error(self, message: str, detail: str | None = None) -> None:
+        """Record an error: `message` for the feed's readers, `detail` (default: the message) for logs and admins."""
+        detail = detail or message
         with self._lock:
-            self.last_error, self.last_error_time = message, time.time()
-        log.warning("feed %s: %s", self.config.source_id, message)
+            self.last_error, self.last_error_detail, self.last_error_time = message, detail, time.time()
+        log.warning("feed %s: %s", self.config.source_id, detail)
 
     def _event(self, kind: str, fields: dict) -> None:
         if self.on_event is None:
@@ -386,6 +401,7 @@ class StreamSampler:
             gaps = [dict(g) for g in self._gaps]
             open_gap = dict(self._open_gap) if self._open_gap else None
             last_error, last_error_time = self.last_error, self.last_error_time
+            last_error_detail = self.last_error_detail
         last = self.last_frame_time
         return {
             "source_id": self.config.source_id,
@@ -411,8 +427,8 @@ class StreamSampler:
             "backoff_s": self.backoff_s,
             "gap_count": self.gap_count,
             "gaps": gaps,
-            "gaps": gaps,
             "open_gap": open_gap,
             "last_error": last_error,
+            "last_error_detail": last_error_detail,
             "last_error_time": last_error_time,
         }
