@@ -485,6 +485,33 @@ def test_feeds_add_list_get_delete(served, tmp_path):
         assert status["retention"]["running"] and status["retention"]["sweeps"] >= 1
 
 
+def test_feeds_may_not_point_at_this_node_and_readers_see_no_port_state(served):
+    redis_port, api_port = served["redis"].port, served["port"]
+    with http(served) as c:
+        for url, words in (("rtsp://127.0.0.2/cam", "'127.0.0.2' is a loopback address"),   # only 127.0.0.1 allowed
+                           ("rtsp://[::1]:8554/cam", "loopback"),
+                           ("http://169.254.169.254/latest/meta-data/", "link-local"),
+                           ("rtsp://0.0.0.0:8554/cam", "unspecified"),
+                           ("udp://:5600", "feed_udp_listen"),
+                           (f"rtsp://127.0.0.1:{redis_port}/x", f"port {redis_port} of this service's own Redis"),
+                           (f"http://127.0.0.1:{api_port}/healthz", f"port {api_port} of this service's own API")):
+            err(c.post("/v1/feeds", json={"url": url}), 422, words)
+        assert "gate" not in [f["id"] for f in c.get("/v1/feeds").json()["feeds"]]
+        # 127.0.0.1 is allowed by feed_allow_hosts: a closed port there registers, and fails to open
+        closed = f"rtsp://127.0.0.1:{free_tcp_port()}/cam"
+        assert c.post("/v1/feeds", json={"url": closed, "id": "gate"}).status_code == 201
+        admin_view = wait_for(lambda: (st := feed_status(c, "gate")).get("open_failures", 0) >= 1 and st, 30, 0.2,
+                              "gate's refused connect")
+        assert "refused" in admin_view["last_error_detail"].lower()
+    with http(served, READER) as c:                 # a reader sees that it failed, never how
+        reader_view = feed_status(c, "gate")
+        assert reader_view["last_error"] == "open failed: source unreachable"
+        assert not {"last_error_detail", "last_error_time", "open_failures", "backoff_s"} & set(reader_view)
+        assert "refused" not in json.dumps(reader_view).lower()
+    with http(served) as c:
+        assert c.delete("/v1/feeds/gate").status_code == 200
+
+
 def _no_actor(name: str) -> bool:
     try:
         ray.get_actor(name, namespace=NAMESPACE)

@@ -2,6 +2,7 @@
 clocks and backoff, and the one segment rule. Never reads Settings: callers pass plain values.
 
     protocols.py  scheme -> FFmpeg protocol -> open options; URL checks
+    hosts.py      where a network feed may point (not this node, its link, or the service's own ports)
     media.py      open, probe, target frame size, display rotation, YUV -> RGB
     files.py      sample times and decoded windows of files (PyAV or decord)
     parallel.py   GOP-parallel decoding of one window
@@ -17,6 +18,7 @@ import importlib
 
 _EXPORTS = {
     "PROTOCOLS": "protocols", "validate_url": "protocols", "check_protocol": "protocols", "redact_url": "protocols",
+    "HostPolicy": "hosts", "check_host": "hosts",
     "DecodeError": "media", "VideoInfo": "media", "probe": "media", "target_size": "media",
     "sample_times": "files", "decode_window": "files", "iter_window": "files",
     "PtsClock": "clock", "RateSampler": "clock", "Backoff": "clock",

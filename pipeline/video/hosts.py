@@ -4,8 +4,9 @@ A feed URL is fetched by the service, so without a check an admin's feed reads w
 Ray, the API on loopback, the cloud metadata service at 169.254.169.254 (docs/architecture.md, "Streams and
 protocols"). `check_host` resolves the URL's host and checks every address it resolves to:
 
-- loopback (127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10) and unspecified ("this host": 0.0.0.0/8, ::)
-  addresses are refused unless the policy's `allow` names the host or a network holding the address;
+- loopback (127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10), the metadata services outside it and
+  unspecified ("this host": 0.0.0.0/8, ::) addresses are refused unless the policy's `allow` names the host or a
+  network holding the address;
 - an address of this node (or of a service's own host) at one of the service's ports is refused, allowed or not;
 - private LAN ranges (10/8, 172.16/12, 192.168/16) and every other address pass: cameras live there;
 - udp with no host (`udp://:PORT`, `udp://@:PORT`, or an unspecified one) listens on a port of this node, which
