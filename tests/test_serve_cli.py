@@ -285,17 +285,27 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     assert module == "deploy.app" and callable(getattr(app_module, attr))
     assert {d.name for d in application.deployments} == {app_module.API, app_module.DECODER, app_module.FEEDS,
                                                         app_module.RETENTION, app_module.CAPTIONS}
-    for name, value in application.runtime_env["env_vars"].items():   # the settings it names are valid
+    env_vars = application.runtime_env["env_vars"]
+    # Serve stores this config in the cluster's GCS: no keys in it, and nothing that turns Ray's token auth off
+    assert not {"TUBESCOPE_API_KEYS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_vars)
+    for name, value in env_vars.items():                               # the settings it names are valid
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    assert settings.redis_url and settings.api_keys and settings.api_keys[0].role == "admin"
+    assert settings.redis_url and settings.index_dir
 
     service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
     assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
-    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    workers = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
                for c in w["template"]["spec"]["containers"])
+    # every Ray container (the app is built, and replicas run, on any node) reads the keys from a Secret
+    for group in [cluster["headGroupSpec"], *workers]:
+        for container in group["template"]["spec"]["containers"]:
+            [keys] = [e for e in container["env"] if e["name"] == "TUBESCOPE_API_KEYS"]
+            assert set(keys) == {"name", "valueFrom"} and keys["valueFrom"]["secretKeyRef"]["name"]
 
 
 def test_serve_on_a_taken_port_fails_fast(tmp_path):
