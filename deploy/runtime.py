@@ -62,8 +62,8 @@ def init_ray(settings: Settings) -> None:
                      _metrics_export_port=port or None)
 
 
-# Ray's single-machine mode (the variable's name is historical): the node's address is 127.0.0.1, and Ray binds
-# every port of a node at 127.0.0.1 to loopback. Each Ray process reads the variable when it imports Ray.
+# Ray's single-machine mode (named for Windows and macOS, where it is the default): the node's address is 127.0.0.1,
+# and Ray binds the ports of a node at 127.0.0.1 to loopback. Each Ray process reads the variable when it imports Ray.
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 LOOPBACK = "127.0.0.1"
@@ -76,7 +76,7 @@ def start_closed_ray(**init_args):
     (GCS, raylet, object manager, workers, agents, metrics) on 127.0.0.1, and Ray's token authentication on with a
     random token of this process, which only the processes it starts inherit (never printed or written to a file).
     Stops Ray and raises when the node did not come up on loopback. See docs/architecture.md, "The local Ray
-    cluster", for what that leaves open."""
+    cluster and secrets", for what that leaves open."""
     import ray
     from ray._private import ray_constants
 

@@ -172,7 +172,7 @@ def test_live_feed_is_indexed_by_the_live_indexer(server):
         api.remove_feed("livecam")
 
 
-# ---- the local Ray cluster is closed ------------------------------------------------------------------------------------
+# ---- the local Ray cluster is closed -------------------------------------------------------------------------------
 SERVE_REPLICA = "ray::ServeRepli"         # a Serve replica's process name as /proc shows it (15 characters)
 SERVE_REPLICA_RPC = "/ray.serve.ASGIService/HandleRequest"
 
