@@ -36,7 +36,6 @@ from pathlib import Path
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def make_clip(path: Path, seconds: float, width=640, height=360, fps=30) -> Path:

@@ -3,11 +3,10 @@
 A key has a role: "admin" may do everything (feeds, jobs, search, ask, read); "reader" may search, ask and read.
 A key may be limited to a list of sources (feed ids / archive source ids): it then sees and touches only those.
 An archive job over several files with source_id "lot" writes sources "lot/<file stem>": a key limited to "lot"
-covers them too.
+covers them too. Keys are known here by their salted hashes only (pipeline.key_hashes, via ApiKey).
 """
 from __future__ import annotations
 
-import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Iterable, Literal
@@ -33,7 +32,6 @@ class Caller:
     """The authenticated key: its role and the sources it is limited to (None: every source)."""
     role: Role
     sources: tuple[str, ...] | None
-    key_hint: str                    # first 4 characters, for logs; never the whole key
 
     @property
     def is_admin(self) -> bool:
@@ -59,7 +57,8 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class Authorizer:
-    """Checks bearer keys against the configured ApiKeys. Lookup compares every key in constant time."""
+    """Checks bearer keys against the configured ApiKeys' hashes: every key is tried, whichever matches, so the time
+    taken does not say which key matched; each digest comparison is constant-time."""
 
     def __init__(self, api_keys: Iterable[ApiKey | dict]):
         self.keys = [k if isinstance(k, ApiKey) else ApiKey(**k) for k in api_keys]
@@ -72,13 +71,13 @@ class Authorizer:
         if token is None:
             raise AuthError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
         found = None
-        for k in self.keys:          # no early exit: the time taken does not say which key matched
-            if hmac.compare_digest(k.key.encode(), token.encode()):
+        for k in self.keys:          # no early exit
+            if k.matches(token):
                 found = k
         if found is None:
             raise AuthError(401, "unknown API key")
         sources = tuple(found.sources) if found.sources is not None else None
-        return Caller(role=found.role, sources=sources, key_hint=found.key[:4])
+        return Caller(role=found.role, sources=sources)
 
 
 def require_role(caller: Caller, role: Role) -> None:

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
+from pipeline.key_hashes import MIN_KEY_CHARS, hash_key, key_matches, parse_key_hash
 from pipeline.video.hosts import check_allow_entry
 from pipeline.video.protocols import NETWORK_SCHEMES, redact_url
 from pipeline.video.segments import frames_per_segment
@@ -32,12 +33,39 @@ _config_file: ContextVar[Path | None] = ContextVar("tubescope_config_file", defa
 
 
 class ApiKey(BaseModel):
-    """One bearer key of the REST API: its role, and optionally the only sources/feeds it may touch."""
+    """One bearer key of the REST API, its role, and optionally the only sources/feeds it may touch.
+
+    The operator gives the plain `key` (environment, settings file, a Kubernetes Secret); it is hashed here, as the
+    settings are read, and never kept: settings handed to Ray and held by replicas carry `key_hash` only."""
     model_config = ConfigDict(extra="forbid")
 
-    key: str = Field(min_length=16)
+    key_hash: str = Field(repr=False)     # pipeline.key_hashes form; a given key_hash is taken as it is
     role: Literal["admin", "reader"]
     sources: list[str] | None = None      # None: every source
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_plain_key(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "key" not in data:
+            return data
+        data = dict(data)
+        key = data.pop("key")
+        if "key_hash" in data:
+            raise ValueError("give key or key_hash, not both")
+        if not isinstance(key, str) or len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"key must be a string of at least {MIN_KEY_CHARS} characters")
+        data["key_hash"] = hash_key(key)
+        return data
+
+    @field_validator("key_hash", mode="after")
+    @classmethod
+    def _well_formed(cls, v: str) -> str:
+        parse_key_hash(v)
+        return v
+
+    def matches(self, key: str) -> bool:
+        """Whether key is this key (constant time in the digest comparison)."""
+        return key_matches(self.key_hash, key)
 
 
 class Settings(BaseSettings):
@@ -96,7 +124,8 @@ class Settings(BaseSettings):
     # ---- serving ----------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[ApiKey] = []                   # JSON list in the environment: [{"key": ..., "role": "admin"}]
+    api_keys: list[ApiKey] = []                   # JSON list in the environment: [{"key": ..., "role": "admin"}];
+                                                  # kept as salted hashes only (ApiKey)
     ask_token_budget: int = Field(16_384, ge=1)   # visual tokens per question; more footage is narrowed by search
     time_zone: str = "UTC"                        # IANA zone of times written without an offset and of times shown
     max_gap_seconds: float = Field(60.0, gt=0)    # longer gaps between selected segments are shortened to this (M-RoPE)
@@ -234,10 +263,10 @@ class Settings(BaseSettings):
         return self.data_dir / "outbox"
 
     def to_public_dict(self) -> dict[str, Any]:
-        """JSON-ready values with secrets hidden: API keys and any Redis password."""
+        """JSON-ready values with secrets hidden: API keys (even their hashes) and any Redis password."""
         d = self.model_dump(mode="json")
         d["redis_url"] = redact_url(self.redis_url)
-        d["api_keys"] = [{**k, "key": k["key"][:4] + "..."} for k in d["api_keys"]]
+        d["api_keys"] = [{"role": k["role"], "sources": k["sources"]} for k in d["api_keys"]]
         d["index_root"] = str(self.index_root)
         d["resolved_model_path"] = str(self.resolved_model_path())
         return d

@@ -1,4 +1,5 @@
-"""Real services for tests: a redis-server on a free loopback port, and a local Ray that writes nothing to $HOME.
+"""Real services for tests: a redis-server on a free loopback port, and a local Ray that writes nothing to $HOME,
+closed as the service's own is (deploy.runtime.start_closed_ray: loopback only, token authentication).
 
 conftest.py turns these into fixtures; a subprocess test can import them directly (tests/ on sys.path).
 """
@@ -17,8 +18,9 @@ from pipeline.redis_server import RedisServer
 RAY_TEMP_PARENT = "/tmp"
 RAY_TEMP_PREFIX = "tsray"
 RAY_TEST_CPUS = 2
-# Environment for a local test cluster: token auth off (it would write ~/.ray/auth_token), no usage reports.
-RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+# Environment for a local test cluster: no usage reports. (The token start_closed_ray sets is never written to
+# ~/.ray, which Ray's own default token would be.)
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_metrics_report_interval_ms": "1000"}     # metrics visible within ~2 s, not 10
 
 
@@ -44,12 +46,12 @@ class RayLocal:
 
 
 def start_local_ray(num_cpus: int = RAY_TEST_CPUS) -> RayLocal:
-    """`ray.init` of a fresh local cluster: no dashboard, short temp dir, token auth off; $HOME untouched."""
+    """A fresh closed local cluster (the service's own way): no dashboard, short temp dir; $HOME untouched."""
     os.environ.update(RAY_TEST_ENV)          # read by ray.init and inherited by raylet and workers
     os.environ.pop("RAY_ADDRESS", None)      # never attach to some other cluster by accident
-    import ray
+    from deploy.runtime import start_closed_ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT))
-    ctx = ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
-                   ignore_reinit_error=True)
+    ctx = start_closed_ray(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
+                           ignore_reinit_error=True)
     return RayLocal(temp_dir=temp_dir, num_cpus=num_cpus, address=ctx.address_info.get("address", ""))

@@ -158,6 +158,23 @@ def test_source_limited_keys_cannot_touch_other_sources(served):
         err(c.delete("/v1/feeds/cam2"), 403, "'cam2'")
 
 
+def test_ray_stores_no_plain_api_key(served):
+    """Serve keeps the app's deployments and their arguments (the settings) in the GCS key-value store, which
+    anyone holding the cluster's token can read: the keys must be there as salted hashes only."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    stored = []
+    for namespace in (None, b"serve", b"fun", b"session", b"cluster", b"job", b"dashboard"):
+        stored += [k + b"=" + (_internal_kv_get(k, namespace=namespace) or b"")
+                   for k in _internal_kv_list(b"", namespace=namespace)]
+    blob = b"\n".join(stored)
+    assert served["settings"].redis_url.encode() in blob           # the settings are there...
+    for key in (ADMIN, READER, CAM_READER, CAM_ADMIN):
+        assert key.encode() not in blob                             # ...but no key
+    with http(served, CAM_ADMIN) as c:                              # and every key still works
+        assert c.get("/v1/sources").status_code == 200
+
+
 # ---- jobs -------------------------------------------------------------------------------------------------------------
 def wait_job(c: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s

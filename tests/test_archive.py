@@ -128,7 +128,7 @@ def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny
     clip = video_factory("cam.mp4", width=160, height=90, fps=30, seconds=3.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUBESCOPE_")}
     env.update(TUBESCOPE_DATA_DIR=str(tmp_path / "data"), TUBESCOPE_MODEL_PATH=str(tiny_model),
-               TUBESCOPE_SEGMENT_SECONDS="2", REDIS_URL=redis_server.url, RAY_AUTH_MODE="disabled",
+               TUBESCOPE_SEGMENT_SECONDS="2", REDIS_URL=redis_server.url,
                TUBESCOPE_MAX_PIXELS=str(28 * 28 * 20), TUBESCOPE_MIN_PIXELS=str(28 * 28 * 4))
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "deploy", "index", str(clip), str(tmp_path / "gone.mp4"),

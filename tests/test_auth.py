@@ -37,7 +37,7 @@ def test_bearer_token_parsing():
 
 def test_authenticate_known_missing_and_unknown_keys(auth):
     admin = auth.authenticate(f"Bearer {ADMIN}")
-    assert (admin.role, admin.sources, admin.is_admin, admin.key_hint) == ("admin", None, True, "aaaa")
+    assert (admin.role, admin.sources, admin.is_admin) == ("admin", None, True)
     cam = auth.authenticate(f"Bearer {CAM}")
     assert (cam.role, cam.sources) == ("reader", ("cam1", "lot"))
     assert status_of(auth.authenticate, None) == (401, "missing API key: send the header 'Authorization: Bearer <key>'")
@@ -83,6 +83,34 @@ def test_generated_keys_are_long_random_and_accepted():
     assert len(keys) == 50 and all(len(k) >= 32 for k in keys)
     key = keys.pop()
     assert Authorizer([{"key": key, "role": "admin"}]).authenticate(f"Bearer {key}").is_admin
+
+
+def test_keys_are_kept_as_salted_hashes_only():
+    """What Serve stores and replicas hold (the pickled settings) has no key in it, only per-key salted hashes."""
+    import pickle
+
+    settings = load_settings(api_keys=[{"key": ADMIN, "role": "admin"}, {"key": ADMIN, "role": "reader"}])
+    a, b = settings.api_keys
+    assert a.key_hash != b.key_hash and a.key_hash.startswith("scrypt$")      # same key, its own salt each
+    assert a.matches(ADMIN) and b.matches(ADMIN) and not a.matches(ADMIN[:-1]) and not a.matches(READER)
+    for text in (pickle.dumps(settings), repr(settings).encode(), settings.model_dump_json().encode()):
+        assert ADMIN.encode() not in text
+    assert settings.to_public_dict()["api_keys"] == [{"role": "admin", "sources": None},
+                                                     {"role": "reader", "sources": None}]
+    # a hash given as it is (the plain key never on this machine) works the same
+    given = Authorizer([{"key_hash": a.key_hash, "role": "admin"}])
+    assert given.authenticate(f"Bearer {ADMIN}").is_admin
+    assert status_of(given.authenticate, f"Bearer {READER}")[0] == 401
+
+
+@pytest.mark.parametrize("entry,words", [
+    ({"key_hash": "plain-text-key-0123456789", "role": "admin"}, "key_hash must have the form"),
+    ({"key_hash": "scrypt$1048576$8$1$" + "A" * 22 + "$" + "A" * 43, "role": "admin"}, "out of bounds"),
+    ({"key": ADMIN, "key_hash": "x", "role": "admin"}, "not both")])
+def test_bad_key_hashes_are_refused(entry, words):
+    with pytest.raises(ValueError, match=words) as e:
+        load_settings(api_keys=[entry])
+    assert ADMIN not in str(e.value)
 
 
 # ---- which paths a REST job may read ------------------------------------------------------------------------------

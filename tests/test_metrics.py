@@ -55,12 +55,13 @@ def run_workload(args: dict) -> None:
     from pipeline.index import SegmentIndex
     from pipeline.settings import load_settings
     from services import RAY_TEMP_PARENT, RAY_TEMP_PREFIX
+    from deploy.runtime import start_closed_ray
     from streams import free_tcp_port, make_stream_video, wait_for
     from videos import encode_video
 
     work = Path(args["workdir"])
     temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, _metrics_export_port=args["metrics_port"])
+    start_closed_ray(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, _metrics_export_port=args["metrics_port"])
     _log("ray up")
     model = qwen2vl.write_tiny_checkpoint(work / "tiny")
     settings = load_settings(data_dir=work / "data", model_path=model, segment_seconds=1.0, min_pixels=4 * 784,

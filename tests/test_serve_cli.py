@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from deploy.cli import cli
 from deploy.client import TubescopeClient
 from pipeline.redis_server import free_port
+import sockets
 from streams import free_tcp_port, wait_for
 from videos import encode_video
 
@@ -80,7 +81,7 @@ def server(tmp_path_factory):
         proc.kill()
 
 
-def run(server, *args: str, key: str | None = "<admin>") -> "click.testing.Result":
+def run(server, *args: str, key: str | None = "<admin>") -> Result:
     env = {"TUBESCOPE_API_URL": server["url"]}
     if key is not None:
         env["TUBESCOPE_API_KEY"] = server["key"] if key == "<admin>" else key
@@ -171,6 +172,90 @@ def test_live_feed_is_indexed_by_the_live_indexer(server):
         api.remove_feed("livecam")
 
 
+# ---- the local Ray cluster is closed -------------------------------------------------------------------------------
+SERVE_REPLICA = "ray::ServeRepli"         # a Serve replica's process name as /proc shows it (15 characters)
+SERVE_REPLICA_RPC = "/ray.serve.ASGIService/HandleRequest"
+
+
+def _proc_text(pid: int, name: str) -> list[str]:
+    return Path(f"/proc/{pid}/{name}").read_bytes().decode(errors="replace").split("\0")
+
+
+def _ray_process(server, name: str) -> int:
+    return next(x.pid for x in sockets.listeners(server["proc"].proc.pid) if x.name == name)
+
+
+def _arg(pid: int, flag: str) -> str:
+    return next(a.split("=", 1)[1] for a in _proc_text(pid, "cmdline") if a.startswith(flag + "="))
+
+
+def _token(server) -> str:
+    """The run's Ray token, from the raylet's environment (readable by the same user only)."""
+    environ = _proc_text(_ray_process(server, "raylet"), "environ")
+    return next(v.split("=", 1)[1] for v in environ if v.startswith("RAY_AUTH_TOKEN="))
+
+
+def _grpc_status(port: int, token: str | None):
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(SERVE_REPLICA_RPC)
+        try:
+            call(b"", metadata=[("authorization", f"Bearer {token}")] if token else None, timeout=20)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+
+def test_the_local_ray_listens_on_loopback_only(server):
+    """Every port of Ray (GCS, raylet, object manager, workers, agents, metrics) and Serve's proxy is on loopback but
+    one per Serve replica: Ray Serve 2.60 binds each replica's inter-deployment gRPC server on every interface
+    (a fixed "[::]:0"), and those refuse every call without this run's token."""
+    import grpc
+
+    found = sockets.listeners(server["proc"].proc.pid)
+    assert {"gcs_server", "raylet"} <= {x.name for x in found}, [str(x) for x in found]   # Ray's own processes
+    assert any(x.port == server["port"] and x.loopback_only for x in found)                # Serve's HTTP proxy
+    open_ports = [x for x in found if not x.loopback_only]
+    assert {x.name for x in open_ports} <= {SERVE_REPLICA}, [str(x) for x in open_ports]
+    assert len({x.pid for x in open_ports}) == len(open_ports)                              # one per replica
+    token = _token(server)
+    for x in open_ports:
+        assert _grpc_status(x.port, None) == grpc.StatusCode.UNAUTHENTICATED, str(x)
+        assert _grpc_status(x.port, "x" * len(token)) == grpc.StatusCode.UNAUTHENTICATED, str(x)
+    if open_ports:                             # the refusal is the token's doing: with it, the call gets through
+        assert _grpc_status(open_ports[0].port, token) != grpc.StatusCode.UNAUTHENTICATED
+
+
+GCS_READ = """
+import sys
+from ray._raylet import GcsClient
+print(len(GcsClient(address=sys.argv[1]).internal_kv_keys(b"", b"serve", timeout=10)))
+"""
+
+
+def test_the_local_ray_refuses_a_client_without_this_runs_token(server, tmp_path):
+    """What an attacker on the machine would try: read the GCS (Serve's stored app) without the token."""
+    gcs = _arg(_ray_process(server, "raylet"), "--gcs-address")
+    token = _token(server)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)                             # no ~/.ray/auth_token to fall back on
+
+    def read(extra: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", GCS_READ, gcs], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=90)
+
+    for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * len(token)}):
+        refused = read(extra)
+        assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, (refused.stdout, refused.stderr)
+    allowed = read({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})    # the same read, with the token
+    assert allowed.returncode == 0 and int(allowed.stdout) > 0, allowed.stderr
+    # the token is this run's own: never printed, never written to Ray's logs
+    assert len(token) >= 32 and token not in server["proc"].output
+    log_dir = Path(_arg(_ray_process(server, "gcs_server"), "--log_dir"))
+    assert not [f for f in log_dir.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
+
+
 def test_sigterm_stops_serve_cleanly(server):
     proc = server["proc"]
     proc.proc.send_signal(signal.SIGTERM)
@@ -200,17 +285,27 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     assert module == "deploy.app" and callable(getattr(app_module, attr))
     assert {d.name for d in application.deployments} == {app_module.API, app_module.DECODER, app_module.FEEDS,
                                                         app_module.RETENTION, app_module.CAPTIONS}
-    for name, value in application.runtime_env["env_vars"].items():   # the settings it names are valid
+    env_vars = application.runtime_env["env_vars"]
+    # Serve stores this config in the cluster's GCS: no keys in it, and nothing that turns Ray's token auth off
+    assert not {"TUBESCOPE_API_KEYS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_vars)
+    for name, value in env_vars.items():                               # the settings it names are valid
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    assert settings.redis_url and settings.api_keys and settings.api_keys[0].role == "admin"
+    assert settings.redis_url and settings.index_dir
 
     service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
     assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
-    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    workers = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
                for c in w["template"]["spec"]["containers"])
+    # every Ray container (the app is built, and replicas run, on any node) reads the keys from a Secret
+    for group in [cluster["headGroupSpec"], *workers]:
+        for container in group["template"]["spec"]["containers"]:
+            [keys] = [e for e in container["env"] if e["name"] == "TUBESCOPE_API_KEYS"]
+            assert set(keys) == {"name", "valueFrom"} and keys["valueFrom"]["secretKeyRef"]["name"]
 
 
 def test_serve_on_a_taken_port_fails_fast(tmp_path):
