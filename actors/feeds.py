@@ -26,7 +26,7 @@ from pipeline import metrics
 from pipeline.feeds import sampler_config
 from pipeline.records import Segment
 from pipeline.redis_server import as_client
-from pipeline.registry_copy import RegistryCopy
+from pipeline.registry_copy import RegistryCopy, RegistryUnknown
 from pipeline.settings import Settings, load_settings
 from pipeline.video.protocols import redact_url
 from pipeline.video.stream import StreamSampler
@@ -152,7 +152,13 @@ class FeedSupervisor:
     def reconcile(self) -> dict[str, list[str]]:
         """Make the running readers equal to the registry (restored from its durable copy first when Redis lost it);
         returns the feed ids started/adopted/stopped/restarted."""
-        feeds = {f["id"]: f for f in self.registry_copy.sync(self.redis)}
+        try:
+            listed = self.registry_copy.sync(self.redis)
+        except RegistryUnknown:
+            if self._readers:
+                raise                                  # keep the readers: an unknown registry is not an empty one
+            listed = []
+        feeds = {f["id"]: f for f in listed}
         done: dict[str, list[str]] = {"started": [], "adopted": [], "stopped": [], "restarted": []}
         for fid in [f for f in self._readers if f not in feeds or feeds[f] != self._feeds[f]]:
             self._stop_reader(fid)

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 COPY_NAME = "_feeds.json"
 
 
+class RegistryUnknown(RuntimeError):
+    """Redis has lost the registry and the copy cannot be read: which feeds exist is unknown."""
+
+
 class RegistryCopy:
     """Load, save and restore the durable copy of the feed registry under an index root."""
 
@@ -73,8 +77,8 @@ class RegistryCopy:
 
     def sync(self, redis: Any) -> list[dict]:
         """The feeds to run: Redis's registry, restored from the copy first when Redis has lost it; the copy is
-        rewritten after every change. Raises when Redis has lost the registry and the copy cannot be read, so a
-        caller keeps the readers it has rather than stopping them."""
+        rewritten after every change. RegistryUnknown when Redis has lost the registry and the copy cannot be read
+        (a caller keeps the readers it has rather than stopping them)."""
         client = as_client(redis)
         version, feeds = read_registry(client)
         lost = registry_lost(version, feeds) or (version is not None and self.version is not None
@@ -96,8 +100,8 @@ class RegistryCopy:
             copy = self.load()
         except Exception as e:  # noqa: BLE001 - a copy that cannot be read cannot restore anything
             if must:
-                raise RuntimeError(f"Redis holds no feed registry and its durable copy {self.path} cannot be read "
-                                   f"({type(e).__name__}: {e}); keeping the running readers") from e
+                raise RegistryUnknown(f"Redis holds no feed registry and its durable copy {self.path} cannot be "
+                                      f"read ({type(e).__name__}: {e})") from e
             if not self._read:
                 log.warning("feed registry copy %s cannot be read: %s: %s", self.path, type(e).__name__, e)
             self._read = True
