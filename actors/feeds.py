@@ -23,9 +23,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from pipeline import metrics
-from pipeline.feeds import list_feeds, sampler_config
+from pipeline.feeds import sampler_config
 from pipeline.records import Segment
 from pipeline.redis_server import as_client
+from pipeline.registry_copy import RegistryCopy, RegistryUnknown
 from pipeline.settings import Settings, load_settings
 from pipeline.video.protocols import redact_url
 from pipeline.video.stream import StreamSampler
@@ -138,6 +139,7 @@ class FeedSupervisor:
         self.call_timeout_s, self.max_unresponsive = call_timeout_s, max_unresponsive
         url = redis if isinstance(redis, str) else self.settings.redis_url
         self.events_redis_url = url if events else None
+        self.registry_copy = RegistryCopy(self.settings.index_root)   # restores a registry Redis lost
         self._readers: dict[str, Any] = {}
         self._feeds: dict[str, dict] = {}
         self._unresponsive: dict[str, int] = {}
@@ -148,8 +150,15 @@ class FeedSupervisor:
 
     # ---- reconcile ------------------------------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
-        """Make the running readers equal to the registry; returns the feed ids started/adopted/stopped/restarted."""
-        feeds = {f["id"]: f for f in list_feeds(self.redis)}
+        """Make the running readers equal to the registry (restored from its durable copy first when Redis lost it);
+        returns the feed ids started/adopted/stopped/restarted."""
+        try:
+            listed = self.registry_copy.sync(self.redis)
+        except RegistryUnknown:
+            if self._readers:
+                raise                                  # keep the readers: an unknown registry is not an empty one
+            listed = []
+        feeds = {f["id"]: f for f in listed}
         done: dict[str, list[str]] = {"started": [], "adopted": [], "stopped": [], "restarted": []}
         for fid in [f for f in self._readers if f not in feeds or feeds[f] != self._feeds[f]]:
             self._stop_reader(fid)

@@ -1,11 +1,12 @@
 """The feed registry: which live sources tubescope reads, kept in Redis, and how each one is read.
 
-Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}. The id is the source_id of the
-feed's segments. add_feed / list_feeds / get_feed / remove_feed work on a redis.Redis client or a redis:// URL;
-add_feed checks everything before storing anything (the URL against the protocol table, local files against the
-allowed roots, per-feed fps by the segment rule, max_pixels against the encoder budget, and last the host every
-address of it resolves to, under host_policy). sampler_config turns a record and the settings into the plain
-StreamSampler config (pipeline.video never reads settings).
+Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}, and `tubescope:feeds:version`,
+raised with every change in the same transaction. The id is the source_id of the feed's segments. The supervisor
+keeps a durable copy beside the index (pipeline/registry_copy.py). add_feed / list_feeds / get_feed / remove_feed
+work on a redis.Redis client or a redis:// URL; add_feed checks everything before storing anything (the URL against
+the protocol table, local files against the allowed roots, per-feed fps by the segment rule, max_pixels against the
+encoder budget, and last the host every address of it resolves to, under host_policy). sampler_config turns a
+record and the settings into the plain StreamSampler config (pipeline.video never reads settings).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pipeline.video.stream import SamplerConfig
 from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
 
 FEEDS_KEY = "tubescope:feeds"
+VERSION_KEY = "tubescope:feeds:version"       # INCR on every change, in the same transaction
 _FEED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")        # the whole id (fullmatch: no trailing newline)
 MAX_FPS = 30.0
 
@@ -69,15 +71,37 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     check_host(url, host_policy(settings))            # last: it may ask DNS
     record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
               "max_pixels": max_pixels, "created": time.time()}
-    if not as_client(redis).hsetnx(FEEDS_KEY, feed_id, json.dumps(record)):
+    pipe = as_client(redis).pipeline(transaction=True)
+    pipe.hsetnx(FEEDS_KEY, feed_id, json.dumps(record))
+    pipe.incr(VERSION_KEY)
+    if not pipe.execute()[0]:
         raise ValueError(f"a feed with id {feed_id!r} already exists")
     return record
 
 
+def _sorted(feeds: list[dict]) -> list[dict]:
+    return sorted(feeds, key=lambda f: (f.get("created", 0), f["id"]))
+
+
 def list_feeds(redis: Any) -> list[dict]:
     """Every registered feed, oldest first."""
-    feeds = [json.loads(_text(v)) for v in as_client(redis).hvals(FEEDS_KEY)]
-    return sorted(feeds, key=lambda f: (f.get("created", 0), f["id"]))
+    return _sorted([json.loads(_text(v)) for v in as_client(redis).hvals(FEEDS_KEY)])
+
+
+def read_registry(redis: Any) -> tuple[int | None, list[dict]]:
+    """(version, feeds) in one read. The version goes up with every change; None means Redis holds no registry at
+    all (a new server, or one that restarted without persistence), which `registry_lost` tells from "no feeds"."""
+    pipe = as_client(redis).pipeline(transaction=True)
+    pipe.get(VERSION_KEY)
+    pipe.hvals(FEEDS_KEY)
+    version, values = pipe.execute()
+    return (None if version is None else int(version)), _sorted([json.loads(_text(v)) for v in values])
+
+
+def registry_lost(version: int | None, feeds: list[dict]) -> bool:
+    """True when Redis has neither feeds nor a version: every removal leaves the version behind, a lost dataset
+    does not (then the durable copy, pipeline.registry_copy, knows the feeds)."""
+    return version is None and not feeds
 
 
 def get_feed(redis: Any, feed_id: str) -> dict:
@@ -90,9 +114,12 @@ def get_feed(redis: Any, feed_id: str) -> dict:
 
 def remove_feed(redis: Any, feed_id: str) -> dict:
     """Unregister a feed and return its record; KeyError for an unknown id. A supervisor stops its reader."""
-    client = as_client(redis)
-    raw = client.hget(FEEDS_KEY, feed_id)
-    if raw is None or not client.hdel(FEEDS_KEY, feed_id):
+    pipe = as_client(redis).pipeline(transaction=True)
+    pipe.hget(FEEDS_KEY, feed_id)
+    pipe.hdel(FEEDS_KEY, feed_id)
+    pipe.incr(VERSION_KEY)
+    raw, deleted, _ = pipe.execute()
+    if raw is None or not deleted:
         raise KeyError(f"no feed with id {feed_id!r}")
     return json.loads(_text(raw))
 

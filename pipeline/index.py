@@ -23,6 +23,7 @@ Why this shape:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -175,7 +176,8 @@ class SegmentIndex:
                     out.write(payload)
                 self.fs.move(tmp, final)
         except BaseException:
-            self._remove(tmp)
+            with contextlib.suppress(OSError):  # on a read-only volume the cleanup fails too: report the write
+                self._remove(tmp)
             raise
         return payload.size
 

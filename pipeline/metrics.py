@@ -72,6 +72,11 @@ _SPECS = [
     MetricSpec("tubescope_feed_queued_segments", "gauge", "Segments waiting in the reader's queue", ("feed",)),
     MetricSpec("tubescope_live_segment_latency_seconds", "histogram",
                "Wall clock from a live segment's last frame until it is indexed", ("feed",), LIVE_LATENCY_SECONDS),
+    MetricSpec("tubescope_live_lost_segments_total", "counter",
+               "Live segments the indexer dropped (index writes failing past the feed's queue, encoding failed)",
+               ("feed",)),
+    MetricSpec("tubescope_feed_registry_restores_total", "counter",
+               "Times Redis came back without the feed registry and it was restored from the durable copy"),
     # ---- pipeline (label pipeline = live | archive)
     MetricSpec("tubescope_segments_processed_total", "counter", "Segments encoded and written to the index",
                ("pipeline",)),
@@ -279,6 +284,15 @@ def record_live_latency(feed_id: str, seconds: float) -> None:
             max(0.0, _number("seconds", seconds, minimum=None)), {"feed": _label("feed_id", feed_id)})
 
 
+def record_live_lost(feed_id: str, count: int) -> None:
+    """The live indexer dropped `count` of this feed's segments."""
+    _inc("tubescope_live_lost_segments_total", _count("count", count), {"feed": _label("feed_id", feed_id)})
+
+
+def record_registry_restored() -> None:
+    _inc("tubescope_feed_registry_restores_total", 1)
+
+
 # ---------------------------------------------------------------- pipeline
 
 def record_encoder_batch(fill: float, seconds: float, patches: int, tubes: int, tokens: int | None = None,
@@ -440,5 +454,6 @@ def node_exposition(timeout_s: float = 3.0) -> str:
 __all__ = ["node_exposition", "DECODE_ERROR_KINDS", "METRICS", "MetricSpec", "PIPELINES", "PREFIX", "RAY_PREFIX", "RETENTION_REASONS",
            "decode_error_kind", "enabled", "exported_series_names", "record_ask", "record_decode_error",
            "record_encoder_batch", "record_events_dropped", "record_feed_status", "record_feed_stopped",
-           "record_index_source", "record_index_sources", "record_live_latency", "record_outbox_depth",
-           "record_query", "record_retention_deletions", "record_search", "record_segments_indexed"]
+           "record_index_source", "record_index_sources", "record_live_latency", "record_live_lost",
+           "record_outbox_depth", "record_query", "record_registry_restored", "record_retention_deletions",
+           "record_search", "record_segments_indexed"]

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
 
     # ---- live feeds -------------------------------------------------------------------------------------------
-    feed_queue_segments: int = Field(4, ge=1)     # bounded per-feed queue; the oldest segment is dropped when full
+    feed_queue_segments: int = Field(4, ge=1)     # per-feed queue (reader; live indexer while writes fail); drops oldest
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
     feed_schemes: list[str] = list(NETWORK_SCHEMES)   # network schemes of the protocol table, or fewer
     file_roots: list[Path] = []                   # local files the REST API may read (feeds and jobs); none by default

@@ -1,12 +1,15 @@
-"""Real services for tests: a redis-server on a free loopback port, and a local Ray that writes nothing to $HOME,
-closed as the service's own is (deploy.runtime.start_closed_ray: loopback only, token authentication).
+"""Real services for tests: a redis-server on a free loopback port, a local Ray that writes nothing to $HOME,
+closed as the service's own is (deploy.runtime.start_closed_ray: loopback only, token authentication), and a real
+read-only folder (fault tests of the index volume).
 
 conftest.py turns these into fixtures; a subprocess test can import them directly (tests/ on sys.path).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,3 +58,34 @@ def start_local_ray(num_cpus: int = RAY_TEST_CPUS) -> RayLocal:
     ctx = start_closed_ray(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
                            ignore_reinit_error=True)
     return RayLocal(temp_dir=temp_dir, num_cpus=num_cpus, address=ctx.address_info.get("address", ""))
+
+
+@contextlib.contextmanager
+def read_only(folder: str | Path):
+    """Make `folder` (and everything under it) refuse writes, as a volume remounted read-only does, until exit.
+
+    As root, permissions do not stop writes, so the folder is bind-mounted read-only over itself (writes fail with
+    EROFS, "Read-only file system"); otherwise its folders lose their write bits (EACCES). Skips the test when
+    neither is possible (root without the right to mount)."""
+    import pytest
+
+    folder = str(folder)
+    if os.geteuid() != 0:
+        dirs = [folder] + [os.path.join(d, n) for d, names, _ in os.walk(folder) for n in names]
+        modes = {d: os.stat(d).st_mode for d in dirs}
+        for d in dirs:
+            os.chmod(d, modes[d] & ~0o222)
+        try:
+            yield "Permission denied"
+        finally:
+            for d in dirs:
+                os.chmod(d, modes[d])
+        return
+    mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make {folder} read-only as root without mount rights: {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", folder], check=True, capture_output=True)
+        yield "Read-only file system"
+    finally:
+        subprocess.run(["umount", folder], check=True, capture_output=True)

@@ -20,7 +20,7 @@ from deploy.client import ApiError, TubescopeClient, parse_sse
 from pipeline.events import ANSWERS_STREAM
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
-from services import start_redis
+from services import read_only, start_redis
 from streams import free_tcp_port, wait_for
 from videos import encode_video
 
@@ -99,7 +99,7 @@ def wait_for_metric(c: httpx.Client, pattern: str, timeout_s: float = 20.0) -> s
 # ---- health, metrics, docs ------------------------------------------------------------------------------------------
 def test_health_and_docs_need_no_key_metrics_need_an_unlimited_admin(served):
     with http(served, None) as c:
-        assert c.get("/healthz").json() == {"status": "ok", "redis": True, "index": True}
+        assert c.get("/healthz").json() == {"status": "ok", "redis": True, "index": True, "index_writable": True}
         assert c.get("/docs").status_code == 200
         spec = c.get("/openapi.json").json()
         assert {"/v1/ask", "/v1/search", "/v1/feeds", "/v1/jobs", "/v1/sources"} <= set(spec["paths"])
@@ -385,6 +385,19 @@ def test_a_vanished_index_root_is_503_not_an_empty_index(served):
         assert c.get("/healthz").json()["status"] == "ok"
         r = c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "max_new_tokens": 2})
         assert r.status_code == 200 and r.json()["answer"] == "!!" and len(r.json()["evidence"]) == 2
+
+
+def test_an_unwritable_index_is_503_in_healthz(served):
+    """A volume remounted read-only still reads: /healthz must say ingest cannot write, naming the cause."""
+    with read_only(served["settings"].index_root) as cause:
+        with http(served, None) as c:
+            r = c.get("/healthz")
+            assert r.status_code == 503, r.text
+            assert r.json()["index"] is True and r.json()["index_writable"] is False
+            assert r.json()["error"] == f"index not writable: {cause}"
+    with http(served, None) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+    assert not [p for p in Path(served["settings"].index_root).iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_ask_limits_and_bad_requests(served):

@@ -449,3 +449,23 @@ def test_a_vanished_root_is_an_error_not_an_empty_index(tmp_path):
     assert same_bits(ix.tokens(segs[1].segment_id), segs[1].tokens)
     with pytest.raises(KeyError):                               # a plain miss is still a KeyError
         ix.tokens("cam1:99000")
+
+
+def test_a_read_only_index_reports_the_failed_write_and_its_cause(tmp_path):
+    """The failed write is what surfaces, not the temp-file cleanup after it; /healthz's probe names it too."""
+    from pipeline.index_health import IndexNotWritable, check_writable, write_error_text
+    from services import read_only
+
+    index = SegmentIndex(tmp_path / "ix")
+    index.add([make_segment("cam", 0.0)])
+    check_writable(index)
+    with read_only(tmp_path / "ix") as cause:
+        with pytest.raises(OSError) as info:
+            index.add([make_segment("cam", 2.0)])
+        assert "Cannot delete" not in str(info.value) and cause in str(info.value)
+        assert write_error_text(info.value) == f"index not writable: {cause}"
+        with pytest.raises(IndexNotWritable, match=f"index not writable: {cause}"):
+            check_writable(index)
+        assert len(index.list("cam")) == 1                       # reads go on
+    index.add([make_segment("cam", 2.0)])
+    assert len(index.list("cam")) == 2 and not [p for p in (tmp_path / "ix").rglob(".tmp-*")]

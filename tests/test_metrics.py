@@ -46,7 +46,7 @@ def run_workload(args: dict) -> None:
 
     import qwen2vl
     from actors.feeds import FeedSupervisor
-    from pipeline.feeds import add_feed
+    from pipeline.feeds import FEEDS_KEY, VERSION_KEY, add_feed, list_feeds
     from actors.live import LiveIndexer
     from pipeline import metrics
     from actors.encoder import VisionEncoder
@@ -56,7 +56,7 @@ def run_workload(args: dict) -> None:
     from pipeline.settings import load_settings
     from services import RAY_TEMP_PARENT, RAY_TEMP_PREFIX
     from deploy.runtime import start_closed_ray
-    from streams import free_tcp_port, make_stream_video, wait_for
+    from streams import RtspServer, free_tcp_port, make_stream_video, wait_for
     from videos import encode_video
 
     work = Path(args["workdir"])
@@ -160,11 +160,14 @@ def run_workload(args: dict) -> None:
     assert any(hit for hit, _ in out["asks"]) and not all(hit for hit, _ in out["asks"]), out["asks"]
     _log("queries done")
 
-    # live: a file feed (loops at EOF: a reconnect) and a refused RTSP feed; a queue of one segment drops
+    # live: a file feed (loops at EOF in continuous time), an RTSP camera that restarts (a reconnect) and a refused
+    # RTSP feed; a queue of one segment drops
     r = __import__("redis").Redis.from_url(args["redis_url"])
     add_feed(r, str(make_stream_video(work / "lobby.mp4", seconds=2.0, width=160, height=120)), feed_id="lobby",
              settings=settings)
     add_feed(r, f"rtsp://127.0.0.1:{free_tcp_port()}/cam", feed_id="dead", settings=settings)
+    door = RtspServer(width=160, height=120, fps=5).start()
+    add_feed(r, door.url, feed_id="door", settings=settings)
     sup = FeedSupervisor(args["redis_url"], settings, sampler_options=LIVE_OPTIONS, events=False)
     sup.reconcile()
     wait_for(lambda: sup.statuses()["lobby"].get("drops", 0) >= 1, 60, 0.2, "a dropped segment")
@@ -172,14 +175,32 @@ def run_workload(args: dict) -> None:
     ray.get(indexer.start.remote())
     wait_for(lambda: len(r.xrange(SEGMENTS_STREAM, count=100)) >= report.segments + 2, 60, 0.2,
              "two live segments indexed")
-    wait_for(lambda: sup.statuses()["lobby"].get("reconnects", 0) >= 1, 30, 0.2, "a reconnect of the file feed")
-    out["lobby"] = {k: sup.statuses()["lobby"][k] for k in ("drops", "reconnects", "frames_sampled")}
+    wait_for(lambda: sup.statuses()["lobby"].get("loops", 0) >= 1, 30, 0.2, "the file feed to loop")
+    wait_for(lambda: sup.statuses()["door"].get("connected"), 30, 0.2, "the RTSP camera")
+    door.kill()
+    wait_for(lambda: not sup.statuses()["door"].get("connected"), 30, 0.2, "the camera's disconnect")
+    door.start()
+    wait_for(lambda: sup.statuses()["door"].get("reconnects", 0) >= 1, 30, 0.2, "the camera's reconnect")
+    # Redis loses the registry (restored from the copy beside the index), and the lobby's index folder takes no
+    # writes for a while (its live segments held, then lost and counted)
+    r.delete(FEEDS_KEY, VERSION_KEY)
+    assert sup.reconcile()["stopped"] == [] and len(list_feeds(r)) == 3
+    folder = Path(settings.index_root) / "source=lobby"
+    folder.rename(folder.with_name("lobby-away"))
+    folder.write_text("not a folder")
+    wait_for(lambda: ray.get(indexer.status.remote())["lost"].get("lobby", 0) >= 1, 30, 0.2, "a live segment lost")
+    folder.unlink()
+    folder.with_name("lobby-away").rename(folder)
+    wait_for(lambda: not ray.get(indexer.status.remote())["write_errors"], 30, 0.2, "live writes working again")
+    out["lobby"] = {k: sup.statuses()["lobby"][k] for k in ("drops", "frames_sampled")}
+    out["lobby"]["lost"] = ray.get(indexer.status.remote())["lost"]["lobby"]
     _log("live running")
 
     print("READY " + json.dumps(out), flush=True)
     sys.stdin.readline()                     # the test says when it is done querying
     ray.get(indexer.stop.remote(), timeout=60)
     sup.stop_all()
+    door.close()
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -420,10 +441,14 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
             assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(asks))}
             assert _values(base, "sum by (status) (tubescope_requests_total)", "status") == \
                 {"200": float(len(asks) + 1), "404": 1.0, "500": 1.0}
-            assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == {"lobby": 1.0, "dead": 0.0}
+            assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == \
+                {"lobby": 1.0, "dead": 0.0, "door": 1.0}
             lobby = done["lobby"]
             assert _scalar(base, 'sum(tubescope_feed_dropped_segments_total{feed="lobby"})') >= lobby["drops"]
-            assert _scalar(base, 'sum(tubescope_feed_reconnects_total{feed="lobby"})') >= 1
+            assert _scalar(base, 'sum(tubescope_feed_reconnects_total{feed="door"})') >= 1
+            assert _values(base, 'sum(tubescope_feed_reconnects_total{feed="lobby"})') == {}   # loops are no faults
+            assert _scalar(base, 'sum(tubescope_live_lost_segments_total{feed="lobby"})') == lobby["lost"]
+            assert _scalar(base, "sum(tubescope_feed_registry_restores_total)") == 1
             assert _scalar(base, 'sum(tubescope_feed_frames_sampled_total{feed="lobby"})') >= \
                 lobby["frames_sampled"]
             assert 0 <= _scalar(base, 'max(tubescope_feed_lag_seconds{feed="lobby"})') < 10

@@ -1,5 +1,6 @@
-"""Service health: /healthz answers without a key (probes); /metrics needs an admin key for every source unless
-api_metrics_public; /v1/status needs an admin key and shows a limited one only its own sources."""
+"""Service health: /healthz answers without a key (probes) and is 503 while Redis is unreachable or the index is
+missing or takes no writes; /metrics needs an admin key for every source unless api_metrics_public; /v1/status needs
+an admin key and shows a limited one only its own sources."""
 import asyncio
 from typing import Any
 
@@ -12,6 +13,7 @@ from deploy.api.deps import ServiceContext, admin_key, metrics_key, public, serv
 from deploy.auth import Caller
 from pipeline import metrics
 from pipeline.index import IndexUnavailable
+from pipeline.index_health import check_writable
 
 router = APIRouter()
 
@@ -27,7 +29,12 @@ def healthz(context: ServiceContext = Depends(service)):
     except IndexUnavailable as e:
         return JSONResponse({"status": "degraded", "redis": True, "index": False, "error": str(e)},
                             status_code=503)
-    return {"status": "ok", "redis": True, "index": True}
+    try:
+        check_writable(context.index)       # a read-only or full volume still reads fine: try a write
+    except OSError as e:
+        return JSONResponse({"status": "degraded", "redis": True, "index": True, "index_writable": False,
+                             "error": str(e)}, status_code=503)
+    return {"status": "ok", "redis": True, "index": True, "index_writable": True}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_key)])

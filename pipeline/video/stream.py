@@ -9,8 +9,8 @@ One StreamSampler reads one source in a background thread:
 Live sources die, hang and restart. Both the end of iteration and any av.error.FFmpegError count as
 "disconnected": the partial segment is flushed (padded to an even frame count), the gap is recorded once frames flow
 again, and the source is reopened with capped exponential backoff plus jitter. Local files (a path or file://) are
-played at real time and loop at EOF, so a demo file behaves like a camera (docs/architecture.md, "Streams and
-protocols").
+played at real time and loop at EOF in continuous time (no disconnect), so a demo file behaves like a camera
+(docs/architecture.md, "Streams and protocols").
 
 actors/feeds.py wraps one StreamSampler in a Ray actor (FeedReader); tests drive StreamSampler directly.
 """
@@ -173,6 +173,7 @@ class StreamSampler:
         self.frames_sampled = 0
         self.segments_produced = 0
         self.packets_skipped = 0
+        self.loops = 0                               # times a local file started again from its beginning
         self.last_frame_time: float | None = None    # epoch time of the last sampled frame
         self.last_decoded_time: float | None = None  # epoch time of the last decoded frame
         self.last_segment_time: float | None = None  # end time (t1) of the last completed segment
@@ -284,23 +285,30 @@ class StreamSampler:
         return None
 
     def _read(self, container) -> tuple[str, str]:
-        """Demux and decode until EOF, an error or stop(); return why it ended: (what readers see, the cause)."""
+        """Demux and decode until EOF, an error or stop(); return why it ended: (what readers see, the cause). A local
+        file that gave frames loops in place (seek to its start): time runs on, so a loop is no disconnect, gap or
+        error."""
         stream = container.streams.video[0]
         time_base = stream.time_base
         try:
-            for packet in container.demux(stream):
-                if self._stop.is_set():
-                    return "stopped", "stopped"
-                try:
-                    frames = packet.decode()
-                except av.error.InvalidDataError:       # e.g. the truncated last packet of a dying RTSP session
-                    self.packets_skipped += 1
-                    continue
-                for frame in frames:
-                    self._on_frame(frame, time_base)
+            while True:
+                decoded_before = self.frames_decoded
+                for packet in container.demux(stream):
                     if self._stop.is_set():
                         return "stopped", "stopped"
-            return "eof", "eof"
+                    try:
+                        frames = packet.decode()
+                    except av.error.InvalidDataError:   # e.g. the truncated last packet of a dying RTSP session
+                        self.packets_skipped += 1
+                        continue
+                    for frame in frames:
+                        self._on_frame(frame, time_base)
+                        if self._stop.is_set():
+                            return "stopped", "stopped"
+                if self._file_path is None or self.frames_decoded == decoded_before:
+                    return "eof", "eof"
+                container.seek(0)                       # PtsClock re-anchors the restarted pts just after the last
+                self.loops += 1                         # frame; the rate sampler keeps its phase
         except av.error.FFmpegError as e:               # ExitError (read timeout), TimeoutError, OSError (EIO) ...
             return CONNECTION_LOST, describe_error(e, self.config.url)
         except UnusableVideo as e:                      # frames decoded: the source is video, nothing to hide
@@ -357,8 +365,7 @@ class StreamSampler:
 
     def _disconnected(self, reason: str, detail: str) -> None:
         self._emit_segments(self._builder.flush())     # keep what was read before the drop
-        if reason != "eof" or self._file_path is None:
-            self._set_error(f"disconnected: {reason}", f"disconnected: {detail}")
+        self._set_error(f"disconnected: {reason}", f"disconnected: {detail}")
         now = time.time()
         with self._lock:
             if self._open_gap is None and self.last_decoded_time is not None:
@@ -423,6 +430,7 @@ class StreamSampler:
             "reconnects": self.reconnects,
             "open_failures": self.open_failures,
             "packets_skipped": self.packets_skipped,
+            "loops": self.loops,
             "reanchors": self._clock.reanchors,
             "backoff_s": self.backoff_s,
             "gap_count": self.gap_count,
