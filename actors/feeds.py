@@ -53,6 +53,7 @@ class _FeedReader:
                  events_redis_url: str | None = None, autostart: bool = True):
         self.feed = dict(feed)
         settings = settings or load_settings()
+        metrics.configure(settings)
         self.sampler = StreamSampler(sampler_config(self.feed, settings, **(sampler_options or {})),
                                      on_event=self._on_event)
         self.sink = None

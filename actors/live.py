@@ -38,6 +38,9 @@ class LiveIndexer:
         from pipeline.events import EventSink
         from pipeline.index import SegmentIndex
 
+        from pipeline import metrics
+
+        metrics.configure(settings)
         self.settings = settings
         self.namespace = namespace
         self.redis = as_client(redis_url)

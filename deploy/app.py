@@ -311,6 +311,14 @@ def app_from_env(args: dict | None = None):
     return build_app(settings)
 
 
+def http_options(settings: Settings, host: str, port: int) -> dict:
+    """Serve's HTTP proxy options. Its uvicorn has no timeout for a request's headers (the keep-alive timer starts
+    after a response), so a client that trickles headers holds a connection until it stops: bodies are bounded by
+    the app (api_body_timeout_seconds), headers only by a reverse proxy in front (docs/architecture.md, "REST API")."""
+    return {"host": host, "port": port, "keep_alive_timeout_s": settings.api_keep_alive_seconds,
+            "request_timeout_s": settings.api_request_timeout_seconds}
+
+
 def run_app(settings: Settings, *, host: str | None = None, port: int | None = None, feeds: bool = True,
             live: bool = True, model_path: str | None = None, ready_timeout_s: float = 120.0,
             quiet: bool = False) -> str:
@@ -326,7 +334,7 @@ def run_app(settings: Settings, *, host: str | None = None, port: int | None = N
     logging_config = {"log_level": "WARNING"} if quiet else None
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.start(http_options=http_options(settings, host, port), logging_config=logging_config)
     serve.run(build_app(settings, model_path=model_path, feeds=feeds, live=live), name=APP_NAME,
               route_prefix="/", blocking=False, logging_config=logging_config)
     url = f"http://{host}:{port}"

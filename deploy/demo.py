@@ -28,7 +28,8 @@ def run_demo(settings: Settings, say=click.echo) -> bool:
     say(f"tubescope demo: data dir {settings.data_dir}")
     with redis_endpoint(settings) as redis_ep:
         if redis_ep.embedded:
-            say(f"[redis] embedded redis-server started, listening on {redis_ep.url} (dir {settings.redis_dir})")
+            say(f"[redis] embedded redis-server started, listening on {redact_url(redis_ep.url)} "
+                f"(dir {settings.redis_dir})")
         else:
             say(f"[redis] using REDIS_URL {redact_url(redis_ep.url)}")
         clip = demo_clip(settings.data_dir / "samples" / "demo.mp4")

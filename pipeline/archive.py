@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline import metrics
 from pipeline.video.protocols import under_roots
 from qwen2vl.geometry import PATCH_DIM
 
@@ -267,7 +268,6 @@ class JobWriter:
             self.fail(f["path"], f["error"])
 
     def fail(self, path: str, error: str) -> None:
-        from pipeline import metrics
         from pipeline.events import ERRORS_STREAM
 
         self.report.failed.append({"path": path, "error": error})
@@ -328,6 +328,7 @@ def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | N
     from pipeline.index import SegmentIndex
     from pipeline.retention import sweep_retention
 
+    metrics.configure(settings)
     index = index or SegmentIndex(settings.index_root)
     plan = plan_job(paths, settings, index, source_id, file_roots)
     writer = JobWriter(plan, index, events, progress)

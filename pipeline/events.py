@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from pipeline import metrics
+from pipeline.video.protocols import redact_url
 
 log = logging.getLogger("tubescope.events")
 
@@ -91,10 +92,10 @@ class EventSink:
                 self.client = redis.Redis.from_url(redis_url_or_client, socket_connect_timeout=1.0,
                                                    socket_timeout=2.0, retry=Retry(NoBackoff(), 1))
             except ValueError as e:
-                raise ValueError(f"bad Redis URL {redis_url_or_client!r}: {e}") from e
+                raise ValueError(f"bad Redis URL {redact_url(redis_url_or_client)!r}: {e}") from None
         else:
             raise ValueError(f"expected a Redis URL (redis://host:port/db) or a redis.Redis client, "
-                             f"got {redis_url_or_client!r}")
+                             f"got {type(redis_url_or_client).__name__}")
         self.maxlen = _check_positive_int("maxlen", maxlen)
         self.outbox_max = _check_positive_int("outbox_max", outbox_max)
         if flush_interval_s is not None and not flush_interval_s > 0:

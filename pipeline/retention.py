@@ -9,12 +9,15 @@ import logging
 import threading
 import time
 
+from pipeline import metrics
+
 log = logging.getLogger(__name__)
 
 
 def sweep_retention(index, settings) -> int:
     """Delete what the retention settings no longer keep; returns segments deleted (0 when none are set).
     Deleted segments take their captions with them (the index) and leave the retrieval index (prune_retrieval)."""
+    metrics.configure(settings)
     if settings.retention_max_age_hours is None and settings.retention_max_bytes is None:
         return 0
     max_age = None if settings.retention_max_age_hours is None else settings.retention_max_age_hours * 3600.0

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     index_dir: str | None = None                # None: <data_dir>/index; a pyarrow.fs URI (s3://...) also works
     model_path: Path | None = None              # None: the tiny random model under <data_dir>/models/
     redis_url: str | None = Field(                # None: tubescope starts and owns an embedded Redis
-        default=None, validation_alias=AliasChoices("TUBESCOPE_REDIS_URL", "REDIS_URL"))
+        default=None, validation_alias=AliasChoices("TUBESCOPE_REDIS_URL", "REDIS_URL"), repr=False)
     stream_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of every Redis stream
     outbox_max_events: int = Field(10_000, ge=1)  # events kept on disk while Redis is unreachable
 
@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503
     api_metrics_public: bool = False              # /metrics without a key (it names every source); else admin key
+    # slow clients: the whole request body within this many seconds of the request's headers, else 408 (the app's
+    # own limit: Serve's request timeout can be lifted by a client header, and uvicorn has none for bodies)
+    api_body_timeout_seconds: float = Field(30.0, gt=0)
+    api_keep_alive_seconds: int = Field(90, ge=1)        # an idle kept-alive connection is closed after this (Serve)
+    api_request_timeout_seconds: float | None = Field(None, gt=0)   # end to end, streamed answers too (Serve)
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
 
     # ---- retention --------------------------------------------------------------------------------------------
@@ -153,6 +158,9 @@ class Settings(BaseSettings):
     retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap
     retention_sweep_seconds: float = Field(60.0, gt=0)         # how often the service applies retention
     metrics_export_port: int = Field(8080, ge=0, le=65535)     # Ray's metrics export on a local cluster; 0: any port
+    # a secret: when set, metric labels carry a keyed hash of each source id (pipeline.metrics.source_label) instead
+    # of the id, so dashboards and scrapes do not name cameras; None: the ids themselves
+    metrics_source_key: str | None = Field(None, min_length=16, repr=False)
 
     # ---- validation ---------------------------------------------------------------------------------------------
     @field_validator("data_dir", "model_path", "caption_model_path", mode="after")
@@ -263,10 +271,13 @@ class Settings(BaseSettings):
         return self.data_dir / "outbox"
 
     def to_public_dict(self) -> dict[str, Any]:
-        """JSON-ready values with secrets hidden: API keys (even their hashes) and any Redis password."""
+        """JSON-ready values with secrets hidden: API keys (even their hashes), the metrics label key and any Redis
+        password."""
         d = self.model_dump(mode="json")
         d["redis_url"] = redact_url(self.redis_url)
         d["api_keys"] = [{"role": k["role"], "sources": k["sources"]} for k in d["api_keys"]]
+        if d["metrics_source_key"] is not None:
+            d["metrics_source_key"] = "***"
         d["index_root"] = str(self.index_root)
         d["resolved_model_path"] = str(self.resolved_model_path())
         return d

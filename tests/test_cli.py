@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -73,7 +74,8 @@ def test_demo_with_redis_url_runs_the_mission_and_exits_0(tmp_path, redis_server
     out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=ROOT, capture_output=True, text=True,
                          env=_env(tmp_path, REDIS_URL=redis_server.url), timeout=220)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"using REDIS_URL {redis_server.url}" in out.stdout
+    assert f"using REDIS_URL redis://:***@127.0.0.1:{redis_server.port}/0" in out.stdout
+    assert redis_server.password not in out.stdout + out.stderr
     assert "outputs are meaningless" in out.stdout and "TUBESCOPE_MODEL_PATH" in out.stdout   # says so plainly
     assert "job succeeded: 1 segment(s) indexed" in out.stdout                               # 4 s clip, 8 s segments
     client = redis_server.client(decode_responses=True)
@@ -92,7 +94,8 @@ def test_demo_with_embedded_redis(tmp_path):
     out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=ROOT, capture_output=True, text=True,
                          env=_env(tmp_path), timeout=220)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "embedded redis-server started, listening on redis://127.0.0.1:" in out.stdout
+    assert "embedded redis-server started, listening on redis://:***@127.0.0.1:" in out.stdout
+    assert not re.search(r"redis://:(?!\*\*\*@)", out.stdout + out.stderr)      # its password shown nowhere
     dump = tmp_path / "data" / "redis" / "dump.rdb"
     assert dump.is_file()                                            # the results outlive the demo
     from pipeline.redis_server import RedisServer

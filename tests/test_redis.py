@@ -33,8 +33,9 @@ def test_embedded_server_starts_answers_says_where_and_stops(tmp_path, caplog):
     with redis_endpoint(settings) as ep:
         assert ep.embedded
         server = ep.server
-        assert ep.url.startswith("redis://127.0.0.1:")
-        assert any(ep.url in r.getMessage() and "listening" in r.getMessage() for r in caplog.records)
+        assert ep.url.startswith(f"redis://:{server.password}@127.0.0.1:")
+        shown = f"redis://:***@127.0.0.1:{server.port}/0"
+        assert any(shown in r.getMessage() and "listening" in r.getMessage() for r in caplog.records)
         c = ep.client(decode_responses=True)
         assert c.ping()
         c.xadd("tubescope:test", {"k": "v"})
@@ -46,6 +47,35 @@ def test_embedded_server_starts_answers_says_where_and_stops(tmp_path, caplog):
         assert (settings.redis_dir / "redis-server.log").is_file()
     assert not _pid_alive(pid)
     assert not _port_open(port)
+
+
+def test_embedded_server_refuses_clients_without_its_password_and_never_shows_it(tmp_path, caplog, capsys):
+    from pipeline.events import EventSink
+
+    caplog.set_level("DEBUG")
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=None)
+    with redis_endpoint(settings) as ep:
+        password, port = ep.server.password, ep.server.port
+        assert len(password) >= 32
+        for stranger in (redis.Redis(host="127.0.0.1", port=port),                       # no password
+                         redis.Redis(host="127.0.0.1", port=port, password="guess-" * 6)):  # a wrong one
+            with pytest.raises(redis.AuthenticationError):
+                stranger.set("tubescope:feeds:x", "rtsp://elsewhere/")
+            stranger.close()
+        with redis_client(settings) as c:            # the service itself: the URL carries the password
+            c.set("k", "v")
+            assert c.get("k") == "v"
+        with open(f"/proc/{ep.server.pid}/cmdline", "rb") as f:       # never on a command line (`ps`)
+            cmdline = f.read().decode(errors="replace")
+        with pytest.raises(ValueError, match="bad Redis URL") as info:                 # errors show no password
+            EventSink(f"redis://:{password}@127.0.0.1:no-port/0", tmp_path / "outbox")
+        print(info.value)
+        print(repr(ep.server), repr(settings.model_copy(update={"redis_url": ep.url})))
+        log_file = ep.server.log_path.read_text()
+    shown = capsys.readouterr()
+    everything = "\n".join([cmdline, log_file, shown.out, shown.err, caplog.text])
+    assert password not in everything
+    assert f"redis://:***@127.0.0.1:{port}/0" in caplog.text
 
 
 def test_embedded_data_persists_across_runs(tmp_path):

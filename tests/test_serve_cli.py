@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,6 +99,14 @@ def test_serve_prints_url_and_a_generated_admin_key(server):
     assert httpx.get(server["url"] + "/healthz").json()["status"] == "ok"
     # the generated key is required: the API does not run open
     assert httpx.get(server["url"] + "/v1/feeds").status_code == 401
+
+    # the embedded Redis requires a password that the service uses and nothing prints (its URL is shown redacted)
+    output = server["proc"].output
+    shown = re.search(r"\[redis\] embedded server at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", output)
+    assert shown and not re.search(r"redis://[^/\s]*:(?!\*\*\*@)[^@\s/]+@", output), output
+    import redis
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=int(shown.group(1))).get("tubescope:feeds")
 
 
 def test_feeds_commands(server):

@@ -8,11 +8,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import Time, ServiceContext, check_length, check_window, reader_key, service, sources_for
-from deploy.api.errors import overload_response, raise_decoder_error
+from deploy.api.deps import (ScopedRoute, ServiceContext, Time, check_length, check_window, reader_key, service,
+                             sources_for)
+from deploy.api.errors import error_responses, overload_response, raise_decoder_error
 from deploy.auth import Caller
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
 
 
 class AskRequest(BaseModel):
@@ -31,7 +32,7 @@ def sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
 
-@router.post("/v1/ask")
+@router.post("/v1/ask", responses=error_responses(404, 408, 413, 422, 503))
 async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     s = context.settings
     if body.source is not None and body.sources is not None:

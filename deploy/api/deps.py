@@ -1,18 +1,21 @@
 """What routes depend on: the service context, who is calling, and the request limits.
 
-Every route declares its scope as a dependency: reader_key (any valid key), admin_key, or public (no key). FastAPI
-resolves dependencies before it validates the body, so a missing key is a 401 and a forbidden one a 403 before any
-422. `route_scopes` reads those declarations back, so create_api can refuse a route without one.
+Every route declares its scope as a dependency: reader_key (any valid key), admin_key, metrics_key, or public (no
+key). Every router builds its routes as ScopedRoute, which checks that scope before the body is read (401/403 come
+before 400/422/408) and lists the error statuses in the route's OpenAPI entry. `route_scopes` reads the declarations
+back for the tests.
 """
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response, params
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StrictFloat, StrictInt
 
+from deploy.api.errors import error_responses
 from deploy.auth import AuthError, Authorizer, Caller, require_role, require_sources, visible
 from pipeline.settings import Settings
 
@@ -74,26 +77,27 @@ async def public() -> None:
     """No key: the route answers anyone (health and metrics only)."""
 
 
-def reader_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-               context: ServiceContext = Depends(service)) -> Caller:
+# The key checks do no I/O (a few constant-time compares), so they are async: no thread hop per request.
+async def reader_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                     context: ServiceContext = Depends(service)) -> Caller:
     """Any valid key (reader or admin)."""
     return _authenticate(context, credentials)
 
 
-def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-              context: ServiceContext = Depends(service)) -> Caller:
+async def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    context: ServiceContext = Depends(service)) -> Caller:
     caller = _authenticate(context, credentials)
     require_role(caller, "admin")
     return caller
 
 
-def metrics_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-                context: ServiceContext = Depends(service)) -> Caller | None:
+async def metrics_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                      context: ServiceContext = Depends(service)) -> Caller | None:
     """/metrics: open to anyone only when api_metrics_public; else an admin key for every source (the series name
     every source, with counts and bytes)."""
     if context.settings.api_metrics_public:
         return None
-    caller = admin_key(credentials, context)
+    caller = await admin_key(credentials, context)
     if caller.sources is not None:
         raise AuthError(403, "the metrics name every source: they need an admin key that is not limited to some")
     return caller
@@ -102,15 +106,46 @@ def metrics_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bear
 SCOPES = {public: "public", reader_key: "reader", admin_key: "admin", metrics_key: "metrics"}
 
 
-def route_scopes(router: APIRouter) -> dict[str, list[str]]:
-    """Each route's "METHOD path" -> the scopes its dependencies declare (a route must declare exactly one)."""
-    def found(dependant) -> list[str]:
-        out = []
-        for dep in dependant.dependencies:
-            out += [SCOPES[dep.call]] if dep.call in SCOPES else found(dep)
-        return out
+def declared_scopes(endpoint: Callable, dependencies=()) -> list[Callable]:
+    """The scope dependencies a route declares: in its endpoint's parameters or its `dependencies`."""
+    declared = [p.default for p in inspect.signature(endpoint).parameters.values()] + list(dependencies or ())
+    return [d.dependency for d in declared if isinstance(d, params.Depends) and d.dependency in SCOPES]
 
-    return {f"{method} {route.path}": found(route.dependant)
+
+class ScopedRoute(APIRoute):
+    """A route that declares exactly one scope, checks it before the body is read, and documents its errors.
+
+    FastAPI reads and parses a JSON body before it solves any dependency, so on a plain APIRoute a malformed body
+    is a 422 before a missing key is a 401: an anonymous caller would learn what a route accepts. Here the scope
+    runs first; FastAPI runs it again with the other dependencies (a few compares), which hands the endpoint its
+    Caller. Every router is APIRouter(route_class=ScopedRoute)."""
+
+    def __init__(self, path: str, endpoint: Callable, *, dependencies=None, responses=None, **kwargs):
+        scopes = declared_scopes(endpoint, dependencies)
+        if len(scopes) != 1:
+            raise RuntimeError(f"route {path} must declare exactly one of public, reader_key, admin_key, "
+                               f"metrics_key; it declares {[SCOPES[s] for s in scopes]}")
+        self.scope = scopes[0]
+        key_errors = error_responses(401, 403) if self.scope is not public else {}
+        super().__init__(path, endpoint, dependencies=dependencies, responses={**key_errors, **(responses or {})},
+                         **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+        scope = self.scope
+        if scope is public:
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            await scope(await _bearer(request), await service(request))
+            return await handler(request)
+
+        return key_first
+
+
+def route_scopes(router: APIRouter) -> dict[str, list[str]]:
+    """Each route's "METHOD path" -> the scopes it declares (a ScopedRoute declares exactly one)."""
+    return {f"{method} {route.path}": [SCOPES[s] for s in declared_scopes(route.endpoint, route.dependencies)]
             for route in router.routes if isinstance(route, APIRoute) for method in sorted(route.methods)}
 
 

@@ -1,15 +1,40 @@
-"""Errors of the REST API, always JSON {"error": message}: the exception handlers and the helpers routes use."""
+"""Errors of the REST API, always JSON {"error": message}: the exception handlers, the helpers routes use, and
+the OpenAPI description of each error status."""
 import logging
 
+import redis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.auth import AuthError
 from pipeline.index import IndexUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+    error: str = Field(description="what went wrong, in words; never a secret")
+
+
+ERROR_STATUSES = {
+    401: "no API key, or an unknown one (header WWW-Authenticate: Bearer)",
+    403: "the key's role or sources do not allow this",
+    404: "no such feed, job, source or footage",
+    408: "the request body did not arrive within api_body_timeout_seconds",
+    409: "conflicts with what exists (a feed id taken, a job already finished)",
+    413: "request body over api_max_request_bytes",
+    422: "invalid request; the message names the field",
+    503: "Redis, the index or the decoder is unavailable or busy; retry after the Retry-After header's seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` of a route for these error statuses, each with the ErrorBody model."""
+    return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -50,6 +75,14 @@ async def _index_unavailable(request: Request, exc: IndexUnavailable) -> JSONRes
     return error_response(503, str(exc))
 
 
+async def _redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    # the details (host, port, the client's words) go to the log, not to callers
+    log.warning("Redis unreachable on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    retry = int(request.app.state.service.settings.api_retry_after_seconds)
+    return error_response(503, f"Redis is unreachable (feeds and jobs live there); retry in {retry} s",
+                          {"Retry-After": str(retry)})
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}"[:1000])
@@ -60,4 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(IndexUnavailable, _index_unavailable)
+    # an outage (refused, timed out, loading); other Redis errors are bugs and stay 500
+    app.add_exception_handler(redis.ConnectionError, _redis_unavailable)
+    app.add_exception_handler(redis.TimeoutError, _redis_unavailable)
     app.add_exception_handler(Exception, _internal_error)

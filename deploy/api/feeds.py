@@ -6,12 +6,13 @@ import ray
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from deploy.api.deps import ServiceContext, admin_key, reader_key, require_named_source, service
+from deploy.api.deps import ScopedRoute, ServiceContext, admin_key, reader_key, require_named_source, service
+from deploy.api.errors import error_responses
 from deploy.auth import Caller, require_sources
 from pipeline.video.protocols import redact_url
 from pipeline.video.stream import DETAIL_FIELDS
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
 STATUS_TIMEOUT_S = 5.0
 
 
@@ -36,7 +37,7 @@ def status_for(caller: Caller, status: dict) -> dict:
     return status if caller.is_admin else {k: v for k, v in status.items() if k not in DETAIL_FIELDS}
 
 
-@router.post("/v1/feeds", status_code=201)
+@router.post("/v1/feeds", status_code=201, responses=error_responses(408, 409, 413, 422, 503))
 def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from pipeline.feeds import add_feed
 
@@ -53,14 +54,14 @@ def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: 
     return public_feed(record)
 
 
-@router.get("/v1/feeds")
+@router.get("/v1/feeds", responses=error_responses(503))
 def list_feeds(caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     from pipeline.feeds import list_feeds
 
     return {"feeds": [public_feed(f) for f in list_feeds(context.redis) if caller.may_see(f["id"])]}
 
 
-@router.get("/v1/feeds/{feed_id}")
+@router.get("/v1/feeds/{feed_id}", responses=error_responses(404, 422, 503))
 def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     from actors.feeds import NAMESPACE, reader_name
     from pipeline.feeds import get_feed
@@ -82,7 +83,7 @@ def get_feed(feed_id: str, caller: Caller = Depends(reader_key), context: Servic
     return {**public_feed(record), "status": status_for(caller, status)}
 
 
-@router.delete("/v1/feeds/{feed_id}")
+@router.delete("/v1/feeds/{feed_id}", responses=error_responses(404, 422, 503))
 def delete_feed(feed_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from pipeline.feeds import remove_feed
 

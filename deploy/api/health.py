@@ -6,19 +6,21 @@ from typing import Any
 
 import redis as redis_lib
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.api.deps import ServiceContext, admin_key, metrics_key, public, service
+from deploy.api.deps import ScopedRoute, ServiceContext, admin_key, metrics_key, public, service
+from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline import metrics
 from pipeline.index import IndexUnavailable
 from pipeline.index_health import check_writable
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
+DEGRADED = {503: {"description": "Redis or the index is unavailable: {status: degraded, redis, index, error}"}}
 
 
-@router.get("/healthz", dependencies=[Depends(public)])
+@router.get("/healthz", dependencies=[Depends(public)], responses=DEGRADED)
 def healthz(context: ServiceContext = Depends(service)):
     try:
         context.redis.ping()
@@ -37,7 +39,9 @@ def healthz(context: ServiceContext = Depends(service)):
     return {"status": "ok", "redis": True, "index": True, "index_writable": True}
 
 
-@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_key)])
+# Response (no media type of its own), so the error statuses are documented as JSON and only the 200 as text
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_key)],
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 def metrics_text():
     """This node's tubescope_* metrics (from every actor and replica on it, via Ray's metrics export) followed by
     this replica's process metrics. A Prometheus server should scrape Ray's export port on every node instead
@@ -45,7 +49,7 @@ def metrics_text():
     return PlainTextResponse(metrics.node_exposition() + generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/status")
+@router.get("/v1/status", responses=error_responses(503))
 async def status(caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     if caller.sources is not None:            # a limited admin: its own sources and feeds, nothing service-wide
         return await _limited_status(context, caller)

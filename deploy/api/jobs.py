@@ -5,10 +5,11 @@ import ray
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from deploy.api.deps import ServiceContext, admin_key, require_named_source, service
+from deploy.api.deps import ScopedRoute, ServiceContext, admin_key, require_named_source, service
+from deploy.api.errors import error_responses
 from deploy.auth import Caller
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
 
 
 class JobCreate(BaseModel):
@@ -32,7 +33,7 @@ def _job(context: ServiceContext, job_id: str, caller: Caller) -> dict:
     return job
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses=error_responses(408, 413, 422, 503))
 def create_job(body: JobCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from deploy.jobs import submit_job
 
@@ -46,7 +47,7 @@ def create_job(body: JobCreate, caller: Caller = Depends(admin_key), context: Se
     return record
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses=error_responses(404, 422, 503))
 def get_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from deploy.jobs import ACTIVE_STATES, mark_lost
 
@@ -61,7 +62,7 @@ def get_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceCo
     return job
 
 
-@router.delete("/v1/jobs/{job_id}", status_code=202)
+@router.delete("/v1/jobs/{job_id}", status_code=202, responses=error_responses(404, 409, 422, 503))
 def cancel_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     from deploy.jobs import request_cancel
 

@@ -1,13 +1,14 @@
 """create_api: the FastAPI app of the REST API, built from the routers of deploy.api.
 
 Errors are JSON {"error": message}; bodies over api_max_request_bytes are refused (413); every request is counted
-in the metrics. Each route declares its scope (deploy.api.deps): create_api refuses to build with a route that
-declares none, or several.
+in the metrics. Every route is a ScopedRoute (deploy.api.deps): one declared scope, checked before the body is
+read; create_api refuses to build with any other kind of route.
 """
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from deploy.api import ask, feeds, health, jobs, search, sources
-from deploy.api.deps import ServiceContext, route_scopes
+from deploy.api.deps import ScopedRoute, ServiceContext
 from deploy.api.errors import install_error_handlers
 from deploy.api.middleware import RequestGuard
 
@@ -16,16 +17,17 @@ ROUTERS = (health.router, feeds.router, jobs.router, sources.router, search.rout
 
 def create_api(context: ServiceContext) -> FastAPI:
     """The app serving `context` (kept on app.state, where the `service` dependency finds it)."""
-    for router in ROUTERS:
-        unscoped = {route: scopes for route, scopes in route_scopes(router).items() if len(scopes) != 1}
-        if unscoped:
-            raise RuntimeError(f"routes must declare exactly one of public, reader_key, admin_key: {unscoped}")
+    unscoped = [route.path for router in ROUTERS for route in router.routes
+                if isinstance(route, APIRoute) and not isinstance(route, ScopedRoute)]
+    if unscoped:
+        raise RuntimeError(f"routes must be built by APIRouter(route_class=ScopedRoute): {unscoped}")
     api = FastAPI(title="tubescope", version="0.1.0",
                   description="Ask questions over live and archived video. Bearer API keys; errors are "
                               "{\"error\": ...}.")
     api.state.service = context
     install_error_handlers(api)
-    api.add_middleware(RequestGuard, max_request_bytes=context.settings.api_max_request_bytes)
+    api.add_middleware(RequestGuard, max_request_bytes=context.settings.api_max_request_bytes,
+                       body_timeout_s=context.settings.api_body_timeout_seconds)
     for router in ROUTERS:
         api.include_router(router)
     return api

@@ -1,4 +1,5 @@
-"""ASGI middleware of the REST API: the request-body limit (413) and the request metrics."""
+"""ASGI middleware of the REST API: the request-body limits (413 for size, 408 for time) and the request metrics."""
+import asyncio
 import time
 
 from fastapi import HTTPException
@@ -8,12 +9,14 @@ from pipeline import metrics
 
 
 class RequestGuard:
-    """Refuses bodies over max_request_bytes (413, setting api_max_request_bytes) and records every request's
-    endpoint, status and latency (pipeline.metrics.record_query)."""
+    """Refuses bodies over max_request_bytes (413, setting api_max_request_bytes) and bodies that have not fully
+    arrived body_timeout_s after the request started (408 and the connection closed, api_body_timeout_seconds),
+    and records every request's endpoint, status and latency (pipeline.metrics.record_query)."""
 
-    def __init__(self, app, max_request_bytes: int):
+    def __init__(self, app, max_request_bytes: int, body_timeout_s: float):
         self.app = app
         self.max_request_bytes = int(max_request_bytes)
+        self.body_timeout_s = float(body_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -32,15 +35,23 @@ class RequestGuard:
         if length is not None and length.isdigit() and int(length) > limit:
             await error_response(413, too_big)(scope, receive, send_counted)
         else:
-            received = 0
+            received, body_done = 0, False
+            deadline = t0 + self.body_timeout_s
 
             async def receive_limited():
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:                # later reads wait for a disconnect (a streamed answer): no deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise HTTPException(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                             "(api_body_timeout_seconds)", headers={"Connection": "close"}) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:     # a chunked body without Content-Length
                         raise HTTPException(413, too_big)
+                    body_done = not message.get("more_body", False)
                 return message
 
             await self.app(scope, receive_limited, send_counted)

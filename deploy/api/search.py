@@ -5,11 +5,12 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import Time, ServiceContext, check_length, check_window, reader_key, service, sources_for
-from deploy.api.errors import overload_response, raise_decoder_error
+from deploy.api.deps import (ScopedRoute, ServiceContext, Time, check_length, check_window, reader_key, service,
+                             sources_for)
+from deploy.api.errors import error_responses, overload_response, raise_decoder_error
 from deploy.auth import Caller
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
 
 
 class SearchRequest(BaseModel):
@@ -22,7 +23,7 @@ class SearchRequest(BaseModel):
     limit: int = Field(10, ge=1)
 
 
-@router.post("/v1/search")
+@router.post("/v1/search", responses=error_responses(404, 408, 413, 422, 503))
 async def search(body: SearchRequest, caller: Caller = Depends(reader_key),
                  context: ServiceContext = Depends(service)):
     s = context.settings

@@ -1,21 +1,22 @@
 """Indexed sources and their segments with captions (/v1/sources): any key, limited to the sources it may see."""
 from fastapi import APIRouter, Depends, HTTPException
 
-from deploy.api.deps import ServiceContext, parse_window, reader_key, resolve_names, service
+from deploy.api.deps import ScopedRoute, ServiceContext, parse_window, reader_key, resolve_names, service
+from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
 from pipeline.times import with_times
 
-router = APIRouter()
+router = APIRouter(route_class=ScopedRoute)
 
 
-@router.get("/v1/sources")
+@router.get("/v1/sources", responses=error_responses(503))
 def list_sources(caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     return {"sources": [s for s in context.index.sources() if caller.may_see(s["source_id"])]}
 
 
-@router.get("/v1/sources/{source_id:path}/segments")
+@router.get("/v1/sources/{source_id:path}/segments", responses=error_responses(404, 422, 503))
 def list_segments(source_id: str, start: str | None = None, end: str | None = None,
                   caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     [source_id] = resolve_names(context, caller, [source_id])

@@ -234,12 +234,8 @@ def redact_url(url: str | None) -> str | None:
         return url
     parts = urlsplit(url)
     netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{user}:***@{host}"
+    if parts.password is not None:            # the host as written: a bad port must not raise here
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
