@@ -36,15 +36,17 @@ class LiveIndexing:
         import torch
 
         tubes = [tubes_from_segment(s, as_uint8=True) for s in segments]
-        tokens = self.encoder.encode([torch.from_numpy(t.pixel_rows) for t in tubes], [tuple(t.grid_thw) for t in tubes])
-        records = [IndexedSegment(segment_id=t.segment_id, source_id=t.source_id, t0=t.t0, t1=t.t1,
-                                  grid_thw=tuple(t.grid_thw), tube_ts=list(t.tube_ts), tokens=tok,
-                                  model_id=self.encoder.model_id) for t, tok in zip(tubes, tokens)]
+        tokens, long_tokens, long_grids = self.encoder.encode_tiers([torch.from_numpy(t.pixel_rows) for t in tubes],
+                                                                    [tuple(t.grid_thw) for t in tubes])
+        records = [_record(t, t.grid_thw, tok, self.encoder.model_id) for t, tok in zip(tubes, tokens)]
+        long = [_record(t, g, tok, self.encoder.model_id)
+                for t, g, tok in zip(tubes, long_grids, long_tokens) if tok is not None]
         now = time.time()
         latency = {s.segment_id: now - s.frame_ts[-1] for s in segments}   # since the segment's last sampled frame
         details = {s.segment_id: {"padded": s.padded, "latency_s": f"{latency[s.segment_id]:.3f}"} for s in segments}
         try:
-            written = write_segments(self.index, records, pipeline="live", events=self.events, details=details)
+            written, _ = write_segments(self.index, records, pipeline="live", events=self.events, details=details,
+                                        long=long, long_pixels=self.encoder.long_pixels)
         except Exception as e:  # noqa: BLE001 - a failed write is reported; the next round goes on
             self.errors += 1
             log.exception("live index write failed")
@@ -58,3 +60,8 @@ class LiveIndexing:
                 self.on_indexed(seg, latency[seg.segment_id])
         self.segments += len(written)
         return len(written)
+
+
+def _record(tubes, grid_thw, tokens, model_id: str) -> IndexedSegment:
+    return IndexedSegment(segment_id=tubes.segment_id, source_id=tubes.source_id, t0=tubes.t0, t1=tubes.t1,
+                          grid_thw=tuple(grid_thw), tube_ts=list(tubes.tube_ts), tokens=tokens, model_id=model_id)
