@@ -15,7 +15,9 @@ import torch
 from pipeline import metrics
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.checkpoints import pixel_norm
+from pipeline.long_tier import needs_long_file
 from pipeline.packing import gather_batch, pack_tubes, split_tokens
+from pipeline.tubes import long_grid, resize_rows
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -36,8 +38,9 @@ class EncodeStats:
 
 class VisionEncoder:
     def __init__(self, model_path: str, token_budget: int = 16384, dtype: str = "float32", device: str | None = None,
-                 on_batch=None, pipeline: str = "archive", threads: int | None = None):
-        """threads: torch intra-op threads; None keeps the process default (Ray sets 1 for a fractional CPU)."""
+                 on_batch=None, pipeline: str = "archive", threads: int | None = None, long_pixels: int = 0):
+        """threads: torch intra-op threads; None keeps the process default (Ray sets 1 for a fractional CPU).
+        long_pixels: also encode every tube at this area per frame (the long-video tier; 0: off)."""
         import qwen2vl
 
         if pipeline not in metrics.PIPELINES:
@@ -49,6 +52,7 @@ class VisionEncoder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _DTYPES[dtype]
         self.token_budget = int(token_budget)
+        self.long_pixels = int(long_pixels)
         self.visual = qwen2vl.load_vision(model_path, dtype=self.dtype, device=self.device)
         vcfg = self.visual.cfg
         self.merge = vcfg.spatial_merge_size ** 2
@@ -113,6 +117,28 @@ class VisionEncoder:
                 self.on_batch(fill, dt, batch.patches)
         return [torch.cat([tok for _, tok in sorted(p, key=lambda x: x[0])]) for p in pieces]
 
+    def encode_tiers(self, rows: list[torch.Tensor], grids: list[tuple[int, int, int]],
+                     need_full: list[bool] | None = None) -> tuple[list, list, list]:
+        """Both tiers in one packed encode: (full tokens or None where need_full is False, long-tier tokens or None
+        where the segment needs no long file, long grids). Rows are uint8 pixel rows of the index resolution."""
+        need_full = [True] * len(rows) if need_full is None else list(need_full)
+        rows = [r.to(self.device) for r in rows]          # one device for every piece a packed batch gathers
+        long_grids = [long_grid(g, self.long_pixels) for g in grids]
+        want_long = [needs_long_file(g, self.long_pixels) for g in grids]
+        items, item_grids = [], []
+        for r, g, full in zip(rows, grids, need_full):
+            if full:
+                items.append(r)
+                item_grids.append(g)
+        for r, g, lg, want in zip(rows, grids, long_grids, want_long):
+            if want:
+                items.append(resize_rows(r, g, lg))
+                item_grids.append(lg)
+        tokens = iter(self.encode(items, item_grids) if items else [])
+        full_tokens = [next(tokens) if full else None for full in need_full]
+        long_tokens = [next(tokens) if want else None for want in want_long]
+        return full_tokens, long_tokens, long_grids
+
     # ---- archive adapter: a batch of segment rows (Ray Data numpy format) -> the same rows plus tokens -------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["segment_id"])
@@ -121,15 +147,27 @@ class VisionEncoder:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
         grids = [tuple(int(x) for x in batch["grid_thw"][i]) for i in ok]
-        tokens = self.encode(rows, grids) if ok else []
-        out_tokens = [b""] * n
-        dims = [0] * n
-        for i, tok in zip(ok, tokens):
-            out_tokens[i] = tok.numpy().tobytes()
-            dims[i] = tok.shape[1]
+        need_full = [bool(batch["need_full"][i]) for i in ok] if "need_full" in batch else None
+        full, low, low_grids = self.encode_tiers(rows, grids, need_full) if ok else ([], [], [])
         result = {k: v for k, v in batch.items() if k != "pixel_rows"}
-        result["tokens"] = np.array(out_tokens, dtype=object)
-        result["token_dim"] = np.array(dims, dtype=np.int64)
-        result["n_tokens"] = np.array([len(t) // (2 * d) if d else 0 for t, d in zip(out_tokens, dims)], dtype=np.int64)
+        result.update(_token_columns(n, ok, full, ""))
+        result.update(_token_columns(n, ok, low, "long_"))
+        long_grid_col = np.zeros((n, 3), np.int64)
+        for i, g in zip(ok, low_grids):
+            long_grid_col[i] = g
+        result["long_grid_thw"] = long_grid_col
         result["model_id"] = np.array([self.model_id] * n, dtype=object)
         return result
+
+
+def _token_columns(n: int, ok: list[int], tokens: list, prefix: str) -> dict[str, np.ndarray]:
+    """`tokens`, `token_dim`, `n_tokens` columns (with a prefix) of n rows; rows without tokens get b"" and 0."""
+    out_tokens, dims = [b""] * n, [0] * n
+    for i, tok in zip(ok, tokens):
+        if tok is not None:
+            out_tokens[i] = tok.numpy().tobytes()
+            dims[i] = tok.shape[1]
+    return {f"{prefix}tokens": np.array(out_tokens, dtype=object),
+            f"{prefix}token_dim": np.array(dims, dtype=np.int64),
+            f"{prefix}n_tokens": np.array([len(t) // (2 * d) if d else 0 for t, d in zip(out_tokens, dims)],
+                                          dtype=np.int64)}

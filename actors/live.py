@@ -47,7 +47,7 @@ class LiveIndexer:
         self.events = EventSink(redis_url, settings.outbox_dir / "live", maxlen=settings.stream_maxlen,
                                 outbox_max=settings.outbox_max_events)
         encoder = VisionEncoder(str(model_path), token_budget=settings.encoder_token_budget,
-                                dtype=settings.encoder_dtype, pipeline="live")
+                                dtype=settings.encoder_dtype, pipeline="live", long_pixels=settings.long_pixels)
         self.core = LiveIndexing(encoder, SegmentIndex(settings.index_root, create=False), self.events,
                                  max_held_per_feed=settings.feed_queue_segments)
         self._stop = threading.Event()

@@ -71,12 +71,16 @@ def model_init_tiny(directory: Path) -> None:
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--source-id", default=None, help="source id for the footage (default: each file's name)")
+@click.option("--reencode-long", is_flag=True,
+              help="also fill the long-video tier (long_pixels) of segments indexed before it existed")
 @click.option("--json", "as_json", is_flag=True, help="print the job report as JSON")
 @click.pass_context
-def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None, as_json: bool) -> None:
+def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None, reencode_long: bool,
+              as_json: bool) -> None:
     """Index video files, folders, globs or pyarrow.fs URIs into the footage index.
 
-    Exit 0 when everything was indexed, 2 when some inputs failed, 1 when none was indexed.
+    Exit 0 when everything was indexed, 2 when some inputs failed, 1 when none was indexed. Re-running is cheap:
+    what is indexed is skipped (with --reencode-long, what has its long tier too).
     """
     from deploy.runtime import local_runtime
     from actors.encoder import VisionEncoder
@@ -91,8 +95,10 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
 
             captions = caption_follower(settings, rt.index, CaptionPool(settings, str(rt.model_path)), rt.events,
                                         poll_s=1.0).start()
+        if reencode_long and not settings.long_pixels:
+            raise click.UsageError("--reencode-long needs the long tier on: long_pixels is 0")
         report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index,
-                               events=rt.events, progress=True)
+                               events=rt.events, progress=True, reencode_long=reencode_long)
         if captions is not None:         # then what it has not reached yet, for this job's sources
             captions.stop()
             captions.sources = report.sources
@@ -104,7 +110,8 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(f"indexed {len(report.indexed)} file(s), {report.segments} new segment(s) "
-                   f"({report.skipped} already indexed), {report.source_seconds:.1f} s of video in {report.seconds:.1f} s")
+                   f"({report.skipped} already indexed), {report.long_tier} long-tier file(s), "
+                   f"{report.source_seconds:.1f} s of video in {report.seconds:.1f} s")
         for f in report.failed:
             click.echo(f"FAILED {f['path']}: {f['error']}", err=True)
         click.echo(f"index: {settings.index_root}; events: Redis stream tubescope:segments")
@@ -273,9 +280,16 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
         return
     click.echo("" if live else f"answer: {out['answer']}")
     for ev in out["evidence"]:
-        click.echo(f"evidence: {ev['source']} {ev['start']} - {ev['end']} ({ev.get('segment_id', '')})")
+        tubes = f", {len(ev['tubes'])} tubes" if "tubes" in ev else ""
+        click.echo(f"evidence: {ev['source']} {ev['start']} - {ev['end']} ({ev.get('segment_id', '')}, "
+                   f"{ev.get('tier', 'full')}{tubes})")
+    plan = out.get("plan")
+    if plan:
+        click.echo(f"plan: {plan['kind']}: {plan['tubes']} tubes at {', '.join(plan['resolutions'])}, "
+                   f"{plan['segments']} of {plan['window_segments']} segments"
+                   + (f", {plan['caption_lines']} caption lines of the rest" if plan.get("caption_lines") else ""))
     if out.get("narrowed"):
-        click.echo("note: the window held more footage than the budget; search picked the evidence above")
+        click.echo("note: the window held more footage than the budget; the plan above says what was looked at")
     click.echo(f"model: {out['model']}; Redis stream tubescope:answers entry {out.get('stream_entry')}")
 
 

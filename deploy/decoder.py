@@ -3,8 +3,10 @@
 See docs/architecture.md, "Temporal positions" and "Search".
 
 Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
-  select  list the window's segments (metadata only); over the visual-token budget, narrow to the best segments by
-          search (never silently truncated: `narrowed` and `evidence` say exactly what the model saw)
+  select  list the window's segments (metadata only) and plan what to look at (deploy.plans): every segment when
+          they fit the visual-token budget, else the long tier (all tubes, or tubes sampled evenly), else the best
+          segments by search with the captions of the rest as text (never silently truncated: `plan`, `narrowed`
+          and `evidence` say exactly what the model saw)
   prompt  chat template; per source run one video block of the stored tokens, preceded by its time label;
           temporal M-RoPE ids from the tubes' times (deploy.footage)
   prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
@@ -24,11 +26,14 @@ from typing import Callable
 
 import torch
 
-from deploy.footage import PrefixMemo, PromptPlan, build_prompt, check_question, group_blocks, list_window
+from deploy.footage import (PrefixMemo, PromptPlan, build_prompt, check_question, format_span, group_blocks,
+                            list_window)
+from deploy.plans import WindowPlan, caption_lines, plan_window
 from deploy.prefix_cache import PrefixCache
 from deploy.search import SegmentRanker, evenly_spaced
 from pipeline.captioner import embed_query
 from pipeline.captions import CaptionStore
+from pipeline.long_tier import LongTier
 from pipeline.retrieval import RetrievalIndex
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.kv import prefill_kv
@@ -76,6 +81,7 @@ class Decoder:
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
         self.captions = CaptionStore(index)
+        self.long_tier = LongTier(index, settings.long_pixels) if settings.long_pixels else None
         # captions on: searches and over-budget asks consider every captioned segment through the retrieval index;
         # queries are embedded by the checkpoint that wrote the caption vectors (this one unless configured)
         self.retrieval = RetrievalIndex(settings.index_root) if settings.captions else None
@@ -171,9 +177,11 @@ class Decoder:
             raise ValueError("on_token must be a callable taking a text piece, or None")
 
         rows = list_window(self.index, sources, start, end, self.model_id)
-        selected, narrowed = self._fit_budget(question, rows, start, end)
-        plan = build_prompt(self.processor, group_blocks(selected, self.tube_seconds, self.settings.max_gap_seconds),
-                            question, self.model.config, self.prompt_memo)
+        window = self._plan(question, rows, start, end)
+        narrowed = window.tubes < sum(int(r["grid_thw"][0]) for r in rows)
+        plan = build_prompt(self.processor, group_blocks(window.rows, self.tube_seconds,
+                                                         self.settings.max_gap_seconds),
+                            question, self.model.config, self.prompt_memo, notes=window.notes)
         t_selected = time.perf_counter()
 
         key = plan.prefix_key(self.model_id, self.dtype)
@@ -205,24 +213,46 @@ class Decoder:
                    "decode_s": t_end - t_first, "total_s": t_end - t_start, "prefix_cache": "hit" if hit else "miss",
                    "prompt_tokens": len(plan.input_ids), "visual_tokens": plan.visual_tokens,
                    "new_tokens": len(new_ids)}
-        evidence = [with_times({"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"]},
-                               self.settings.time_zone)
-                    for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
+        evidence = [self._evidence(r) for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
+        summary = window.summary()
         result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
-                  "timings": timings, "narrowed": narrowed, "stream_entry": None}
+                  "timings": timings, "narrowed": narrowed, "plan": summary, "stream_entry": None}
         if self.events is not None:
             result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {
                 "id": result["id"], "question": question, "answer": result["answer"], "evidence": evidence,
-                "model": self.model_id, "timings": timings, "narrowed": narrowed,
+                "model": self.model_id, "timings": timings, "narrowed": narrowed, "plan": summary,
                 "sources": list(dict.fromkeys([sources] if isinstance(sources, str) else sources)),
                 "start": start, "end": end})
         return result
 
-    def _fit_budget(self, question: str, rows: list[dict], start, end) -> tuple[list[dict], bool]:
-        """All rows when their tokens fit ask_token_budget; else the best-scoring ones that fit, in time order."""
+    def _plan(self, question: str, rows: list[dict], start, end) -> WindowPlan:
+        """The window's plan (deploy.plans); a retrieval plan is filled here: the best segments by search, and the
+        captions of the others as timestamped lines."""
+        s = self.settings
+        over = sum(int(r["n_tokens"]) for r in rows) > s.ask_token_budget
+        present = self.long_tier.present(rows, self.model_id) if over and self.long_tier is not None else set()
+        plan = plan_window(rows, budget=s.ask_token_budget, long_pixels=s.long_pixels, long_present=present,
+                           max_stride_s=s.long_max_stride_seconds, tube_seconds=self.tube_seconds)
+        if plan.kind == "retrieval":
+            plan.rows = [{**r, "tier": "full"} for r in self._fit_budget(question, rows, start, end)]
+            if self.retrieval is not None and s.plan_caption_lines \
+                    and len(self.captions.uncaptioned(rows, self.caption_model_id)) < len(rows):
+                seen = {r["segment_id"] for r in plan.rows}
+                captions = self.retrieval.captions(sorted({r["source_id"] for r in rows}), start, end)
+                plan.notes = caption_lines(rows, captions, seen, s.plan_caption_lines, format_span)
+        return plan
+
+    def _evidence(self, row: dict) -> dict:
+        """One segment the answer looked at: times, tier, and the start of each tube when only some were seen."""
+        entry = {"source": row["source_id"], "segment_id": row["segment_id"], "t0": row["t0"], "t1": row["t1"],
+                 "tier": row.get("tier", "full")}
+        if "tubes" in row:
+            entry["tubes"] = [round(float(ts), 3) for ts in row["tube_ts"]]
+        return with_times(entry, self.settings.time_zone)
+
+    def _fit_budget(self, question: str, rows: list[dict], start, end) -> list[dict]:
+        """The best-scoring rows whose tokens fit ask_token_budget, in time order."""
         budget = self.settings.ask_token_budget
-        if sum(int(r["n_tokens"]) for r in rows) <= budget:
-            return rows, False
         chosen, used = [], 0
         for row, _score in self._ranked(question, rows, start, end)[0]:
             if used + int(row["n_tokens"]) <= budget:
@@ -233,15 +263,25 @@ class Decoder:
             raise ValueError(f"ask_token_budget ({budget} visual tokens) is smaller than any segment of the window "
                              f"(the smallest holds {smallest}); raise the budget")
         chosen.sort(key=lambda r: (r["t0"], r["source_id"]))
-        return chosen, True
+        return chosen
 
     # ---- model work --------------------------------------------------------------------------------------------------
     def _segment_tokens(self, segment_id: str) -> torch.Tensor:
         return self.index.tokens(segment_id, self.model_id)                    # fp16 (n, D)
 
     def _plan_tokens(self, plan: PromptPlan) -> torch.Tensor:
-        """Stored visual tokens of the plan's segments in prompt order, (n_visual, D) in the model dtype."""
-        parts = [self._segment_tokens(sid) for sid in plan.segment_ids]
+        """Stored visual tokens of the plan's rows in prompt order, (n_visual, D) in the model dtype: a long-tier row
+        reads the segment's long tier and keeps the tubes the plan chose."""
+        parts = []
+        for r in plan.segments:
+            if r.get("tier") != "long":
+                parts.append(self._segment_tokens(r["segment_id"]))
+                continue
+            tokens = self.long_tier.tokens({**r, "grid_thw": r["index_grid_thw"]}, self.model_id)
+            if "tubes" in r:
+                per_tube = tokens.shape[0] // int(r["index_grid_thw"][0])
+                tokens = tokens.view(-1, per_tube, tokens.shape[1])[r["tubes"]].reshape(-1, tokens.shape[1])
+            parts.append(tokens)
         return torch.cat(parts).to(self.device, self.dtype)
 
     def _prefill_prefix(self, plan: PromptPlan, embeds: torch.Tensor):

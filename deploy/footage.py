@@ -88,6 +88,7 @@ class VideoBlock:
     grid_thw: tuple[int, int, int]                # (sum of t, h, w) in patch units
     temporal_ids: list[int]                       # one per temporal patch, starting at 0
     spans: list[tuple[float, float]] = field(default_factory=list)   # contiguous (t0, t1) runs, for the label
+    sampled: bool = False                         # tubes sampled from the segments (deploy.plans), not all of them
 
     @property
     def n_tokens(self) -> int:
@@ -141,7 +142,7 @@ def group_blocks(rows: list[dict], tube_seconds: float, max_gap_seconds: float) 
         blocks.append(VideoBlock(source_id=run[0]["source_id"], segments=run,
                                  grid_thw=(sum(int(r["grid_thw"][0]) for r in run), int(h), int(w)),
                                  temporal_ids=temporal_ids(tube_ts, tube_seconds, max_gap_seconds),
-                                 spans=_spans(run, tube_seconds)))
+                                 spans=_spans(run, tube_seconds), sampled=any("tubes" in r for r in run)))
     blocks.sort(key=lambda b: (b.segments[0]["t0"], b.source_id))
     return blocks
 
@@ -176,8 +177,21 @@ def _media(seconds: int) -> str:
 
 
 def block_label(block: VideoBlock) -> str:
-    """'[source cam1, 12:00:08-12:01:12 UTC]'; a block with gaps lists each contiguous span."""
+    """'[source cam1, 12:00:08-12:01:12 UTC]'; a block with gaps lists each contiguous span; a block of sampled tubes
+    names its whole span and how often a moment was taken: '[source cam1, 08:00:00-14:00:00 UTC, 128 moments about
+    every 2m49s]'."""
+    if block.sampled:
+        t0, t1 = block.spans[0][0], block.spans[-1][1]
+        n = block.grid_thw[0]
+        every = (t1 - t0) / n
+        return f"[source {block.source_id}, {format_span(t0, t1)}, {n} moments about every {_duration(every)}]"
     return f"[source {block.source_id}, {', '.join(format_span(a, b) for a, b in block.spans)}]"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # ---- the prompt ------------------------------------------------------------------------------------------------------
@@ -210,9 +224,11 @@ class PromptPlan:
         return sum(b.n_tokens for b in self.blocks)
 
     def prefix_key(self, model_id: str, dtype: torch.dtype) -> tuple:
-        """What the prefix KV depends on: model, segments, positions, dtype (and a digest of the prefix ids)."""
+        """What the prefix KV depends on: model, segments with their tier and tubes, positions, dtype (and a digest
+        of the prefix ids, which holds the labels and any caption lines)."""
         digest = hashlib.sha1(torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
-        return (model_id, tuple(self.segment_ids), tuple(tuple(b.temporal_ids) for b in self.blocks),
+        tiers = tuple((r.get("tier", "full"), tuple(r.get("tubes", ()))) for r in self.segments)
+        return (model_id, tuple(self.segment_ids), tiers, tuple(tuple(b.temporal_ids) for b in self.blocks),
                 str(dtype), digest)
 
 
@@ -225,8 +241,17 @@ def check_question(question) -> str:
     return question
 
 
-def render_messages(blocks: list[VideoBlock], question: str) -> list[dict]:
+def strip_markers(text: str) -> str:
+    for marker in SPECIAL_MARKERS:
+        text = text.replace(marker, "")
+    return text
+
+
+def render_messages(blocks: list[VideoBlock], question: str, notes: list[str] = ()) -> list[dict]:
+    """The user turn: caption lines of footage not shown (if any), each block's label and video, the question."""
     content: list[dict] = []
+    if notes:
+        content.append({"type": "text", "text": "Captions of footage not shown, by time:\n" + "\n".join(notes) + "\n"})
     for block in blocks:
         content.append({"type": "text", "text": block_label(block)})
         content.append({"type": "video"})
@@ -259,15 +284,17 @@ class PrefixMemo:
 
 
 def build_prompt(processor, blocks: list[VideoBlock], question: str, config,
-                 memo: PrefixMemo | None = None) -> PromptPlan:
+                 memo: PrefixMemo | None = None, notes: list[str] = ()) -> PromptPlan:
     """Chat-template prompt over `blocks` then `question`, split into prefix/suffix ids, with prefix positions.
 
     `processor` is a qwen2vl.Processor (expands each video pad from its grid alone); `config` a Qwen2VLConfig.
+    notes: caption lines of footage the blocks do not show, placed before them (inside the cached prefix).
     """
     check_question(question)
     if not blocks:
         raise ValueError("a prompt needs at least one video block")
-    text = processor.apply_chat_template(render_messages(blocks, question), add_generation_prompt=True)
+    notes = [strip_markers(n) for n in notes]          # a caption must never smuggle a special token in
+    text = processor.apply_chat_template(render_messages(blocks, question, notes), add_generation_prompt=True)
     cut = text.rindex(VISION_END) + len(VISION_END)
     if text.count(VIDEO_PLACEHOLDER) != len(blocks):
         raise ValueError("the chat template did not emit one video placeholder per block")

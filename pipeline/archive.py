@@ -43,6 +43,7 @@ class JobReport:
     indexed: list[str] = field(default_factory=list)          # paths with every segment indexed
     failed: list[dict] = field(default_factory=list)          # {"path", "error"}
     segments: int = 0                                         # segments written by this job
+    long_tier: int = 0                                        # long-tier files written (docs: "Plans")
     skipped: int = 0                                          # segments already in the index (idempotent re-runs)
     seconds: float = 0.0                                      # wall time
     source_seconds: float = 0.0                               # media seconds covered
@@ -161,8 +162,10 @@ def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, do
     return out
 
 
-def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixels: int, max_pixels: int) -> list[dict]:
-    """One window -> one row per segment (Tubes.to_row with uint8 pixel rows); a failure is one row with `error`."""
+def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixels: int, max_pixels: int,
+                        indexed: frozenset = frozenset()) -> list[dict]:
+    """One window -> one row per segment (Tubes.to_row with uint8 pixel rows); a failure is one row with `error`.
+    `need_full` is False for segments in `indexed` (their tokens exist: only their long tier is wanted)."""
     from pipeline.tubes import tubes_from_segment
     from pipeline.video.files import decode_window
     from pipeline.video.media import DecodeError
@@ -175,7 +178,8 @@ def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixel
         frames = decode_window(row["path"], row["start"], row["end"], fps=fps, min_pixels=min_pixels,
                                max_pixels=max_pixels)
         segments = segment_frames(row["source_id"], frames, segment_seconds=segment_seconds, fps=fps)
-        out = [{**base, **tubes_from_segment(s, as_uint8=True).to_row(), "error": ""} for s in segments]
+        out = [{**base, **tubes_from_segment(s, as_uint8=True).to_row(), "error": "",
+                "need_full": s.segment_id not in indexed} for s in segments]
     except (DecodeError, OSError, ValueError) as e:
         return [_error_row(base, row["source_id"], f"{type(e).__name__}: {e}")]
     for r in out[1:]:
@@ -188,7 +192,7 @@ def _error_row(base: dict, source_id: str, error: str) -> dict:
     schema)."""
     return {**base, "segment_id": "", "source_id": source_id, "t0": 0.0, "t1": 0.0,
             "pixel_rows": np.zeros((0, PATCH_DIM), np.uint8), "grid_thw": np.zeros(3, np.int64),
-            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error}
+            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error, "need_full": False}
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------
@@ -201,35 +205,44 @@ class JobPlan:
     files: list[str]                          # every file the job reads, in order
     failures: list[dict]                      # {"path", "error"} of inputs that name no readable file
     rows: list[dict]                          # {"path", "source_id"} per file
-    done: dict[str, frozenset]                # source id -> segment ids this model has already indexed
+    done: dict[str, frozenset]                # source id -> segment ids with nothing left to encode
     model_path: str
+    indexed: dict[str, frozenset]             # source id -> segment ids whose full-resolution tokens exist
 
 
 def plan_job(paths: list[str], settings, index, source_id: str | None = None,
-             file_roots: list | None = None) -> JobPlan:
+             file_roots: list | None = None, reencode_long: bool = False) -> JobPlan:
     """Expand the inputs into files (under file_roots when given), name their sources, and look up what is already
-    indexed (idempotent re-runs)."""
+    indexed (idempotent re-runs). reencode_long: segments indexed without their long tier are decoded again and
+    encoded at the long resolution only."""
     from pipeline.checkpoints import model_id
 
     files, failures = expand_sources(list(paths), file_roots)
     rows = [{"path": p, "source_id": source_id_for(p, source_id, len(files))} for p in files]
     model_path = str(settings.resolved_model_path())
     mid = model_id(model_path) if files else ""
-    done = {r["source_id"]: frozenset(s["segment_id"] for s in index.list(r["source_id"], model_id=mid)) for r in rows}
-    return JobPlan(files, failures, rows, done, model_path)
+    listed = {r["source_id"]: index.list(r["source_id"], model_id=mid) for r in rows}
+    indexed = {s: frozenset(r["segment_id"] for r in found) for s, found in listed.items()}
+    done = indexed
+    if reencode_long and settings.long_pixels:
+        from pipeline.long_tier import LongTier
+
+        tier = LongTier(index, settings.long_pixels)
+        done = {s: frozenset(tier.present(found, mid)) for s, found in listed.items()}
+    return JobPlan(files, failures, rows, done, model_path, indexed)
 
 
 def decoded_segments(plan: JobPlan, settings):
     """The Ray Data plan of a job: one row of uint8 tubes per segment (or per failed or empty window)."""
     import ray
 
-    seg_s, fps, done = float(settings.segment_seconds), float(settings.fps), plan.done
+    seg_s, fps, done, indexed = float(settings.segment_seconds), float(settings.fps), plan.done, plan.indexed
     window_segments = max(1, int(settings.segments_per_task))
     ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
     ds.context.target_max_block_size = DECODED_BLOCK_BYTES          # this job's copy of the DataContext
     ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]), num_cpus=0.25)
-    return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels),
-                       num_cpus=1)
+    return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels,
+                                                     indexed[r["source_id"]]), num_cpus=1)
 
 
 def encoder_pool(plan: JobPlan, settings, encoder_cls):
@@ -239,7 +252,8 @@ def encoder_pool(plan: JobPlan, settings, encoder_cls):
     n_actors = max(1, int(settings.num_encoder_actors))
     gpus = _gpus_per_encoder(settings)
     return EncoderPool(encoder_cls, {"model_path": plan.model_path, "token_budget": settings.encoder_token_budget,
-                                     "dtype": settings.encoder_dtype, "threads": _encoder_threads(gpus, n_actors)},
+                                     "dtype": settings.encoder_dtype, "threads": _encoder_threads(gpus, n_actors),
+                                     "long_pixels": settings.long_pixels},
                        n_actors, num_cpus=settings.encoder_cpus, num_gpus=gpus,
                        runtime_env=_cpu_encoder_env(gpus),
                        keepalive_s=settings.encoder_keepalive_seconds)
@@ -258,8 +272,9 @@ def encoded_segments(plan: JobPlan, settings, encoder_cls) -> Iterator[dict]:
 class JobWriter:
     """The driver's side of a job: writes encoded batches, tracks each file, and builds the report."""
 
-    def __init__(self, plan: JobPlan, index, events=None, progress: bool = True):
+    def __init__(self, plan: JobPlan, index, events=None, progress: bool = True, long_pixels: int = 0):
         self.plan, self.index, self.events = plan, index, events
+        self.long_pixels = long_pixels
         self.report = JobReport(sources=sorted({r["source_id"] for r in plan.rows}))
         self.started = time.perf_counter()
         self.files: dict[str, dict] = {p: {"error": None, "duration": 0.0} for p in plan.files}
@@ -280,7 +295,7 @@ class JobWriter:
         from pipeline.indexing import write_segments
         from pipeline.records import IndexedSegment
 
-        segments, details = [], {}
+        segments, long, details = [], [], {}
         for i in range(len(batch["path"])):
             row = {k: v[i] for k, v in batch.items()}
             path = str(row["path"])
@@ -288,12 +303,21 @@ class JobWriter:
             self.report.skipped += int(row["n_skipped"])
             if row["error"]:
                 self.files[path]["error"] = str(row["error"])
-            elif row["segment_id"]:
+                continue
+            if not row["segment_id"]:
+                continue
+            if int(row["n_tokens"]):
                 segments.append(IndexedSegment.from_row(row))
-                details[segments[-1].segment_id] = {"padded": bool(row["padded"]), "path": path}
-        if segments:
-            self.report.segments += len(write_segments(self.index, segments, pipeline="archive", events=self.events,
-                                                       details=details))
+                details[row["segment_id"]] = {"padded": bool(row["padded"]), "path": path}
+            if int(row.get("long_n_tokens", 0)):
+                long.append(IndexedSegment.from_row({**row, "grid_thw": row["long_grid_thw"],
+                                                     "tokens": row["long_tokens"], "n_tokens": row["long_n_tokens"],
+                                                     "token_dim": row["long_token_dim"]}))
+        if segments or long:
+            written, written_long = write_segments(self.index, segments, pipeline="archive", events=self.events,
+                                                   details=details, long=long, long_pixels=self.long_pixels)
+            self.report.segments += len(written)
+            self.report.long_tier += len(written_long)
         if self.bar is not None:
             self.bar.set_postfix(segments=self.report.segments)
             self.bar.update(0)
@@ -317,21 +341,22 @@ class JobWriter:
 
 def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | None = None, index=None,
                   events=None, progress: bool = True, on_progress=None, should_cancel=None,
-                  file_roots: list | None = None) -> JobReport:
+                  file_roots: list | None = None, reencode_long: bool = False) -> JobReport:
     """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
 
     encoder_cls: the encoder stage, a callable class constructed with model_path, token_budget, dtype and threads
     (actors.encoder.VisionEncoder). on_progress(report, files_total): called after every batch (job status for the
     REST API). should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
     file_roots: when given (REST jobs), files outside them after resolving links are left out and reported.
+    reencode_long: also fill the long tier of segments indexed before it existed (plan_job).
     """
     from pipeline.index import SegmentIndex
     from pipeline.retention import sweep_retention
 
     metrics.configure(settings)
     index = index or SegmentIndex(settings.index_root)
-    plan = plan_job(paths, settings, index, source_id, file_roots)
-    writer = JobWriter(plan, index, events, progress)
+    plan = plan_job(paths, settings, index, source_id, file_roots, reencode_long)
+    writer = JobWriter(plan, index, events, progress, settings.long_pixels)
     if plan.files:
         batches = encoded_segments(plan, settings, encoder_cls)
         try:

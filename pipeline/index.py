@@ -43,6 +43,8 @@ from pipeline.records import IndexedSegment, source_of
 SOURCE_PREFIX = "source="
 DATA_PREFIX = "seg-"
 CAPTION_PREFIX = "cap-"           # pipeline/captions.py: captions of a segment, removed with its last data file
+LONG_PREFIX = "low-"              # pipeline/long_tier.py: long-tier tokens of a segment, removed the same way
+COMPANION_PREFIXES = (CAPTION_PREFIX, LONG_PREFIX)
 MANIFEST_PREFIX = "_manifest-"
 TMP_PREFIX = ".tmp-"
 SUFFIX = ".parquet"
@@ -454,16 +456,17 @@ class SegmentIndex:
         n = sum(self._remove(f"{folder}/{name}") for name in names)
         if n:
             self._compact(source_id)                      # keep manifests free of dead rows
-            self._remove_orphan_captions(folder)
+            self._remove_orphan_companions(folder)
         return n
 
-    def _remove_orphan_captions(self, folder: str) -> None:
-        """Captions go with the last data file of their segment (files are named by the segment's hash)."""
+    def _remove_orphan_companions(self, folder: str) -> None:
+        """Captions and long-tier files go with the last data file of their segment (files are named by the
+        segment's hash)."""
         infos = self._ls(folder)
         segments = {i.base_name[len(DATA_PREFIX):].split("-", 1)[0] for i in infos if i.base_name.startswith(DATA_PREFIX)}
         for i in infos:
-            if i.base_name.startswith(CAPTION_PREFIX) and \
-                    i.base_name[len(CAPTION_PREFIX):].split("-", 1)[0] not in segments:
+            prefix = next((p for p in COMPANION_PREFIXES if i.base_name.startswith(p)), None)
+            if prefix and i.base_name[len(prefix):].split("-", 1)[0] not in segments:
                 self._remove(i.path)
 
     def sweep(self, max_age_s: float | Mapping[str, float] | None = None, max_bytes: int | None = None,

@@ -22,11 +22,19 @@ def segment_event(segment: IndexedSegment, live: bool, padded: bool = False, **e
 
 
 def write_segments(index, segments: list[IndexedSegment], *, pipeline: str, events=None,
-                   details: dict[str, dict] | None = None) -> list[IndexedSegment]:
-    """Add `segments` to the index; return those newly written, each counted and announced on the events sink.
+                   details: dict[str, dict] | None = None, long: list[IndexedSegment] = (),
+                   long_pixels: int = 0) -> tuple[list[IndexedSegment], list[IndexedSegment]]:
+    """Add `segments` to the index and `long` (their long-tier records, pipeline/long_tier.py) beside them; return
+    (segments newly written, long-tier records newly written). Each new segment is counted and announced on the
+    events sink. The long tier is written first: a segment that is listed has its long tier whenever it needs one.
 
     pipeline: "archive" or "live" (the metrics label). details: segment id -> {"padded": bool, other event fields}.
     """
+    written_long = []
+    if long:
+        from pipeline.long_tier import LongTier
+
+        written_long = LongTier(index, long_pixels).add(long)
     written = index.add_new(segments)
     metrics.record_segments_indexed(len(written), pipeline)
     if events is not None:
@@ -34,4 +42,4 @@ def write_segments(index, segments: list[IndexedSegment], *, pipeline: str, even
         for segment in written:
             events.emit(SEGMENTS_STREAM, segment_event(segment, pipeline == "live",
                                                        **details.get(segment.segment_id, {})))
-    return written
+    return written, written_long

@@ -29,6 +29,7 @@ class HeldSegment:
     record: IndexedSegment
     padded: bool
     last_frame_t: float        # epoch time of its last sampled frame (latency is measured from it)
+    long: IndexedSegment | None = None     # its long-tier record, when it needs one (pipeline/long_tier.py)
 
 
 @dataclass
@@ -91,19 +92,18 @@ class LiveIndexing:
 
         try:
             tubes = [tubes_from_segment(s, as_uint8=True) for s in segments]
-            tokens = self.encoder.encode([torch.from_numpy(t.pixel_rows) for t in tubes],
-                                         [tuple(t.grid_thw) for t in tubes])
+            tokens, long_tokens, long_grids = self.encoder.encode_tiers(
+                [torch.from_numpy(t.pixel_rows) for t in tubes], [tuple(t.grid_thw) for t in tubes])
         except Exception as e:  # noqa: BLE001 - never lose segments uncounted; the next round goes on
             log.exception("live encoding failed")
             for source_id, n in collections.Counter(s.source_id for s in segments).items():
                 self._count_lost(source_id, n, f"encoding failed: {type(e).__name__}: {e}")
             return
-        for seg, t, tok in zip(segments, tubes, tokens):
-            record = IndexedSegment(segment_id=t.segment_id, source_id=t.source_id, t0=t.t0, t1=t.t1,
-                                    grid_thw=tuple(t.grid_thw), tube_ts=list(t.tube_ts), tokens=tok,
-                                    model_id=self.encoder.model_id)
+        for seg, t, tok, long_grid, long_tok in zip(segments, tubes, tokens, long_grids, long_tokens):
+            record = _record(t, t.grid_thw, tok, self.encoder.model_id)
+            long = None if long_tok is None else _record(t, long_grid, long_tok, self.encoder.model_id)
             self.held.setdefault(seg.source_id, collections.deque()).append(
-                HeldSegment(record, seg.padded, float(seg.frame_ts[-1])))
+                HeldSegment(record, seg.padded, float(seg.frame_ts[-1]), long))
 
     def _write(self, source_id: str, now: float) -> int:
         from pipeline.index_health import write_error_text
@@ -114,8 +114,9 @@ class LiveIndexing:
         details = {h.record.segment_id: {"padded": h.padded, "latency_s": f"{latency[h.record.segment_id]:.3f}"}
                    for h in held}
         try:
-            written = write_segments(self.index, [h.record for h in held], pipeline="live", events=self.events,
-                                     details=details)
+            written, _ = write_segments(self.index, [h.record for h in held], pipeline="live", events=self.events,
+                                        details=details, long=[h.long for h in held if h.long is not None],
+                                        long_pixels=self.encoder.long_pixels)
         except Exception as e:  # noqa: BLE001 - the segments wait for the next try; other feeds go on
             self.errors += 1
             self._failed(source_id, write_error_text(e), now, len(held))
@@ -160,3 +161,8 @@ class LiveIndexing:
         if self.events is not None:
             self.events.emit(ERRORS_STREAM, {"stage": "live-index", "kind": kind, "source_id": source_id,
                                              "segments": str(segments), "error": error, "time": time.time()})
+
+
+def _record(tubes, grid_thw, tokens, model_id: str) -> IndexedSegment:
+    return IndexedSegment(segment_id=tubes.segment_id, source_id=tubes.source_id, t0=tubes.t0, t1=tubes.t1,
+                          grid_thw=tuple(grid_thw), tube_ts=list(tubes.tube_ts), tokens=tokens, model_id=model_id)

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     segment_seconds: float = Field(8.0, gt=0)
     min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=TOKEN_AREA)   # per frame, 100,352
     max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=TOKEN_AREA)   # per frame, 602,112
+    # the long-video tier: every tube is also encoded at this area per frame (docs/architecture.md, "Plans");
+    # the default is the video minimum, 128 tokens per tube; 0: no long tier (long windows are narrowed by search)
+    long_pixels: int = Field(VIDEO_MIN_PIXELS, ge=0)
 
     # ---- vision encoder actors ----------------------------------------------------------------------------------
     encoder_token_budget: int = Field(16_384, ge=1)   # patches (pre-merge) per packed encoder batch
@@ -129,6 +132,10 @@ class Settings(BaseSettings):
     ask_token_budget: int = Field(16_384, ge=1)   # visual tokens per question; more footage is narrowed by search
     time_zone: str = "UTC"                        # IANA zone of times written without an offset and of times shown
     max_gap_seconds: float = Field(60.0, gt=0)    # longer gaps between selected segments are shortened to this (M-RoPE)
+    # a window sampled from the long tier more sparsely than one tube per this many seconds is answered from
+    # retrieval instead (the best segments, and the captions of the rest as text)
+    long_max_stride_seconds: float = Field(300.0, gt=0)
+    plan_caption_lines: int = Field(256, ge=0)    # caption lines of unseen footage in a retrieval plan's prompt
     # request limits of the REST API (413/422 with a message naming the limit)
     api_max_request_bytes: int = Field(64 * 1024, ge=1024)     # request body size (413)
     api_max_question_chars: int = Field(2_000, ge=1)          # ask: question length (422)
@@ -220,6 +227,9 @@ class Settings(BaseSettings):
         frames_per_segment(self.fps, self.segment_seconds)
         if self.max_pixels < self.min_pixels:
             raise ValueError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
+        if self.long_pixels and self.long_pixels < 4 * TOKEN_AREA:
+            raise ValueError(f"long_pixels ({self.long_pixels}) must be 0 (no long tier) or at least "
+                             f"{4 * TOKEN_AREA} (2x2 tokens per frame)")
         one_tube = self.max_pixels // PATCH_AREA
         if self.encoder_token_budget < one_tube:
             raise ValueError(

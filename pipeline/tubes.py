@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.records import Segment, Tubes
-from qwen2vl.geometry import MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from qwen2vl.geometry import FACTOR, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, smart_resize
 
 
 # ---------------------------------------------------------------- segments -> tubes
@@ -63,3 +63,41 @@ def tubes_from_segment(segment: Segment, as_uint8: bool = False) -> Tubes:
     return Tubes(source_id=segment.source_id, t0=segment.t0, t1=segment.t1, pixel_rows=pixel_rows,
                  grid_thw=grid, tube_ts=segment.frame_ts[::TEMPORAL_PATCH_SIZE], padded=segment.padded,
                  segment_id=segment.segment_id)
+
+
+# ---------------------------------------------------------------- the long-video tier
+
+def long_grid(grid_thw, long_pixels: int) -> tuple[int, int, int]:
+    """The grid of a segment's long-tier tubes: its frames (at the index resolution) resized to at most long_pixels
+    per frame, aspect ratio kept (smart_resize). Never larger than the segment's own grid, and a pure function of it,
+    so a planner knows every long-tier size from listings alone."""
+    t, h, w = (int(x) for x in grid_thw)
+    if not long_pixels:
+        return t, h, w
+    height, width = smart_resize(h * PATCH_SIZE, w * PATCH_SIZE, min_pixels=4 * FACTOR * FACTOR,
+                                 max_pixels=int(long_pixels))
+    if height * width >= h * w * PATCH_SIZE * PATCH_SIZE:
+        return t, h, w
+    return t, height // PATCH_SIZE, width // PATCH_SIZE
+
+
+def resize_rows(rows, grid_thw, to_grid):
+    """uint8 pixel rows (torch, [t*h*w, 1176]) of one segment -> the rows of the same frames resized to `to_grid`.
+
+    Undoes the patch layout (docs/model.md §2) back to frames, resizes them with antialiased bicubic filtering (the
+    reference video utilities' filter), rounds back to uint8 and patchifies again. Runs on the rows' device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    t, h, w = (int(x) for x in grid_thw)
+    _, h2, w2 = (int(x) for x in to_grid)
+    m, p, tp = MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+    # rows axes: (t, block_row, block_col, row_in_block, col_in_block, c, tp, py, px)
+    x = rows.reshape(t, h // m, w // m, m, m, 3, tp, p, p)
+    frames = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, 3, h * p, w * p)     # (T, 3, H, W)
+    small = F.interpolate(frames.float(), size=(h2 * p, w2 * p), mode="bicubic", antialias=True, align_corners=False)
+    small = small.round_().clamp_(0, 255).to(torch.uint8)                                  # (T, 3, H2, W2)
+    y = small.reshape(t, tp, 3, h2 // m, m, p, w2 // m, m, p)
+    # -> (t, block_row, block_col, row_in_block, col_in_block, c, tp, py, px)
+    return y.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h2 * w2, 3 * tp * p * p).contiguous()

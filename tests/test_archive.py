@@ -144,6 +144,12 @@ def test_cli_index_json_and_segments(tmp_path, video_factory, redis_server, tiny
     assert seg.returncode == 0, seg.stderr
     rows = json.loads(seg.stdout)
     assert [r["segment_id"] for r in rows] == ["lobby:0", "lobby:2000"]
+    # --reencode-long fills a smaller long tier for what is indexed, once (the default tier is the clip's own size)
+    low = subprocess.run([sys.executable, "-m", "deploy", "index", str(clip), "--source-id", "lobby",
+                          "--reencode-long"], cwd=root, env={**env, "TUBESCOPE_LONG_PIXELS": str(28 * 28 * 4)},
+                         capture_output=True, text=True, timeout=200)
+    assert low.returncode == 0 and "0 new segment(s)" in low.stdout and "2 long-tier file(s)" in low.stdout, \
+        (low.stdout, low.stderr[-2000:])
     # the job's caption actor captioned every segment it wrote before the command exited: once each
     assert all(isinstance(r["caption"], str) for r in rows)
     captions = redis_server.client().xrange("tubescope:captions")
@@ -194,3 +200,44 @@ def test_expanded_paths_are_checked_against_the_roots_after_resolving_links(tmp_
     assert files == [str(root / "a.mp4")] and failed == []
     files, _ = expand_sources([str(root / "*.mp4")])                        # trusted callers (the CLI): no roots
     assert len(files) == 2
+
+
+def test_long_tier_written_by_jobs_and_filled_for_older_footage_once(tmp_path, video_factory, ray_local, tiny_model):
+    from pipeline.long_tier import LongTier, long_file_name
+
+    old = video_factory("old.mp4", width=160, height=90, fps=10, seconds=4.0)
+    new = video_factory("new.mp4", width=160, height=90, fps=10, seconds=4.0)
+    index = SegmentIndex(tmp_path / "data" / "index")
+    before = index_archive([str(old)], _settings(tmp_path, tiny_model, long_pixels=0), VisionEncoder, index=index,
+                           progress=False)
+    assert before.segments == 2 and before.long_tier == 0
+    s = _settings(tmp_path, tiny_model, long_pixels=28 * 28 * 4)
+    rows = index.list("old")
+    folder = index._dir("old")
+    stamps = {i.base_name: i.mtime_ns for i in index._ls(folder)}
+    tier = LongTier(index, s.long_pixels)
+    assert tier.present(rows, rows[0]["model_id"]) == set()
+    # a job with the tier on writes both tiers of new footage; a plain re-run leaves older footage alone
+    both = index_archive([str(new), str(old)], s, VisionEncoder, index=index, progress=False)
+    assert both.segments == 2 and both.long_tier == 2 and both.skipped == 2
+    assert tier.present(rows, rows[0]["model_id"]) == set()
+    # --reencode-long: the older footage gets its tier, its tokens stay as they were, and once is enough
+    filled = index_archive([str(old)], s, VisionEncoder, index=index, progress=False, reencode_long=True)
+    assert filled.segments == 0 and filled.long_tier == 2
+    assert tier.present(rows, rows[0]["model_id"]) == {r["segment_id"] for r in rows}
+    assert {n: m for n, m in ((i.base_name, i.mtime_ns) for i in index._ls(folder)) if n in stamps} == stamps
+    again = index_archive([str(old)], s, VisionEncoder, index=index, progress=False, reencode_long=True)
+    assert again.segments == 0 and again.long_tier == 0 and again.skipped == 2
+    # the tier holds the job's frames resized: equal (to fp16 rounding) to encoding the resized rows directly
+    from pipeline.tubes import long_grid, resize_rows
+
+    frames = decode_window(str(old), 0.0, None, fps=s.fps, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    seg = segment_frames("old", frames, segment_seconds=2.0, fps=s.fps)[0]
+    tubes = tubes_from_segment(seg, as_uint8=True)
+    small = long_grid(tubes.grid_thw, s.long_pixels)
+    enc = VisionEncoder(str(tiny_model), token_budget=300)
+    direct = enc.encode([resize_rows(torch.from_numpy(tubes.pixel_rows), tubes.grid_thw, small)], [small])[0]
+    stored = tier.tokens(rows[0], rows[0]["model_id"])
+    torch.testing.assert_close(stored.float(), direct.float(), atol=2e-3, rtol=0)
+    assert long_file_name(rows[0]["segment_id"], rows[0]["model_id"], s.long_pixels) in \
+        {i.base_name for i in index._ls(folder)}

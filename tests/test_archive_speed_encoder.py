@@ -142,7 +142,7 @@ def test_an_idle_encoder_ends_itself_and_the_next_job_starts_another(tmp_path, r
     s = _small_job_settings(tmp_path, tiny_model, encoder_keepalive_seconds=1)
     clip = video_factory("cam.mp4", width=128, height=96, fps=10, seconds=2.0)
     assert index_archive([str(clip)], s, encoder_cls, progress=False).segments == 1
-    pool = encoder_pool(JobPlan([], [], [], {}, str(tiny_model)), s, encoder_cls)   # finds the loaded actor
+    pool = encoder_pool(JobPlan([], [], [], {}, str(tiny_model), {}), s, encoder_cls)   # finds the loaded actor
     deadline = time.time() + 30
     while time.time() < deadline:
         try:

@@ -97,8 +97,9 @@ def test_answer_equals_direct_generate_contiguous_window(world, tmp_path):
     assert len(fast) == (7 * len(dec.model.model.layers) if onednn_available() else 0)     # the answer came from them
     assert result["model"] == world["mid"] and result["narrowed"] is False and result["stream_entry"] is None
     assert [e["segment_id"] for e in result["evidence"]] == ["cam1:0", "cam1:2000", "cam1:4000"]
-    assert result["evidence"][0] == {"source": "cam1", "segment_id": "cam1:0", "t0": 0.0, "t1": 2.0,
+    assert result["evidence"][0] == {"source": "cam1", "segment_id": "cam1:0", "t0": 0.0, "t1": 2.0, "tier": "full",
                                      "start": "0:00", "end": "0:02"}
+    assert result["plan"]["kind"] == "full" and result["plan"]["tubes"] == 6
     t = result["timings"]
     assert t["prefix_cache"] == "miss" and t["visual_tokens"] == 3 * 36 and 0 < t["new_tokens"] <= N_NEW
     assert t["prompt_tokens"] > t["visual_tokens"]
@@ -172,7 +173,8 @@ def test_concurrent_asks_over_different_footage_same_question(world, tmp_path):
 
 
 def test_narrowing_over_budget_uses_search(world, tmp_path):
-    dec = _decoder(world, tmp_path, ask_token_budget=80)            # 36 tokens per segment: two fit
+    # no long tier: a window over the budget is a retrieval plan (tests/test_plans.py covers the others)
+    dec = _decoder(world, tmp_path, ask_token_budget=80, long_pixels=0)      # 36 tokens per segment: two fit
     result = dec.ask(QUESTION, ["cam1", "cam2"], max_new_tokens=4)
     window = {r["segment_id"] for src in ("cam1", "cam2") for r in world["index"].list(src)}
     chosen = [e["segment_id"] for e in result["evidence"]]
@@ -185,7 +187,7 @@ def test_narrowing_over_budget_uses_search(world, tmp_path):
     roomy = _decoder(world, tmp_path).ask(QUESTION, ["cam1", "cam2"], max_new_tokens=4)
     assert roomy["narrowed"] is False and {e["segment_id"] for e in roomy["evidence"]} == window
     with pytest.raises(ValueError, match="ask_token_budget"):
-        _decoder(world, tmp_path, ask_token_budget=20).ask(QUESTION, ["cam1"], max_new_tokens=2)
+        _decoder(world, tmp_path, ask_token_budget=20, long_pixels=0).ask(QUESTION, ["cam1"], max_new_tokens=2)
 
 
 def test_unknown_source_empty_window_and_bad_arguments(world, tmp_path):

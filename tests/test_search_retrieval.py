@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     retrieval = RetrievalIndex(root / "index", dim=64, create=True)
     retrieval.upsert(c.to_row(0.0) for c in captions)
     settings = load_settings(data_dir=root / "data", index_dir=str(root / "index"), model_path=ckpt,
-                             search_candidates=16, ask_token_budget=64)
+                             search_candidates=16, ask_token_budget=64, long_pixels=0)   # over budget: retrieval
     return {"root": root, "ckpt": ckpt, "index": index, "decoder": Decoder(settings, ckpt, index=index), "cam": cam, "pending": pending,
             "retrieval": retrieval, "captions": {c.segment_id: c.caption for c in captions}}
 
