@@ -47,6 +47,10 @@ class DecoderServer:
                                 outbox_max=settings.outbox_max_events)
         index = SegmentIndex(settings.index_root, create=False)
         self.decoder = Decoder(settings, model_path, index=index, events=self.events)
+        from deploy.summaries import Summarizer
+        from pipeline.redis_server import as_client
+
+        self.summarizer = Summarizer(self.decoder, as_client(redis_url), self.events)
 
     @staticmethod
     def _call(fn, *args, **kwargs) -> dict:
@@ -69,22 +73,32 @@ class DecoderServer:
 
     def ask_stream(self, req: dict):
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
-        tokens: queue.Queue = queue.Queue()
+        return self._streamed("ask", lambda put: self._call(
+            self.decoder.ask, req["question"], req["sources"], start=req.get("start"), end=req.get("end"),
+            max_new_tokens=req["max_new_tokens"], on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)})))
+
+    def summarize_stream(self, req: dict):
+        """Yields {"line": summary line}... as each is made, then {"result": summary}, or one {"error", "status"}."""
+        return self._streamed("summarize", lambda put: self._call(
+            self.summarizer.summarize, req["sources"], req.get("start"), req.get("end"),
+            granularity=req.get("granularity"), max_new_tokens=req["max_new_tokens"],
+            on_line=lambda line: put({"line": line})))
+
+    def _streamed(self, name: str, work_fn):
+        items: queue.Queue = queue.Queue()
         done = object()
 
         def work():
             try:
-                out = self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
-                                 end=req.get("end"), max_new_tokens=req["max_new_tokens"],
-                                 on_token=lambda t: tokens.put({"token": t if isinstance(t, str) else str(t)}))
+                out = work_fn(items.put)
             except Exception as e:  # noqa: BLE001 - the stream must end with an error event, never hang
-                log.exception("streamed ask failed")
+                log.exception("streamed %s failed", name)
                 out = {"error": f"internal error: {type(e).__name__}: {e}"[:1000], "status": 500}
-            tokens.put(out)
-            tokens.put(done)
+            items.put(out)
+            items.put(done)
 
-        threading.Thread(target=work, name="ask-stream", daemon=True).start()
-        while (item := tokens.get()) is not done:
+        threading.Thread(target=work, name=f"{name}-stream", daemon=True).start()
+        while (item := items.get()) is not done:
             yield item
 
     def stats(self) -> dict:

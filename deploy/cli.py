@@ -293,6 +293,31 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
     click.echo(f"model: {out['model']}; Redis stream tubescope:answers entry {out.get('stream_entry')}")
 
 
+@cli.command("summarize")
+@click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
+@window_options
+@click.option("--granularity", type=float, default=None, help="seconds per first-level period (default 300)")
+@click.option("--json", "as_json", is_flag=True, help="print the whole summary record as JSON")
+@api_options
+def summarize_cmd(sources: tuple[str, ...], start, end, granularity, as_json: bool, url: str,
+                  key: str | None) -> None:
+    """Summarize the footage of the given sources in [start, end): per period, per hour, then the whole window,
+    each line printed as it is made."""
+    def show(line: dict) -> None:
+        cached = " (cached)" if line.get("cached") else ""
+        click.echo(f"{line['level']:>6} {line['source']} {line['start']} - {line['end']}{cached}: {line['text']}")
+
+    with _api(url, key) as api:
+        out = _api_call(lambda: api.summarize(list(sources), start=start, end=end, granularity=granularity,
+                                              on_line=None if as_json else show))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for source, text in out["summaries"].items():
+        click.echo(f"summary of {source}: {text}")
+    click.echo(f"model: {out['model']}; Redis stream tubescope:summaries")
+
+
 @cli.command("search")
 @click.argument("query")
 @click.option("-s", "--source", "sources", multiple=True, help="source id (repeat; default: every source)")

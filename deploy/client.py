@@ -126,21 +126,35 @@ class TubescopeClient:
                                       max_new_tokens=max_new_tokens).items() if v is not None}
         if on_token is None:
             return self._call("POST", "/v1/ask", json=body)
+        return self._stream("/v1/ask", body, {"token": lambda data: on_token(data["text"])})
+
+    def summarize(self, sources: list[str], start: float | str | None = None, end: float | str | None = None,
+                  granularity: float | None = None, max_new_tokens: int | None = None,
+                  on_line: Callable[[dict], None] | None = None) -> dict:
+        """The summary; with on_line each line is handed over as it is made (SSE)."""
+        body = {k: v for k, v in dict(sources=list(sources), start=start, end=end, granularity=granularity,
+                                      max_new_tokens=max_new_tokens).items() if v is not None}
+        if on_line is None:
+            return self._call("POST", "/v1/summarize", json=body)
+        return self._stream("/v1/summarize", body, {"line": on_line})
+
+    def _stream(self, path: str, body: dict, handlers: dict[str, Callable[[dict], None]]) -> dict:
+        """POST `body` with stream=true; each SSE event goes to its handler until `result` (returned) or `error`."""
         try:
-            with self.http.stream("POST", "/v1/ask", json={**body, "stream": True}) as r:
+            with self.http.stream("POST", path, json={**body, "stream": True}) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise ApiError(r.status_code, _message(r), r.headers.get("retry-after"))
                 for event, data in parse_sse(r.iter_lines()):
-                    if event == "token":
-                        on_token(data["text"])
+                    if event in handlers:
+                        handlers[event](data)
                     elif event == "error":
                         raise ApiError(int(data.get("status", 500)), data.get("error", "stream failed"))
                     elif event == "result":
                         return data
         except httpx.ConnectError as e:
             raise ApiError(0, f"cannot reach the tubescope API at {self.url} ({e})") from None
-        raise ApiError(502, "the answer stream ended without a result")
+        raise ApiError(502, "the stream ended without a result")
 
 
 __all__ = ["ApiError", "TubescopeClient", "parse_sse", "URL_ENV", "KEY_ENV", "DEFAULT_URL"]

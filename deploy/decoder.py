@@ -96,14 +96,15 @@ class Decoder:
 
     # ---- public -----------------------------------------------------------------------------------------------
     def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
-            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None) -> dict:
+            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None, record: bool = True) -> dict:
         """Answer `question` over the footage of `sources` in [start, end) (None = unbounded).
 
+        record=False keeps the answer out of tubescope:answers (a summary's periods go to tubescope:summaries).
         LookupError: unknown source / no footage in the window. ValueError: bad arguments.
         """
         t_start = time.perf_counter()
         try:
-            result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start)
+            result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record)
         except Exception:
             self._count("failed")
             raise
@@ -161,6 +162,17 @@ class Decoder:
         coverage.update(retrieval=True, reranked=len(candidates))
         return self.ranker.rerank(query, candidates, self._segment_tokens), coverage
 
+    def complete(self, prompt: str, max_new_tokens: int = 128) -> str:
+        """A text-only turn (no footage): the model's greedy reply to `prompt` (summaries of summaries)."""
+        check_question(prompt)
+        ids = self.processor.tokenizer.encode(self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": prompt}]}], add_generation_prompt=True))
+        stream = TextStream(self.processor.tokenizer, None, self.model.generation_config.eos_token_id)
+        with self._lock:
+            generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
+                     streamer=stream.put)
+        return stream.text
+
     def stats(self) -> dict:
         with self._count_lock:
             counts = dict(self.counts)
@@ -168,7 +180,7 @@ class Decoder:
                 "segments_scored": self.ranker.segments_scored, **counts}
 
     # ---- one question ---------------------------------------------------------------------------------------------
-    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start) -> dict:
+    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record) -> dict:
         check_question(question)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -217,7 +229,7 @@ class Decoder:
         summary = window.summary()
         result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
                   "timings": timings, "narrowed": narrowed, "plan": summary, "stream_entry": None}
-        if self.events is not None:
+        if self.events is not None and record:
             result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {
                 "id": result["id"], "question": question, "answer": result["answer"], "evidence": evidence,
                 "model": self.model_id, "timings": timings, "narrowed": narrowed, "plan": summary,

@@ -36,8 +36,10 @@ ERRORS_STREAM = "tubescope:errors"         # one entry per failure (bad file, de
 ANSWERS_STREAM = "tubescope:answers"       # one entry per answered question
 SEARCHES_STREAM = "tubescope:searches"     # one entry per search, with its ranked segments
 CAPTIONS_STREAM = "tubescope:captions"     # one entry per segment captioned (caption text, no vector)
+SUMMARIES_STREAM = "tubescope:summaries"   # one entry per summary: every line, bottom up, with its times
 ALERTS_STREAM = "tubescope:alerts"
-STREAMS = (SEGMENTS_STREAM, ERRORS_STREAM, ANSWERS_STREAM, SEARCHES_STREAM, CAPTIONS_STREAM, ALERTS_STREAM)
+STREAMS = (SEGMENTS_STREAM, ERRORS_STREAM, ANSWERS_STREAM, SEARCHES_STREAM, CAPTIONS_STREAM, SUMMARIES_STREAM,
+           ALERTS_STREAM)
 
 DEFAULT_MAXLEN = 100_000
 DEFAULT_OUTBOX_MAX = 10_000

@@ -17,7 +17,7 @@ import ray
 from actors.feeds import NAMESPACE, reader_name
 from deploy.app import run_app, stop_app
 from deploy.client import ApiError, TubescopeClient, parse_sse
-from pipeline.events import ANSWERS_STREAM
+from pipeline.events import ANSWERS_STREAM, SUMMARIES_STREAM
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
 from services import read_only, start_redis
@@ -360,6 +360,24 @@ def test_ask_streams_tokens_as_server_sent_events(served):
         with pytest.raises(ApiError) as info:                   # an error before the stream starts is plain HTTP
             tc.ask("What moves?", ["nope"], on_token=pieces.append)
         assert info.value.status == 404
+
+
+def test_summarize_streams_lines_then_the_summary_and_reuses_them(served):
+    lines: list[dict] = []
+    with TubescopeClient(served["url"], READER) as tc:
+        out = tc.summarize([SOURCE], max_new_tokens=4, on_line=lines.append)
+        assert [line["level"] for line in lines] == ["period"] and out["lines"] == lines
+        assert lines[0]["text"] == "!!!!" and (lines[0]["start"], lines[0]["end"]) == ("0:00", "0:04")
+        assert out["summaries"] == {SOURCE: "!!!!"} and lines[0]["cached"] is False
+        again = tc.summarize([SOURCE], max_new_tokens=4)                # plain JSON; the period from the cache
+        assert again["summaries"] == out["summaries"] and again["lines"][0]["cached"] is True
+        with pytest.raises(ApiError) as info:
+            tc.summarize([SOURCE], granularity=1)
+        assert info.value.status == 422 and "granularity" in str(info.value)
+    (_, fields), *_ = served["redis"].client(decode_responses=True).xrevrange(SUMMARIES_STREAM, count=1)
+    assert json.loads(fields["summaries"]) == out["summaries"]
+    with http(served, CAM_READER) as c:                               # a key limited to cam1 cannot read clip
+        err(c.post("/v1/summarize", json={"source": SOURCE}), 403, "clip")
 
 
 def test_a_vanished_index_root_is_503_not_an_empty_index(served):
