@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 0.25          # how long one round waits for readers that have nothing queued
 MAX_SEGMENTS_PER_FEED = 8      # per round; the rest stays in the reader's bounded queue
+LIVE_INDEXER_CPUS = 0.5        # the live encoder's claim (deploy/capacity.py counts it)
 
 
-@ray.remote(num_cpus=0.5, max_concurrency=4)
+@ray.remote(num_cpus=LIVE_INDEXER_CPUS, max_concurrency=4)
 class LiveIndexer:
     """One per service. `start()` runs the pull/encode/index loop in a thread; `stop()` ends it."""
 

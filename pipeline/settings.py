@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503
     api_metrics_public: bool = False              # /metrics without a key (it names every source); else admin key
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
+    job_reconcile_seconds: float = Field(10.0, gt=0)     # how often the service resumes jobs whose runner is gone
 
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever

@@ -237,7 +237,8 @@ def test_cancel_a_running_job_over_http(served):
 
 def test_cancel_a_queued_job(served):
     """A cancel that arrives before the job's task starts stops it at once (state cancelled, nothing indexed)."""
-    from deploy.jobs import create_job, execute_job, request_cancel
+    from deploy.job_runner import execute_job
+    from deploy.jobs import create_job, request_cancel
 
     r = served["redis"].client()
     job = create_job(r, [str(served["clip"])], "cancelled-src")
