@@ -244,11 +244,12 @@ def submit_job(redis_url: str, settings: Settings, paths: list[str], source_id: 
 
 
 # ---- jobs whose runner is gone ---------------------------------------------------------------------------------------
-def reconcile_jobs(redis_url: str, settings: Settings, runners: JobRunners,
+def reconcile_jobs(redis: Any, settings: Settings, runners: JobRunners,
                    queued_grace_s: float = QUEUED_GRACE_S) -> dict[str, list[str]]:
     """Settle every unfinished job without a runner: resume it, or fail it with the reason once it has been resumed
-    MAX_RESUMES times; then deliver the outboxes that finished jobs left. Returns the job ids per action."""
-    client = as_client(redis_url)
+    MAX_RESUMES times; then deliver the outboxes that finished jobs left. Returns the job ids per action.
+    redis: the service's client or URL; settings.redis_url is what runners and outboxes use."""
+    client, redis_url = as_client(redis), settings.redis_url
     done: dict[str, list[str]] = {"resumed": [], "failed": [], "delivered": []}
     runners.reap()
     for job_id in list_job_ids(client):
@@ -276,17 +277,17 @@ def reconcile_jobs(redis_url: str, settings: Settings, runners: JobRunners,
             client.hset(job_key(job_id), "resumes", json.dumps(resumes + 1))
             done["resumed"].append(job_id)
             log.warning("job %s was %s without a runner: resumed (time %d)", job_id, job["state"], resumes + 1)
-    done["delivered"] = sweep_job_outboxes(settings, redis_url)
+    done["delivered"] = sweep_job_outboxes(settings, client)
     return done
 
 
-def sweep_job_outboxes(settings: Settings, redis_url: str) -> list[str]:
+def sweep_job_outboxes(settings: Settings, redis: Any) -> list[str]:
     """Deliver the events left in the outboxes of jobs that are finished or forgotten (no runner, no active
     record), and remove the emptied folders; the outbox of an active job is its runner's. Returns those emptied."""
     root = settings.outbox_dir / "jobs"
     if not root.is_dir():
         return []
-    client, emptied = as_client(redis_url), []
+    client, emptied = as_client(redis), []
     for job_id in sorted(os.listdir(root)):
         try:
             active = get_job(client, job_id)["state"] in ACTIVE_STATES
@@ -294,7 +295,7 @@ def sweep_job_outboxes(settings: Settings, redis_url: str) -> list[str]:
             active = False
         if active or runner_alive(job_id):
             continue
-        if _deliver_outbox(settings, redis_url, job_id):
+        if _deliver_outbox(settings, settings.redis_url, job_id):
             emptied.append(job_id)
     return emptied
 
@@ -324,6 +325,7 @@ class JobReconciler:
 
     def __init__(self, settings: Settings, runners: JobRunners):
         self.settings, self.runners = settings, runners
+        self.client = as_client(settings.redis_url)
         self.rounds, self.last_error = 0, ""
         self._token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -338,13 +340,13 @@ class JobReconciler:
         self._thread.join(timeout=30)
 
     def round(self) -> dict[str, list[str]] | None:
-        client = as_client(self.settings.redis_url)
+        client = self.client
         lease_ms = int(max(10.0, 3 * self.settings.job_reconcile_seconds) * 1000)
         if not client.set(RECONCILER_LOCK, self._token, nx=True, px=lease_ms) \
                 and (client.get(RECONCILER_LOCK) or b"").decode() != self._token:
             return None
         client.pexpire(RECONCILER_LOCK, lease_ms)
-        return reconcile_jobs(self.settings.redis_url, self.settings, self.runners)
+        return reconcile_jobs(client, self.settings, self.runners)
 
     def _loop(self) -> None:
         while True:

@@ -47,7 +47,7 @@ def served(tmp_path_factory, ray_local):
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
         api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
         decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
-        feed_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5)
+        feed_reconcile_seconds=0.5, job_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5)
     port = free_port()
     url = run_app(settings, host="127.0.0.1", port=port, live=False)
     state = {"url": url, "settings": settings, "redis": redis, "clip": clip, "port": port}
@@ -485,6 +485,22 @@ def test_feeds_add_list_get_delete(served, tmp_path):
         assert status["retention"]["running"] and status["retention"]["sweeps"] >= 1
 
 
+def test_a_feed_is_refused_when_no_reader_fits(served, tmp_path):
+    """2 CPUs hold 5 readers beside the live indexer (0.5) and room for an archive task (0.25): the sixth is a 409."""
+    from pipeline.feeds import add_feed, remove_feed
+
+    extra = [add_feed(served["redis"].url, f"rtsp://127.0.0.1:{free_tcp_port()}/x", feed_id=f"full{i}",
+                      settings=served["settings"])["id"] for i in range(4)]
+    try:
+        with http(served) as c:
+            err(c.post("/v1/feeds", json={"url": "rtsp://127.0.0.1:1/x", "id": "sixth"}), 409,
+                "no capacity left for another feed reader: each claims 0.25 CPU, and the cluster's 2 CPUs hold 5")
+            err(c.get("/v1/feeds/sixth"), 404, "no feed")
+    finally:
+        for feed_id in extra:
+            remove_feed(served["redis"].url, feed_id)
+
+
 def _no_actor(name: str) -> bool:
     try:
         ray.get_actor(name, namespace=NAMESPACE)
@@ -498,8 +514,13 @@ def test_restarted_app_resumes_feeds_from_the_registry(served):
         before = feed_status(c, "door")
     stop_app()                                                    # the service goes away: its readers with it
     assert _no_actor(reader_name("door"))
+    from deploy.jobs import create_job, job_key                   # ...and a job it ran is left "running"
+    orphan = create_job(served["redis"].url, [str(served["clip"])], "orphan")["id"]
+    served["redis"].client().hset(job_key(orphan), "state", '"running"')
     run_app(served["settings"], host="127.0.0.1", port=served["port"], live=False)
     with http(served) as c:
+        done = wait_job(c, orphan)                                # the new service resumes it at start
+        assert (done["state"], done["segments"], done["resumes"]) == ("succeeded", 2, 1), done
         assert [f["id"] for f in c.get("/v1/feeds").json()["feeds"]] == ["door"]
         wait_for(lambda: feed_status(c, "door")["state"] == "running", 30, 0.2, "door reader resumed")
         after = feed_status(c, "door")

@@ -76,9 +76,13 @@ class Claim:
         return True
 
 
-def _claim(n):
+def _claim_until(free_cpus):
+    """Quarter-CPU claims until the cluster has free_cpus left (whatever earlier tests of the session still hold)."""
+    n = round((ray.available_resources().get("CPU", 0.0) - free_cpus) / 0.25)
+    assert n >= 0, ray.available_resources()
     claims = [Claim.remote() for _ in range(n)]
     ray.get([c.ready.remote() for c in claims])
+    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free_cpus)
     return claims
 
 
@@ -104,33 +108,33 @@ def test_a_job_progresses_beside_feeds_and_says_when_it_waits_for_cpus(tmp_path,
     for cam in ("cam1", "cam2"):
         add_feed(redis_kept.url, str(feed_clip), feed_id=cam, file_roots=[videos], settings=s)
     supervisor = FeedSupervisor(redis_kept.url, s, events=False)
-    runners, claims = JobRunners(), []
+    runners, claims, starving = JobRunners(), [], []
     try:
         assert sorted(supervisor.reconcile()["started"]) == ["cam1", "cam2"]
         ray.get([h.status.remote() for h in supervisor.readers().values()])
-        claims = _claim(3)                                      # the live indexer (0.5) and the decoder (0.25)
-        assert ray.available_resources().get("CPU", 0) == pytest.approx(0.75)
+        claims = _claim_until(0.75)                             # the live indexer (0.5) and the decoder (0.25)
 
         job_id = _start(s, redis_kept, runners, [clips[0]], "beside")
         done = _wait_final(redis_kept, job_id, 90)
         assert done["state"] == "succeeded" and done["segments"] == 6 and done["waiting"] is None, done
-        _fault_row("feeds hold 1.25 of 2 CPUs", index, redis_kept, "beside", 0.0)
+        row = _fault_row("feeds hold 1.25 of 2 CPUs", index, redis_kept, "beside", 0.0)
+        assert (row["indexed"], row["events"], row["lost"], row["duplicated"]) == (6, 6, 0, 0)
 
-        claims += _claim(3)                                     # every CPU claimed: no archive task can start
+        starving = _claim_until(0.0)                            # every CPU claimed: no archive task can start
         job_id = _start(s, redis_kept, runners, [clips[1]], "starved")
         waiting = wait_for(lambda: get_job(redis_kept.url, job_id)["waiting"], 30, 0.25, "the job to say it waits")
         assert waiting.startswith("waiting for resources: 0 of the cluster's 2 CPUs are free"), waiting
         assert get_job(redis_kept.url, job_id)["state"] == "running" and not index.list("starved")
         freed = time.monotonic()
-        for c in claims[3:]:
+        for c in starving:
             ray.kill(c)
         done = _wait_final(redis_kept, job_id, 90)
         assert done["state"] == "succeeded" and done["segments"] == 6 and done["waiting"] is None, done
         row = _fault_row("every CPU claimed, then freed", index, redis_kept, "starved", time.monotonic() - freed)
-        assert (row["indexed"], row["lost"], row["duplicated"]) == (6, 0, 0)
+        assert (row["indexed"], row["events"], row["lost"], row["duplicated"]) == (6, 6, 0, 0)
     finally:
         supervisor.stop_all()
-        for c in claims:
+        for c in claims + starving:
             ray.kill(c)
         wait_for(lambda: not runners.reap() and not runners.running(), 30, 0.25, "runners to end")
 
@@ -188,7 +192,7 @@ def test_a_job_whose_service_died_is_resumed_or_failed_with_the_reason(tmp_path,
     resumed, given_up = orphan("resumed", 0), orphan("given-up", MAX_RESUMES)
     runners = JobRunners()
     start = time.monotonic()
-    out = reconcile_jobs(redis_kept.url, s, runners)
+    out = reconcile_jobs(redis_kept.client(), s, runners)
     assert out["resumed"] == [resumed] and out["failed"] == [given_up], out
     failed = get_job(redis_kept.url, given_up)
     assert failed["state"] == "failed" and "not resumed again" in failed["error"] and failed["finished"]
@@ -196,7 +200,7 @@ def test_a_job_whose_service_died_is_resumed_or_failed_with_the_reason(tmp_path,
     row = _fault_row("service died mid-job, resumed too often (failed)", index, redis_kept, "given-up", 0.0)
     assert (row["indexed"], row["events"], row["lost"], row["duplicated"]) == (4, 4, 0, 0)
     assert runner_alive(resumed)
-    assert reconcile_jobs(redis_kept.url, s, runners)["resumed"] == []  # its runner holds the job's name
+    assert reconcile_jobs(redis_kept.client(), s, runners)["resumed"] == []  # its runner holds the job's name
 
     done = _wait_final(redis_kept, resumed, 90)
     assert done["state"] == "succeeded" and done["resumes"] == 1, done
