@@ -53,10 +53,12 @@ def job_outbox(settings: Settings, job_id: str):
 
 # ---- one job ---------------------------------------------------------------------------------------------------------
 class JobWatch:
-    """The job's side thread: retries status writes that waited for Redis, and says when the job waits for CPUs."""
+    """The job's side thread: retries status writes that waited for Redis, says when the job waits for CPUs, and
+    calls on_cancel_while_waiting when a job in that state is cancelled (it polls between batches, and none come)."""
 
-    def __init__(self, status: JobStatus):
+    def __init__(self, status: JobStatus, on_cancel_while_waiting=None):
         self.status = status
+        self.on_cancel_while_waiting = on_cancel_while_waiting
         self.last_batch = time.monotonic()
         self.waiting: str | None = None
         self._stop = threading.Event()
@@ -86,6 +88,9 @@ class JobWatch:
                 if waiting != self.waiting and (waiting is None or self.waiting is None):
                     self.waiting = waiting
                     self.status.update(waiting=waiting)
+                if self.waiting and self.on_cancel_while_waiting and self.status.cancel_requested():
+                    self.on_cancel_while_waiting()
+                    return
             except Exception:  # noqa: BLE001 - the watch must never end the job
                 log.exception("job %s: status watch failed", self.status.job_id)
 
@@ -125,7 +130,17 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     status.update(state="running", started=job.get("started") or time.time(), files_total=len(files), waiting=None)
     events = EventSink(redis_url, job_outbox(settings, job_id), maxlen=settings.stream_maxlen,
                        outbox_max=settings.outbox_max_events)
-    watch = JobWatch(status).start()
+
+    def cancel_while_waiting() -> None:
+        # the driver thread is parked in Ray Data's iterator until a task starts: record the end here, then end the
+        # runner (its tasks go with it); outside a runner, the job stops at its next batch as usual
+        if ray.get_runtime_context().get_actor_id() is None:
+            return
+        _finish(status, events, state="cancelled", error="cancelled while waiting for resources", waiting=None,
+                finished=time.time())
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    watch = JobWatch(status, cancel_while_waiting).start()
     try:
         index = SegmentIndex(settings.index_root, create=False)     # made by the service; a vanished one fails
         report = index_archive(paths, settings, VisionEncoder, source_id=source_id, index=index, events=events,

@@ -13,7 +13,7 @@ import ray
 import qwen2vl
 from deploy.capacity import check_reader_capacity, reader_capacity
 from deploy.job_runner import MAX_RESUMES, JobRunners, job_outbox, reconcile_jobs, runner_alive
-from deploy.jobs import ACTIVE_STATES, create_job, get_job, job_key
+from deploy.jobs import ACTIVE_STATES, create_job, get_job, job_key, request_cancel
 from pipeline.events import SEGMENTS_STREAM, EventSink
 from pipeline.index import SegmentIndex
 from pipeline.settings import load_settings
@@ -125,6 +125,13 @@ def test_a_job_progresses_beside_feeds_and_says_when_it_waits_for_cpus(tmp_path,
         waiting = wait_for(lambda: get_job(redis_kept.url, job_id)["waiting"], 30, 0.25, "the job to say it waits")
         assert waiting.startswith("waiting for resources: 0 of the cluster's 2 CPUs are free"), waiting
         assert get_job(redis_kept.url, job_id)["state"] == "running" and not index.list("starved")
+        # one more job waits beside it, and is cancelled while it waits: no batch comes, yet it stops
+        cancelled = _start(s, redis_kept, runners, [clips[1]], "cancelled")
+        wait_for(lambda: get_job(redis_kept.url, cancelled)["waiting"], 30, 0.25, "the second job to wait")
+        request_cancel(redis_kept.url, cancelled)
+        stopped = _wait_final(redis_kept, cancelled, 20)
+        assert (stopped["state"], stopped["error"], stopped["waiting"]) == \
+            ("cancelled", "cancelled while waiting for resources", None), stopped
         freed = time.monotonic()
         for c in starving:
             ray.kill(c)
@@ -132,6 +139,7 @@ def test_a_job_progresses_beside_feeds_and_says_when_it_waits_for_cpus(tmp_path,
         assert done["state"] == "succeeded" and done["segments"] == 6 and done["waiting"] is None, done
         row = _fault_row("every CPU claimed, then freed", index, redis_kept, "starved", time.monotonic() - freed)
         assert (row["indexed"], row["events"], row["lost"], row["duplicated"]) == (6, 6, 0, 0)
+        assert not index.list("cancelled")
     finally:
         supervisor.stop_all()
         for c in claims + starving:
