@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 PULL_TIMEOUT_S = 0.25          # how long a reader holds a pull while it has nothing queued
 ROUND_DEADLINE_S = 1.0         # how long a round waits for this round's replies
 MAX_SEGMENTS_PER_FEED = 8      # per pull; the rest stays in the reader's bounded queue
+LIVE_INDEXER_CPUS = 0.5        # the live encoder's claim (deploy/capacity.py counts it)
 
 
-@ray.remote(num_cpus=0.5, max_concurrency=4)
+@ray.remote(num_cpus=LIVE_INDEXER_CPUS, max_concurrency=4)
 class LiveIndexer:
     """One per service. `start()` runs the pull/encode/index loop in a thread; `stop()` ends it."""
 

@@ -250,12 +250,23 @@ class CaptionService:
 # the context its routes reach through app.state are this replica's own objects, not a pickled copy.
 @serve.ingress()
 class ApiIngress:
+    """The REST API; it also owns the runners of the jobs it starts, and the reconciler that resumes (at start, then
+    every job_reconcile_seconds) the jobs whose runner died with an earlier service."""
+
     def __init__(self, settings: Settings, decoder, feed_service=None, retention=None, captions=None,
                  model_path: str | None = None):
+        from deploy.job_runner import JobReconciler
+
         self.context = ServiceContext.create(settings, decoder, feed_service, retention, captions, model_path)
+        self.reconciler = JobReconciler(settings, self.context.job_runners).start()
 
     def __serve_build_asgi_app__(self):
         return create_api(self.context)
+
+    def __del__(self):
+        reconciler = getattr(self, "reconciler", None)
+        if reconciler is not None:
+            reconciler.stop()
 
 
 def _replica_tag() -> str:

@@ -1,21 +1,24 @@
-"""Archive jobs of the REST API: a Ray task runs pipeline.archive.index_archive; its status lives in Redis.
+"""Archive jobs of the REST API: their input checks and their status records in Redis (deploy.job_runner runs them).
 
 Status: hash `tubescope:jobs:<id>`, every field JSON-encoded: id, state, paths, source_id, created, started,
-finished, files_total, segments, skipped, source_seconds, indexed, failures, error, cancel_requested.
+finished, files_total, segments, skipped, source_seconds, indexed, failures, error, cancel_requested, waiting (why
+the job makes no progress, e.g. no CPU free for its tasks; null otherwise), resumes (how often the service restarted
+it after its runner died), events (the job's event counts: delivered, queued in its outbox, dropped).
 States: queued -> running -> succeeded | partial (some inputs failed) | failed | cancelled.
 Cancel: DELETE sets cancel_requested; the job polls it between batches (index_archive's should_cancel) and stops,
 keeping what it already indexed. A finished job's status expires after JOB_TTL_S.
+The job's own writes go through JobStatus, which rides out a Redis outage (docs/architecture.md, "Archive jobs").
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import ray
 import redis as redis_lib
 
 from pipeline.settings import Settings
@@ -90,21 +93,32 @@ def _write(client: redis_lib.Redis, job_id: str, **fields: Any) -> None:
     client.hset(job_key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
 
 
+def _decode(raw: dict) -> dict:
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+
 def get_job(redis: Any, job_id: str) -> dict:
     """The job's status; KeyError for an unknown (or expired) id."""
     raw = as_client(redis).hgetall(job_key(job_id))
     if not raw:
         raise KeyError(f"no job with id {job_id!r}")
-    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+    return _decode(raw)
+
+
+def list_job_ids(redis: Any) -> list[str]:
+    """The ids of every job Redis still holds (finished ones until they expire)."""
+    prefix = JOBS_PREFIX.encode()
+    keys = as_client(redis).scan_iter(match=JOBS_PREFIX + "*", count=1000)
+    return sorted((k if isinstance(k, bytes) else k.encode())[len(prefix):].decode() for k in keys)
 
 
 def create_job(redis: Any, paths: list[str], source_id: str | None) -> dict:
-    """Store a queued job and return its status (the caller then starts run_job)."""
+    """Store a queued job and return its status (the caller then starts its runner)."""
     job_id = uuid.uuid4().hex[:12]
     record = {"id": job_id, "state": "queued", "paths": list(paths), "source_id": source_id,
               "created": time.time(), "started": None, "finished": None, "files_total": None, "segments": 0,
               "skipped": 0, "source_seconds": 0.0, "indexed": [], "failures": [], "error": None,
-              "cancel_requested": False}
+              "cancel_requested": False, "waiting": None, "resumes": 0, "events": None}
     _write(as_client(redis), job_id, **record)
     return record
 
@@ -119,91 +133,109 @@ def request_cancel(redis: Any, job_id: str) -> dict:
     return {**job, "cancel_requested": True}
 
 
-def mark_lost(redis: Any, job_id: str, error: str) -> None:
-    """Record that the job's task died without writing a final state (worker crash)."""
-    client = as_client(redis)
-    job = get_job(client, job_id)
-    if job["state"] in ACTIVE_STATES:
-        _write(client, job_id, state="failed", error=error, finished=time.time())
-        client.expire(job_key(job_id), JOB_TTL_S)
+def finish_job(redis: Any, job_id: str, **fields: Any) -> None:
+    """Write a job's final fields (state among FINAL_STATES, finished) and start its expiry, in one transaction."""
+    pipe = as_client(redis).pipeline()
+    pipe.hset(job_key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+    pipe.expire(job_key(job_id), JOB_TTL_S)
+    pipe.execute()
 
 
-# ---- the job itself --------------------------------------------------------------------------------------------------------
-def _final_state(report) -> str:
-    if not report.failed:
-        return "succeeded"
-    return "partial" if report.indexed else "failed"
+class JobStatus:
+    """A running job's writes to its status record, which never fail because Redis is away.
+
+    update() keeps the fields it could not write (the newest value of each wins) and writes them with the next
+    update() or flush(); while Redis is down (for retry_after_s after a failure) nothing is tried, so an outage
+    costs the job nothing per batch. cancel_requested() answers the last value it read. finish() retries until the
+    final state is written or its deadline passes.
+    """
+
+    def __init__(self, redis: Any, job_id: str, retry_after_s: float = 1.0):
+        self.client, self.job_id = as_client(redis), job_id
+        self.retry_after_s = float(retry_after_s)
+        self._pending: dict[str, Any] = {}
+        self._cancel = False
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def read(self, wait_s: float) -> dict:
+        """The record as stored, waiting up to wait_s for Redis; KeyError for an unknown job, ConnectionError when
+        Redis did not come back in time."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                job = get_job(self.client, self.job_id)
+                self._cancel = bool(job.get("cancel_requested"))
+                return job
+            except redis_lib.RedisError as e:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"Redis did not answer for {wait_s:g} s: {e}") from e
+                time.sleep(self.retry_after_s)
+
+    def update(self, **fields: Any) -> bool:
+        """Write these fields (and any left over); False when they wait for Redis."""
+        with self._lock:
+            self._pending.update(fields)
+            return self._flush_locked()
+
+    def flush(self) -> bool:
+        with self._lock:
+            return self._flush_locked()
+
+    @property
+    def pending(self) -> dict[str, Any]:
+        return dict(self._pending)
+
+    def cancel_requested(self) -> bool:
+        with self._lock:
+            if time.monotonic() >= self._down_until:
+                try:
+                    self._cancel = bool(json.loads(self.client.hget(job_key(self.job_id), "cancel_requested")
+                                                   or "false"))
+                except redis_lib.RedisError as e:
+                    self._unavailable(e)
+            return self._cancel
+
+    def finish(self, wait_s: float, **fields: Any) -> bool:
+        """Write the final fields and start the record's expiry, retrying for up to wait_s; False if Redis stayed
+        away (the record keeps its last state, and the service's reconciler settles it)."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            self._pending.update(fields)
+            while True:
+                try:
+                    finish_job(self.client, self.job_id, **self._pending)
+                    self._pending.clear()
+                    return True
+                except redis_lib.RedisError as e:
+                    self._unavailable(e)
+                    if time.monotonic() >= deadline:
+                        log.error("job %s: could not record its final state: Redis away for %g s", self.job_id,
+                                  wait_s)
+                        return False
+                time.sleep(self.retry_after_s)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _flush_locked(self) -> bool:
+        if not self._pending:
+            return True
+        if time.monotonic() < self._down_until:
+            return False
+        try:
+            _write(self.client, self.job_id, **self._pending)
+        except redis_lib.RedisError as e:
+            self._unavailable(e)
+            return False
+        self._pending.clear()
+        return True
+
+    def _unavailable(self, e: Exception) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning("job %s: Redis unavailable (%s: %s); status writes wait", self.job_id, type(e).__name__, e)
+        self._down_until = time.monotonic() + self.retry_after_s
 
 
-def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: Settings, redis_url: str) -> str:
-    """Run one job to its end, keeping its status in Redis; returns the final state. Never raises for job errors."""
-    from actors.encoder import VisionEncoder
-    from pipeline.archive import JobCancelled, expand_sources, index_archive
-    from pipeline.events import EventSink
-    from pipeline.index import SegmentIndex
-
-    _quiet_ray_data()
-    client = as_client(redis_url)
-    if get_job(client, job_id).get("cancel_requested"):
-        _write(client, job_id, state="cancelled", finished=time.time())
-        client.expire(job_key(job_id), JOB_TTL_S)
-        return "cancelled"
-    files, _ = expand_sources(paths, settings.file_roots)
-    _write(client, job_id, state="running", started=time.time(), files_total=len(files))
-    events = EventSink(redis_url, settings.outbox_dir / "jobs" / job_id, maxlen=settings.stream_maxlen,
-                       outbox_max=settings.outbox_max_events)
-
-    def on_progress(report, n_files: int) -> None:
-        _write(client, job_id, segments=report.segments, skipped=report.skipped, files_total=n_files,
-               seconds=report.seconds)
-
-    def should_cancel() -> bool:
-        return bool(json.loads(client.hget(job_key(job_id), "cancel_requested") or "false"))
-
-    try:
-        index = SegmentIndex(settings.index_root, create=False)     # made by the service; a vanished one fails
-        report = index_archive(paths, settings, VisionEncoder, source_id=source_id, index=index, events=events,
-                               progress=False, on_progress=on_progress, should_cancel=should_cancel,
-                               file_roots=settings.file_roots)
-        state = _final_state(report)
-        _write(client, job_id, state=state, segments=report.segments, skipped=report.skipped,
-               source_seconds=report.source_seconds, indexed=report.indexed, failures=report.failed,
-               seconds=report.seconds, finished=time.time())
-    except JobCancelled as e:
-        state = "cancelled"
-        _write(client, job_id, state=state, error=str(e), finished=time.time())
-    except Exception as e:  # noqa: BLE001 - any crash is the job's failure, recorded where the caller looks
-        log.exception("job %s failed", job_id)
-        state = "failed"
-        _write(client, job_id, state=state, error=f"{type(e).__name__}: {e}"[:2000], finished=time.time())
-    finally:
-        events.close()
-    client.expire(job_key(job_id), JOB_TTL_S)
-    client.close()
-    return state
-
-
-def _quiet_ray_data() -> None:
-    """No progress bars from a job: nobody watches this worker's terminal (progress goes to the job status), and
-    Ray forwards worker output to the driver, where the bars would garble `tubescope serve`'s output."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
-# num_cpus=0: the job only drives Ray Data; the decode tasks and encoder actors claim the CPUs.
-run_job = ray.remote(num_cpus=0, max_retries=0)(execute_job)
-
-
-def submit_job(redis_url: str, settings: Settings, paths: list[str], source_id: str | None) -> tuple[dict, Any]:
-    """Check the request, store it, start its task: (status, ObjectRef of the final state). ValueError bad input."""
-    paths, source_id = check_job_request(paths, source_id, settings)
-    record = create_job(redis_url, paths, source_id)
-    ref = run_job.remote(record["id"], paths, source_id, settings, redis_url)
-    return record, ref
-
-
-__all__ = ["JOBS_PREFIX", "ACTIVE_STATES", "FINAL_STATES", "check_job_path", "check_job_request", "create_job",
-           "execute_job", "get_job", "job_key", "mark_lost", "request_cancel", "run_job", "submit_job"]
+__all__ = ["JOBS_PREFIX", "ACTIVE_STATES", "FINAL_STATES", "JobStatus", "check_job_path", "check_job_request",
+           "create_job", "finish_job", "get_job", "job_key", "list_job_ids", "request_cancel"]

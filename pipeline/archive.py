@@ -29,6 +29,13 @@ from pipeline import metrics
 from pipeline.video.protocols import under_roots
 from qwen2vl.geometry import PATCH_DIM
 
+# The CPUs Ray reserves per archive task. A fraction, so a job always fits beside what long-lived actors hold (feed
+# readers 0.25 each, the live indexer, the decoder), which on 2 cores leaves less than a whole CPU free; decode tasks
+# are capped at one per CPU of the cluster instead, so an idle machine still runs one per core
+# (docs/architecture.md, "Archive jobs").
+PLAN_TASK_CPUS = 0.25
+DECODE_TASK_CPUS = 0.25
+
 # Decoded blocks of a few segments, each handed to an encoder as it is ready. Ray Data's default 128 MiB holds ~12
 # segments of 360p video: the encoder would wait for a whole block before its first call and have more of them left
 # after the last decode task (docs/architecture.md, "Where the archive job's time goes").
@@ -240,9 +247,11 @@ def decoded_segments(plan: JobPlan, settings):
     window_segments = max(1, int(settings.segments_per_task))
     ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
     ds.context.target_max_block_size = DECODED_BLOCK_BYTES          # this job's copy of the DataContext
-    ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]), num_cpus=0.25)
+    ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]),
+                     num_cpus=PLAN_TASK_CPUS)
     return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels,
-                                                     indexed[r["source_id"]]), num_cpus=1)
+                                                     indexed[r["source_id"]]),
+                       num_cpus=DECODE_TASK_CPUS, concurrency=max(1, int(ray.cluster_resources().get("CPU", 1))))
 
 
 def encoder_pool(plan: JobPlan, settings, encoder_cls):

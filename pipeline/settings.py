@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     api_keep_alive_seconds: int = Field(90, ge=1)        # an idle kept-alive connection is closed after this (Serve)
     api_request_timeout_seconds: float | None = Field(None, gt=0)   # end to end, streamed answers too (Serve)
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
+    job_reconcile_seconds: float = Field(10.0, gt=0)     # how often the service resumes jobs whose runner is gone
 
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever

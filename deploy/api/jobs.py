@@ -1,7 +1,7 @@
 """Archive jobs (/v1/jobs): index files already on disk. Every job route needs an admin key.
 
-The job runs as a Ray task (deploy.jobs); its record lives in Redis, so any replica can answer for it."""
-import ray
+The job runs in a Ray actor of its own (deploy.job_runner); its record lives in Redis, so any replica can answer for
+it, and the service's reconciler resumes a job whose runner is gone."""
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,31 +35,20 @@ def _job(context: ServiceContext, job_id: str, caller: Caller) -> dict:
 
 @router.post("/v1/jobs", status_code=202, responses=error_responses(408, 413, 422, 503))
 def create_job(body: JobCreate, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
-    from deploy.jobs import submit_job
+    from deploy.job_runner import submit_job
 
     require_named_source(caller, body.source_id, "give the job a source_id among them")
     context.index.check_root()                  # 503 now rather than a job that can only fail
     try:
-        record, ref = submit_job(context.settings.redis_url, context.settings, body.paths, body.source_id)
+        return submit_job(context.settings.redis_url, context.settings, body.paths, body.source_id,
+                          context.job_runners)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    context.job_refs[record["id"]] = ref
-    return record
 
 
 @router.get("/v1/jobs/{job_id}", responses=error_responses(404, 422, 503))
 def get_job(job_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
-    from deploy.jobs import ACTIVE_STATES, mark_lost
-
-    job = _job(context, job_id, caller)
-    ref = context.job_refs.get(job_id)
-    if job["state"] in ACTIVE_STATES and ref is not None and ray.wait([ref], timeout=0)[0]:
-        try:
-            ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - the task died before writing its final state
-            mark_lost(context.redis, job_id, f"job task died: {type(e).__name__}: {e}"[:2000])
-        job = _job(context, job_id, caller)
-    return job
+    return _job(context, job_id, caller)
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202, responses=error_responses(404, 409, 422, 503))
