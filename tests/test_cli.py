@@ -18,7 +18,8 @@ from deploy.cli import cli
 from deploy.demo import DEMO_STREAM
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("demo", "index", "segments", "captions", "ask", "search", "serve", "feeds", "model", "config")
+COMMANDS = ("demo", "index", "segments", "captions", "ask", "search", "summarize", "serve", "feeds", "model",
+            "config")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

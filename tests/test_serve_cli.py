@@ -154,8 +154,14 @@ def test_search_and_ask_commands_over_indexed_footage(server):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert lines[0].startswith("answer: ")
-    assert "evidence: clip 0:00 - 0:02 (clip:0)" in lines                  # media time, as written
+    assert "evidence: clip 0:00 - 0:02 (clip:0, full)" in lines            # media time, as written; the tier
+    assert any(line.startswith("plan: full: ") for line in lines)
     assert lines[-1].startswith("model: ") and "Redis stream tubescope:answers entry " in lines[-1]
+
+    r = run(server, "summarize", "-s", "clip")                        # lines as they are made, then the summary
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("period clip 0:00 - 0:04: ") and "\nsummary of clip: " in r.stdout   # random text
+    assert r.stdout.rstrip().endswith("Redis stream tubescope:summaries")
 
     r = run(server, "ask", "What moves?", "-s", "nope")
     assert r.exit_code == 1 and "HTTP 404" in r.stderr

@@ -1,0 +1,93 @@
+"""The question commands of the `tubescope` CLI: ask, summarize and search, through the REST API (registered on
+deploy.cli's group when it is imported)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from deploy.cli import _api, _api_call, api_options, cli, print_rows, window_options
+
+
+def _window(start: str | None, end: str | None) -> str:
+    if start is None and end is None:
+        return "all footage"
+    return f"[{'-inf' if start is None else start}, {'+inf' if end is None else end})"
+
+
+@cli.command("ask")
+@click.argument("question")
+@click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
+@window_options
+@click.option("--max-new-tokens", type=int, default=None, help="answer length cap (default: the server's)")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
+@click.option("--json", "as_json", is_flag=True, help="print the whole answer record as JSON")
+@api_options
+def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens, stream: bool, as_json: bool,
+            url: str, key: str | None) -> None:
+    """Ask QUESTION over the footage of the given sources in [start, end)."""
+    with _api(url, key) as api:
+        live = stream and not as_json
+        if live:
+            click.echo("answer: ", nl=False)
+        out = _api_call(lambda: api.ask(question, list(sources), start=start, end=end, max_new_tokens=max_new_tokens,
+                                        on_token=(lambda t: click.echo(t, nl=False)) if live else None))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo("" if live else f"answer: {out['answer']}")
+    for ev in out["evidence"]:
+        tubes = f", {len(ev['tubes'])} tubes" if "tubes" in ev else ""
+        click.echo(f"evidence: {ev['source']} {ev['start']} - {ev['end']} ({ev.get('segment_id', '')}, "
+                   f"{ev.get('tier', 'full')}{tubes})")
+    plan = out.get("plan")
+    if plan:
+        click.echo(f"plan: {plan['kind']}: {plan['tubes']} tubes at {', '.join(plan['resolutions'])}, "
+                   f"{plan['segments']} of {plan['window_segments']} segments"
+                   + (f", {plan['caption_lines']} caption lines of the rest" if plan.get("caption_lines") else ""))
+    if out.get("narrowed"):
+        click.echo("note: the window held more footage than the budget; the plan above says what was looked at")
+    click.echo(f"model: {out['model']}; Redis stream tubescope:answers entry {out.get('stream_entry')}")
+
+
+@cli.command("summarize")
+@click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
+@window_options
+@click.option("--granularity", type=float, default=None, help="seconds per first-level period (default 300)")
+@click.option("--json", "as_json", is_flag=True, help="print the whole summary record as JSON")
+@api_options
+def summarize_cmd(sources: tuple[str, ...], start, end, granularity, as_json: bool, url: str,
+                  key: str | None) -> None:
+    """Summarize the footage of the given sources in [start, end): per period, per hour, then the whole window,
+    each line printed as it is made."""
+    def show(line: dict) -> None:
+        cached = " (cached)" if line.get("cached") else ""
+        click.echo(f"{line['level']:>6} {line['source']} {line['start']} - {line['end']}{cached}: {line['text']}")
+
+    with _api(url, key) as api:
+        out = _api_call(lambda: api.summarize(list(sources), start=start, end=end, granularity=granularity,
+                                              on_line=None if as_json else show))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for source, text in out["summaries"].items():
+        click.echo(f"summary of {source}: {text}")
+    click.echo(f"model: {out['model']}; Redis stream tubescope:summaries")
+
+
+@cli.command("search")
+@click.argument("query")
+@click.option("-s", "--source", "sources", multiple=True, help="source id (repeat; default: every source)")
+@window_options
+@click.option("--limit", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@api_options
+def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_json: bool, url: str,
+               key: str | None) -> None:
+    """Rank indexed segments for QUERY."""
+    with _api(url, key) as api:
+        rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
+    print_rows(rows, as_json,
+               lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['start']} - {r['end']}\t{r['segment_id']}"
+                         f"\t{r.get('caption') or ''}",
+               f"no segments in {_window(start, end)}")
