@@ -11,7 +11,9 @@ prompt ids, same dtype, same process; runs interleave so background load hits bo
   decode    tokens/s after the first token, ours (Decoder.ask) vs the reference generate (greedy, same max tokens);
             ours picks each fp32 argmax through qwen2vl.argmax_head (exact; `answers_equal` checks the text)
 Headline numbers are the best rep of each side (other processes share the cores); medians are printed beside them.
-  hour      ask latency over 1 hour of indexed footage (450 segments of 8 s), narrowed by search to the budget
+  plans     asks over 1 hour and 24 hours of indexed footage (450 segments of 8 s an hour, with their long tier):
+            the plan each took (deploy/plans.py), tubes looked at, time to first token, total; and the 24 hours
+            again with long_max_stride_seconds=60, which makes it a retrieval plan (search narrows it)
 The footage is a SYNTHETIC index: random pixel rows encoded by the checkpoint's own tiny vision tower (depth 1,
 width 32) into fp16 tokens of the text width. The reference receives the same pixel rows and runs its own copy of
 that tower inside its prefill (timed separately: `reference.vision_tower_s`).
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 
 from bench._common import perturb_  # noqa: E402
 
+LONG_PIXELS = 4 * 28 * 28        # the synthetic footage's frames are 56x112: its long tier is 28x56 (2 tokens)
 FULL = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
             intermediate_size=2816, vocab_size=151936, mrope_section=[16, 24, 24], tie_word_embeddings=True)
 QUICK = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -114,13 +117,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny config and prompt, one rep: a smoke run")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--hour-segments", type=int, default=450, help="8 s segments in the 'hour' source")
+    ap.add_argument("--hours", default="1,24", help="windows of indexed footage to ask over, in hours")
     args = ap.parse_args(argv)
     text = QUICK if args.quick else FULL
     prompt_grid = (8, 8, 8) if args.quick else (8, 16, 30)       # 2 segments: 256 / 1920 visual tokens
     hour_grid = (8, 4, 4) if args.quick else (8, 4, 8)          # 32 / 64 tokens per 8 s segment
     if args.quick:
-        args.reps, args.new_tokens, args.hour_segments = 1, 8, min(args.hour_segments, 60)
+        args.reps, args.new_tokens, args.hours = 1, 8, "0.25,1"
 
     work = Path(tempfile.mkdtemp(prefix="tubescope-bench-query-"))
     try:
@@ -131,6 +134,9 @@ def main(argv=None) -> dict:
 
 def run(args, work: Path, text: dict, prompt_grid: tuple, hour_grid: tuple) -> dict:
     from deploy.decoder import Decoder
+    from deploy.plans import tokens_per_tube
+    from pipeline.long_tier import LongTier
+    from pipeline.tubes import long_grid
     from deploy.footage import build_prompt, group_blocks, list_window
     from pipeline.checkpoints import model_id
     from pipeline.index import SegmentIndex
@@ -143,13 +149,20 @@ def run(args, work: Path, text: dict, prompt_grid: tuple, hour_grid: tuple) -> d
     tower = load_pretrained(ckpt).visual                        # the checkpoint's own (tiny) vision tower
     index = SegmentIndex(work / "index")
     cam, cam_pixels = segment_records(tower, "cam", 2, prompt_grid, 8.0, mid, distinct=2, seed=1)
-    hour, _ = segment_records(tower, "hour", args.hour_segments, hour_grid, 8.0, mid, distinct=30, seed=2)
     t_index = time.perf_counter()
-    index.add(cam + hour)
+    index.add(cam)
+    hours = [float(h) for h in args.hours.split(",")]
+    for h in hours:
+        n = round(h * 450)
+        footage, _ = segment_records(tower, f"{h:g}h", n, hour_grid, 8.0, mid, distinct=30, seed=2)
+        low, _ = segment_records(tower, f"{h:g}h", n, long_grid(hour_grid, LONG_PIXELS), 8.0, mid, distinct=30,
+                                 seed=3)
+        index.add(footage)
+        LongTier(index, LONG_PIXELS).add(low)
     index_s = time.perf_counter() - t_index
     del tower
 
-    settings = load_settings(data_dir=work / "data", model_path=ckpt)
+    settings = load_settings(data_dir=work / "data", model_path=ckpt, long_pixels=LONG_PIXELS)
     dec = Decoder(settings, ckpt, index=index, dtype=torch.float32, device="cpu")
     question = "What happens near the door, and when does it happen?"
     plan = build_prompt(dec.processor, group_blocks(list_window(index, ["cam"], None, None, mid), dec.tube_seconds,
@@ -201,14 +214,26 @@ def run(args, work: Path, text: dict, prompt_grid: tuple, hour_grid: tuple) -> d
             ref_gen.append(ref_generate())
             load_seen.append(os.getloadavg()[0])
 
-        def hour_ask(q: str) -> dict:
-            r = dec.ask(q, ["hour"], max_new_tokens=n_new)
-            return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["timings"].items()} | {
-                "narrowed": r["narrowed"], "segments_used": len(r["evidence"])}
-        scored_before = dec.ranker.segments_scored
-        hour_first = hour_ask("When does a truck arrive at the gate?")
-        scored = dec.ranker.segments_scored - scored_before
-        hour_second = hour_ask("When does the truck leave?")
+        def window_ask(source: str, q: str) -> dict:
+            scored_before = dec.ranker.segments_scored
+            r = dec.ask(q, [source], max_new_tokens=n_new)
+            t = r["timings"]
+            return {"plan": r["plan"]["kind"], "tubes": r["plan"]["tubes"], "resolutions": r["plan"]["resolutions"],
+                    "segments_seen": r["plan"]["segments"], "window_segments": r["plan"]["window_segments"],
+                    "stride_s": r["plan"]["stride_s"] and round(r["plan"]["stride_s"], 2),
+                    "visual_tokens": t["visual_tokens"], "segments_scored_by_search":
+                    dec.ranker.segments_scored - scored_before,
+                    **{k: round(t[k], 4) for k in ("select_s", "prefill_s", "ttft_s", "total_s")},
+                    "prefix_cache": t["prefix_cache"]}
+        plans = {}
+        for h in hours:
+            plans[f"{h:g}h"] = {"first_ask": window_ask(f"{h:g}h", "When does a truck arrive at the gate?"),
+                                "second_ask_other_question": window_ask(f"{h:g}h", "When does the truck leave?")}
+        long_window = f"{max(hours):g}h"
+        dec.settings = settings.model_copy(update={"long_max_stride_seconds": 60.0})
+        plans[f"{long_window} with long_max_stride_seconds=60"] = {
+            "first_ask": window_ask(long_window, "When does a truck arrive at the gate?")}
+        dec.settings = settings
 
     med = statistics.median
     # Other processes share these cores: the best rep of each side is the headline (as in bench/decode.py),
@@ -250,9 +275,9 @@ def run(args, work: Path, text: dict, prompt_grid: tuple, hour_grid: tuple) -> d
         "reference": {"impl": f"transformers {__import__('transformers').__version__} generate (eager attention "
                               "default, fp32)", "vision_tower_s": round(med(ref_vis), 4)},
         "answers_equal": cold[0]["answer"] == ref_answer,
-        "hour": {"segments": args.hour_segments, "tokens_per_segment": hour_grid[0] * hour_grid[1] * hour_grid[2] // 4,
-                 "ask_token_budget": settings.ask_token_budget, "segments_scored_by_search": scored,
-                 "first_ask": hour_first, "second_ask_other_question": hour_second},
+        "plans": {"tokens_per_segment": hour_grid[0] * hour_grid[1] * hour_grid[2] // 4,
+                  "long_tokens_per_tube": tokens_per_tube(long_grid(hour_grid, LONG_PIXELS)),
+                  "ask_token_budget": settings.ask_token_budget, "long_pixels": LONG_PIXELS, **plans},
         "prefix_cache": dec.prefix_cache.stats(),
     }
     print(json.dumps(result, indent=1))
