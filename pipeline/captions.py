@@ -78,7 +78,9 @@ class CaptionStore:
         present: dict[str, set[str]] = {}
         for c in captions:
             folder = self.index._dir(c.source_id)
-            names = present.setdefault(folder, {i.base_name for i in self.index._ls(folder)})
+            if folder not in present:                       # one listing per folder, not one per record
+                present[folder] = {i.base_name for i in self.index._ls(folder)}
+            names = present[folder]
             name = caption_file_name(c.segment_id, c.model_id)
             if name in names:
                 continue

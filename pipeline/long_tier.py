@@ -43,7 +43,9 @@ class LongTier:
         written, present = [], {}
         for r in records:
             folder = self.index._dir(r.source_id)
-            names = present.setdefault(folder, {i.base_name for i in self.index._ls(folder)})
+            if folder not in present:                       # one listing per folder, not one per record
+                present[folder] = {i.base_name for i in self.index._ls(folder)}
+            names = present[folder]
             name = long_file_name(r.segment_id, r.model_id, self.long_pixels)
             if name in names:
                 continue
