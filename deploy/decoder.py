@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from deploy.footage import (PrefixMemo, PromptPlan, build_prompt, check_question, format_span, group_blocks,
-                            list_window)
+from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
+                            group_blocks, list_window)
 from deploy.plans import WindowPlan, caption_lines, plan_window
 from deploy.prefix_cache import PrefixCache
 from deploy.search import SegmentRanker, evenly_spaced
@@ -96,15 +96,18 @@ class Decoder:
 
     # ---- public -----------------------------------------------------------------------------------------------
     def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
-            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None, record: bool = True) -> dict:
+            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None, record: bool = True,
+            with_captions: bool = False) -> dict:
         """Answer `question` over the footage of `sources` in [start, end) (None = unbounded).
 
         record=False keeps the answer out of tubescope:answers (a summary's periods go to tubescope:summaries).
+        with_captions: the captions of the window's footage go into the prompt as timestamped lines (summaries).
         LookupError: unknown source / no footage in the window. ValueError: bad arguments.
         """
         t_start = time.perf_counter()
         try:
-            result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record)
+            result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record,
+                               with_captions)
         except Exception:
             self._count("failed")
             raise
@@ -180,7 +183,7 @@ class Decoder:
                 "segments_scored": self.ranker.segments_scored, **counts}
 
     # ---- one question ---------------------------------------------------------------------------------------------
-    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record) -> dict:
+    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record, with_captions) -> dict:
         check_question(question)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -189,11 +192,12 @@ class Decoder:
             raise ValueError("on_token must be a callable taking a text piece, or None")
 
         rows = list_window(self.index, sources, start, end, self.model_id)
-        window = self._plan(question, rows, start, end)
+        window = self._plan(question, rows, start, end, with_captions)
         narrowed = window.tubes < sum(int(r["grid_thw"][0]) for r in rows)
         plan = build_prompt(self.processor, group_blocks(window.rows, self.tube_seconds,
                                                          self.settings.max_gap_seconds),
-                            question, self.model.config, self.prompt_memo, notes=window.notes)
+                            question, self.model.config, self.prompt_memo, notes=window.notes,
+                            notes_title=window.notes_title)
         t_selected = time.perf_counter()
 
         key = plan.prefix_key(self.model_id, self.dtype)
@@ -237,9 +241,9 @@ class Decoder:
                 "start": start, "end": end})
         return result
 
-    def _plan(self, question: str, rows: list[dict], start, end) -> WindowPlan:
+    def _plan(self, question: str, rows: list[dict], start, end, with_captions: bool = False) -> WindowPlan:
         """The window's plan (deploy.plans); a retrieval plan is filled here: the best segments by search, and the
-        captions of the others as timestamped lines."""
+        captions of the others as timestamped lines. with_captions: other plans carry the captions of their window."""
         s = self.settings
         over = sum(int(r["n_tokens"]) for r in rows) > s.ask_token_budget
         present = self.long_tier.present(rows, self.model_id) if over and self.long_tier is not None else set()
@@ -247,12 +251,20 @@ class Decoder:
                            max_stride_s=s.long_max_stride_seconds, tube_seconds=self.tube_seconds)
         if plan.kind == "retrieval":
             plan.rows = [{**r, "tier": "full"} for r in self._fit_budget(question, rows, start, end)]
-            if self.retrieval is not None and s.plan_caption_lines \
-                    and len(self.captions.uncaptioned(rows, self.caption_model_id)) < len(rows):
+            if self._captioned(rows):
                 seen = {r["segment_id"] for r in plan.rows}
                 captions = self.retrieval.captions(sorted({r["source_id"] for r in rows}), start, end)
                 plan.notes = caption_lines(rows, captions, seen, s.plan_caption_lines, format_span)
+        elif with_captions and self._captioned(rows):
+            captions = self.retrieval.captions(sorted({r["source_id"] for r in rows}), start, end)
+            plan.notes = caption_lines(rows, captions, set(), s.plan_caption_lines, format_span)
+            plan.notes_title = WINDOW_NOTES
         return plan
+
+    def _captioned(self, rows: list[dict]) -> bool:
+        """Whether any of the rows is captioned (then the retrieval index holds captions to read)."""
+        return self.retrieval is not None and self.settings.plan_caption_lines > 0 \
+            and len(self.captions.uncaptioned(rows, self.caption_model_id)) < len(rows)
 
     def _evidence(self, row: dict) -> dict:
         """One segment the answer looked at: times, tier, and the start of each tube when only some were seen."""

@@ -247,11 +247,16 @@ def strip_markers(text: str) -> str:
     return text
 
 
-def render_messages(blocks: list[VideoBlock], question: str, notes: list[str] = ()) -> list[dict]:
+UNSEEN_NOTES = "Captions of footage not shown, by time:"
+WINDOW_NOTES = "Captions of this footage, by time:"
+
+
+def render_messages(blocks: list[VideoBlock], question: str, notes: list[str] = (),
+                    notes_title: str = UNSEEN_NOTES) -> list[dict]:
     """The user turn: caption lines of footage not shown (if any), each block's label and video, the question."""
     content: list[dict] = []
     if notes:
-        content.append({"type": "text", "text": "Captions of footage not shown, by time:\n" + "\n".join(notes) + "\n"})
+        content.append({"type": "text", "text": notes_title + "\n" + "\n".join(notes) + "\n"})
     for block in blocks:
         content.append({"type": "text", "text": block_label(block)})
         content.append({"type": "video"})
@@ -284,17 +289,19 @@ class PrefixMemo:
 
 
 def build_prompt(processor, blocks: list[VideoBlock], question: str, config,
-                 memo: PrefixMemo | None = None, notes: list[str] = ()) -> PromptPlan:
+                 memo: PrefixMemo | None = None, notes: list[str] = (), notes_title: str = UNSEEN_NOTES) -> PromptPlan:
     """Chat-template prompt over `blocks` then `question`, split into prefix/suffix ids, with prefix positions.
 
     `processor` is a qwen2vl.Processor (expands each video pad from its grid alone); `config` a Qwen2VLConfig.
-    notes: caption lines of footage the blocks do not show, placed before them (inside the cached prefix).
+    notes: caption lines placed before the blocks (inside the cached prefix) under notes_title: of footage the
+    blocks do not show (retrieval plans), or of the window's own footage (summaries).
     """
     check_question(question)
     if not blocks:
         raise ValueError("a prompt needs at least one video block")
     notes = [strip_markers(n) for n in notes]          # a caption must never smuggle a special token in
-    text = processor.apply_chat_template(render_messages(blocks, question, notes), add_generation_prompt=True)
+    text = processor.apply_chat_template(render_messages(blocks, question, notes, notes_title),
+                                         add_generation_prompt=True)
     cut = text.rindex(VISION_END) + len(VISION_END)
     if text.count(VIDEO_PLACEHOLDER) != len(blocks):
         raise ValueError("the chat template did not emit one video placeholder per block")

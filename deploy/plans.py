@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from deploy.footage import UNSEEN_NOTES
 from deploy.search import evenly_spaced
 from pipeline.tubes import long_grid
 from qwen2vl.geometry import FPS_MAX_FRAMES, PATCH_SIZE, PATCHES_PER_TOKEN, TEMPORAL_PATCH_SIZE
@@ -35,6 +36,7 @@ class WindowPlan:
     stride_s: float | None = None             # seconds between sampled tubes (long plans that sample)
     long_missing: int = 0                     # segments of the window without their long tier yet
     notes: list[str] = field(default_factory=list)     # caption lines of footage not shown (retrieval plans)
+    notes_title: str = UNSEEN_NOTES                      # or WINDOW_NOTES: captions of the footage shown
 
     @property
     def tubes(self) -> int:

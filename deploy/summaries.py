@@ -3,7 +3,8 @@
 Per source:
   periods  the window cut at multiples of `granularity` (5 minutes by default; coarser when the window would hold
            more than MAX_PERIODS); each period with footage is asked about by the decoder, which plans it like any
-           question (the long tier when it holds more than the budget at the index resolution);
+           question (the long tier when it holds more than the budget at the index resolution), with the captions
+           of the period's segments as timestamped lines;
   hours    when periods are shorter than an hour and the window is longer, the lines of each clock hour are
            summarised as text (no video) into one line;
   window   the top lines are summarised into the window's summary (one line of them is used as it is).
@@ -132,7 +133,8 @@ class Summarizer:
     def _period(self, key: tuple, a: float, b: float, rows: list[dict]) -> SummaryLine:
         source, _, max_new = key
         return self._cached(key, "period", a, b, lambda: self.decoder.ask(
-            PERIOD_QUESTION, [source], start=a, end=b, max_new_tokens=max_new, record=False)["answer"])
+            PERIOD_QUESTION, [source], start=a, end=b, max_new_tokens=max_new, record=False,
+            with_captions=True)["answer"])
 
     def _rollup(self, key: tuple, level: str, lines: list[SummaryLine]) -> SummaryLine:
         source, _, max_new = key

@@ -277,3 +277,8 @@ def test_a_window_too_long_to_sample_is_answered_from_retrieval_with_captions_of
     assert len(notes) == plan["caption_lines"] and all(n.startswith("[cam1 0:0") for n in notes)
     prompts = [key[0] for key in dec.prompt_memo._entries if "Captions of footage not shown" in key[0]]
     assert len(prompts) == 1 and all(n in prompts[0] for n in notes)
+    # a summary's period shows its footage and reads its captions too: every caption of the window, as lines
+    period = dec.ask(QUESTION, ["cam1"], start=0.0, end=4.0, max_new_tokens=2, with_captions=True, record=False)
+    assert period["plan"]["kind"] == "full" and period["plan"]["caption_lines"] == 1
+    own = [key[0] for key in dec.prompt_memo._entries if "Captions of this footage" in key[0]]
+    assert len(own) == 1 and "[cam1 0:00:00-0:00:04] a square moves right" in own[0]
