@@ -23,6 +23,7 @@ import redis as redis_lib
 
 from pipeline.settings import Settings
 from pipeline.redis_server import as_client
+from pipeline.video.protocols import path_kind
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def check_job_path(path: Any, settings: Settings) -> str:
     fixed = local if magic is None else local[:magic].rsplit("/", 1)[0] or "/"
     if not _under(Path(fixed).resolve(), roots):     # resolve(): a symlink out of the roots is refused too
         raise ValueError(f"path {local!r} is outside the allowed roots ({', '.join(map(str, roots))})")
+    kind = None if magic is not None else path_kind(local)
+    if kind not in (None, "a regular file", "a folder"):         # a FIFO would hang the job's reader
+        raise ValueError(f"path {local!r} is {kind}, not a video file or a folder")
     return local
 
 

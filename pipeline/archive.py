@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import metrics
-from pipeline.video.protocols import under_roots
+from pipeline.video.protocols import path_kind, under_roots
 from qwen2vl.geometry import PATCH_DIM
 
 # The CPUs Ray reserves per archive task. A fraction, so a job always fits beside what long-lived actors hold (feed
@@ -71,42 +71,54 @@ def expand_sources(paths: list[str], file_roots: list | None = None) -> tuple[li
     """Files, folders (recursive, video extensions), globs, and pyarrow.fs URIs -> (files, failures).
 
     file_roots: when given, every local file a path expands to must lie under one of them once links and ".." are
-    resolved; the others are left out, and the failure names only the path as given (never what lies outside)."""
+    resolved; the others are left out, and the failure names only the path as given (never what lies outside).
+    Only regular files are kept: a FIFO blocks whoever opens it and a device never ends (docs/architecture.md,
+    "Streams and protocols")."""
     files, failed = [], []
     for p in paths:
-        if file_roots is not None and not ("://" in p and not p.startswith("file://")):
-            found, failed_here = expand_sources([p])
-            outside = [f for f in found if not under_roots(f, file_roots)]
-            if outside:
-                failed.append({"path": p, "error": f"{len(outside)} file(s) it names lie outside the allowed roots "
-                                                   "(links resolved)"})
-            failed += failed_here
-            files.extend(f for f in found if f not in outside)
-            continue
         if "://" in p and not p.startswith("file://"):
             files.extend(_expand_uri(p, failed))
             continue
         p = p[len("file://"):] if p.startswith("file://") else p
+        failures_before = len(failed)
         if any(ch in p for ch in "*?["):
-            hits = sorted(h for h in glob.glob(p, recursive=True) if os.path.isfile(h))
-            if not hits:
-                failed.append({"path": p, "error": "glob matched no files"})
-            files.extend(os.path.abspath(h) for h in hits)
+            hits = _regular_files(p, glob.glob(p, recursive=True), file_roots, failed)
+            empty = "glob matched no files"
         elif os.path.isdir(p):
-            hits = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-            if not hits:
-                failed.append({"path": p, "error": "folder holds no video files"})
-            files.extend(os.path.abspath(h) for h in hits)
-        elif os.path.isfile(p):
-            files.append(os.path.abspath(p))
+            named = [str(f) for f in Path(p).rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS]
+            hits = _regular_files(p, named, file_roots, failed)
+            empty = "folder holds no video files"
         else:
-            failed.append({"path": p, "error": "no such file or directory"})
+            hits = _regular_files(p, [p], file_roots, failed)
+            kind = path_kind(p) if len(failed) == failures_before else None
+            empty = f"{kind}, not a regular file" if kind else "no such file or directory"
+        if not hits and len(failed) == failures_before:
+            failed.append({"path": p, "error": empty})
+        files.extend(os.path.abspath(h) for h in hits)
     seen, unique = set(), []
     for f in files:
         if f not in seen:
             seen.add(f)
             unique.append(f)
     return unique, failed
+
+
+def _regular_files(given: str, named: list[str], file_roots: list | None, failed: list[dict]) -> list[str]:
+    """The regular files among the paths `given` names (sorted), folders left out quietly. Those outside
+    `file_roots` are left out first, unexamined; then FIFOs, devices and sockets, each kind of exclusion with one
+    failure under the path as given."""
+    if file_roots is not None:
+        outside = [h for h in named if not under_roots(h, file_roots)]
+        if outside:
+            failed.append({"path": given, "error": f"{len(outside)} file(s) it names lie outside the allowed roots "
+                                                   "(links resolved)"})
+        named = [h for h in named if h not in outside]
+    kinds = {h: path_kind(h) for h in named}
+    special = [h for h, kind in kinds.items() if kind not in (None, "a regular file", "a folder")]
+    if special and named != [given]:        # a path naming one such file says what it is instead
+        failed.append({"path": given, "error": f"{len(special)} of the entries it names are not regular files "
+                                               "(FIFOs, devices or sockets)"})
+    return sorted(h for h, kind in kinds.items() if kind == "a regular file")
 
 
 def _expand_uri(uri: str, failed: list[dict]) -> list[str]:

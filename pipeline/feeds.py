@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from pipeline.redis_server import as_client
 from pipeline.settings import Settings, load_settings
 from pipeline.video.hosts import HostPolicy, Service, check_host
-from pipeline.video.protocols import ALL_SCHEMES, check_protocol, check_roots, validate_url
+from pipeline.video.protocols import ALL_SCHEMES, check_protocol, check_regular_file, check_roots, validate_url
 from pipeline.video.segments import frames_per_segment
 from pipeline.video.stream import SamplerConfig
 from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
@@ -51,6 +51,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     url = validate_url(url, schemes)
     check_protocol(url)
     check_roots(url, file_roots)
+    check_regular_file(url)
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200):
         raise ValueError(f"name must be a non-empty string of at most 200 characters, got {name!r}")
     if fps is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -200,6 +201,27 @@ def test_expanded_paths_are_checked_against_the_roots_after_resolving_links(tmp_
     assert files == [str(root / "a.mp4")] and failed == []
     files, _ = expand_sources([str(root / "*.mp4")])                        # trusted callers (the CLI): no roots
     assert len(files) == 2
+
+
+def test_fifos_and_devices_are_failed_files_never_opened(tmp_path):
+    """A FIFO (opening it blocks until a writer comes) or a device (/dev/zero never ends) among a job's paths is a
+    failed path with the reason; the regular files beside it are indexed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.mp4").write_bytes(b"x")
+    os.mkfifo(root / "cam.mp4")
+    (root / "zero.mp4").symlink_to("/dev/zero")
+    files, failed = expand_sources([str(root / "cam.mp4"), "/dev/zero"])
+    assert files == [] and failed == [{"path": str(root / "cam.mp4"), "error": "a FIFO, not a regular file"},
+                                      {"path": "/dev/zero", "error": "a character device, not a regular file"}]
+    for given in (str(root), str(root / "*.mp4")):
+        files, failed = expand_sources([given])
+        assert files == [str(root / "a.mp4")], given
+        assert failed == [{"path": given, "error": "2 of the entries it names are not regular files (FIFOs, "
+                                                   "devices or sockets)"}], given
+    files, failed = expand_sources([str(root)], file_roots=[root])      # the link to /dev/zero: outside the roots
+    assert files == [str(root / "a.mp4")] and {f["path"] for f in failed} == {str(root)}
+    assert any("outside the allowed roots" in f["error"] for f in failed)
 
 
 def test_long_tier_written_by_jobs_and_filled_for_older_footage_once(tmp_path, video_factory, ray_local, tiny_model):

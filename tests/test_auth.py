@@ -142,6 +142,27 @@ def test_job_paths_under_roots(roots):
             check_job_path(p, settings)
 
 
+def test_job_paths_that_would_hang_or_leave_the_roots_through_proc_or_dev(roots):
+    """A FIFO blocks whoever opens it until someone writes, a device never ends, /proc holds the service's own
+    secrets (its environment): a REST job naming one is refused before it runs."""
+    tmp, settings = roots
+    videos = tmp / "videos"
+    os.mkfifo(videos / "day1" / "cam.mp4")
+    os.symlink("/proc/self/environ", videos / "environ.mp4")
+    os.symlink("/proc", videos / "proc")
+    os.symlink("/dev/zero", videos / "zero.mp4")
+    for p, words in [(f"{videos}/day1/cam.mp4", "is a FIFO, not a video file or a folder"),
+                     (f"file://{videos}/day1/cam.mp4", "is a FIFO"),
+                     ("/proc/self/environ", "outside the allowed roots"), ("/dev/zero", "outside the allowed roots"),
+                     (f"{videos}/environ.mp4", "outside the allowed roots"),
+                     (f"{videos}/proc/self/environ", "outside the allowed roots"),
+                     (f"{videos}/proc/*/environ", "outside the allowed roots"),
+                     (f"{videos}/zero.mp4", "outside the allowed roots")]:
+        with pytest.raises(ValueError, match=words):
+            check_job_path(p, settings)
+    assert check_job_path(f"{videos}/day1", settings) == f"{videos}/day1"        # a folder holding a FIFO: fine
+
+
 def test_no_roots_means_no_local_files(tmp_path):
     settings = load_settings(data_dir=tmp_path / "data")
     with pytest.raises(ValueError, match="no file_roots are configured"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -58,7 +59,18 @@ def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
            (dict(url="rtsp://10.0.0.6/x", feed_id="demo"), "already exists"),
            (dict(url="rtsp://h/x", name=""), "name"),
            (dict(url="/etc/passwd", file_roots=[tmp_path]), "outside the allowed roots"),
-           (dict(url="file:///tmp/x.mp4", schemes=["rtsp", "http"]), "scheme 'file'")]
+           (dict(url="file:///tmp/x.mp4", schemes=["rtsp", "http"]), "scheme 'file'"),
+           # what would hang a reader (a FIFO blocks the open, a device never ends), or lies outside through /proc
+           (dict(url=str(tmp_path / "fifo.mp4"), file_roots=[tmp_path]), "is a FIFO, not a regular file"),
+           (dict(url=f"file://{tmp_path}/fifo.mp4"), "is a FIFO"),
+           (dict(url="/dev/zero"), "is a character device"),
+           (dict(url=str(tmp_path / "zero.mp4"), file_roots=[tmp_path]), "outside the allowed roots"),
+           (dict(url="/proc/self/environ", file_roots=[tmp_path]), "outside the allowed roots"),
+           (dict(url=str(tmp_path / "proc.mp4"), file_roots=[tmp_path]), "outside the allowed roots"),
+           (dict(url=str(tmp_path), file_roots=[tmp_path]), "is a folder, not a regular file")]
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "zero.mp4").symlink_to("/dev/zero")
+    (tmp_path / "proc.mp4").symlink_to("/proc/self/environ")
     for kwargs, words in bad:
         with pytest.raises(ValueError, match=words):
             add_feed(r, settings=settings, **kwargs)

@@ -2,6 +2,7 @@
 UDP, a local file at real time), plus the pure pieces (clock, slots, segments, queue, backoff, URL checks)."""
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -176,6 +177,20 @@ def test_a_stored_url_is_checked_again_at_every_open(samplers, tmp_path):
                  "this service's own Redis"),
                 ("udp://:5600", {}, "feed_udp_listen")):
             _refused_at_open(samplers, url, cfg, words)
+
+
+def test_a_fifo_or_a_device_is_refused_at_open_and_never_hangs_the_reader(samplers, tmp_path):
+    """Opening a FIFO blocks until someone writes to it, and /dev/zero never ends: a reader refuses both (and a link
+    to either) before it opens anything, and stops when asked."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    os.mkfifo(root / "cam.mp4")
+    (root / "zero.mp4").symlink_to("/dev/zero")
+    _refused_at_open(samplers, str(root / "cam.mp4"), {"file_roots": (str(root),)}, "is a FIFO, not a regular file")
+    _refused_at_open(samplers, f"file://{root}/cam.mp4", {}, "is a FIFO")              # trusted: no roots
+    _refused_at_open(samplers, "/dev/zero", {}, "is a character device")
+    _refused_at_open(samplers, str(root / "zero.mp4"), {}, "is a character device")
+    _refused_at_open(samplers, str(root / "zero.mp4"), {"file_roots": (str(root),)}, "outside the allowed roots")
 
 
 def _refused_at_open(samplers, url, cfg, words):

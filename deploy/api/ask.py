@@ -17,7 +17,9 @@ router = APIRouter(route_class=ScopedRoute)
 
 
 class AskRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
+    model_config = ConfigDict(extra="forbid", strict=True,   # JSON true is no number, "2" no int
+                              json_schema_extra={"examples": [{"question": "Who came in through the door?",
+                                                               "source": "lobby"}]})
 
     question: str = Field(min_length=1)
     sources: list[str] | None = None

@@ -55,6 +55,9 @@ def raise_decoder_error(result: dict) -> None:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's answer to a body it cannot decode (not UTF-8): an invalid request like malformed JSON, 422
+        return error_response(422, f"invalid request: body: not JSON in UTF-8 ({type(exc.__cause__).__name__})")
     return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 

@@ -17,7 +17,9 @@ STATUS_TIMEOUT_S = 5.0
 
 
 class FeedCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
+    model_config = ConfigDict(extra="forbid", strict=True,   # JSON true is no number, "2" no int
+                              json_schema_extra={"examples": [{"url": "rtsp://192.168.1.20:554/stream1",
+                                                               "name": "Lobby", "id": "lobby"}]})
 
     url: str = Field(description="rtsp://, http(s)://, udp://, srt://...; or a local file under file_roots")
     name: str | None = None

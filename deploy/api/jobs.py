@@ -13,7 +13,9 @@ router = APIRouter(route_class=ScopedRoute)
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
+    model_config = ConfigDict(extra="forbid", strict=True,   # JSON true is no number, "2" no int
+                              json_schema_extra={"examples": [{"paths": ["/videos/lobby/*.mp4"],
+                                                               "source_id": "lobby"}]})
 
     paths: list[str] = Field(description="files, folders or globs under file_roots (or allowed pyarrow.fs URIs)")
     source_id: str | None = None

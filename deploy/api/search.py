@@ -14,7 +14,9 @@ router = APIRouter(route_class=ScopedRoute)
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
+    model_config = ConfigDict(extra="forbid", strict=True,   # JSON true is no number, "2" no int
+                              json_schema_extra={"examples": [{"query": "a person carrying a box",
+                                                               "sources": ["lobby"], "limit": 5}]})
 
     query: str = Field(min_length=1)
     sources: list[str] | None = None

@@ -16,7 +16,9 @@ router = APIRouter(route_class=ScopedRoute)
 
 
 class SummarizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # JSON true is no number, "2" no int
+    model_config = ConfigDict(extra="forbid", strict=True,   # JSON true is no number, "2" no int
+                              json_schema_extra={"examples": [{"source": "lobby", "max_new_tokens": 16,
+                                                               "granularity": 600}]})
 
     sources: list[str] | None = None
     source: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -161,6 +162,33 @@ def under_roots(path: str, roots: list | tuple) -> bool:
     real = os.path.realpath(os.path.expanduser(path))
     return any(real == r or real.startswith(r.rstrip("/") + "/")
                for r in (os.path.realpath(os.path.expanduser(str(x))) for x in roots))
+
+
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path: str) -> str | None:
+    """What `path` names once links are followed ("a regular file", "a folder", "a FIFO", "a character device",
+    ...), or None when nothing is there. Only a stat: never opens it."""
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:                     # a loop of links, a folder it may not search
+        return f"unreadable ({e.strerror})"
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a regular file")
+
+
+def check_regular_file(url: str) -> None:
+    """ValueError when `url` is a local path that exists but is no regular file once links are followed: opening a
+    FIFO blocks until someone writes to it, a device such as /dev/zero never ends, so a reader would hang. A path
+    that does not exist yet passes (a feed's reader retries it); network URLs pass. Check check_roots first, so
+    that nothing is told about what lies outside the roots."""
+    path = local_file_path(url)
+    kind = None if path is None else path_kind(path)
+    if kind is not None and kind != "a regular file":
+        raise ValueError(f"local file {path!r} is {kind}, not a regular file")
 
 
 def local_open_options() -> dict[str, str]:

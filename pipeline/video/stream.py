@@ -29,8 +29,8 @@ from pipeline.records import Segment
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
 from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
 from pipeline.video.media import INTERPOLATION, upright
-from pipeline.video.protocols import (ALL_SCHEMES, check_roots, describe_error, local_file_path, open_arguments,
-                                      redact_url, validate_url)
+from pipeline.video.protocols import (ALL_SCHEMES, check_regular_file, check_roots, describe_error, local_file_path,
+                                      open_arguments, redact_url, validate_url)
 from pipeline.video.segments import SegmentBuilder, frames_per_segment
 from qwen2vl.geometry import FACTOR, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
 
@@ -250,6 +250,7 @@ class StreamSampler:
         try:                  # the stored URL is checked again at every open: the rules may be stricter than at
             validate_url(cfg.url, cfg.schemes)       # registration, a name may resolve elsewhere now
             check_roots(cfg.url, cfg.file_roots)     # (docs/architecture.md, "Streams and protocols")
+            check_regular_file(cfg.url)              # a FIFO or a device would hang the open or never end
             check_host(cfg.url, cfg.hosts)
         except UnresolvedHost as e:
             return self._open_failed(backoff, UNREACHABLE, f"open failed: {e}")
