@@ -5,7 +5,10 @@ event is written to the outbox (one JSON file per event, named by a sequence num
 `emit` returns None. The outbox is delivered in order before any newer event: on the next emit, on `flush()`, and by a
 background thread every `flush_interval_s` while it is not empty. When the outbox is full the oldest event is dropped,
 counted in `dropped` and logged as an error; after Redis returns, one `events_dropped` entry in the errors stream
-reports the count. Delivery is at-least-once: a crash between XADD and removing the outbox file repeats that event.
+reports the count. An XADD that failed on the way may still have been applied (Redis executed it, then the
+connection died before the reply): such an event is marked uncertain, and before it is sent again the stream's
+entries since it was queued are searched for one with exactly its fields, so an outage does not repeat it. What
+remains at-least-once: a crash between XADD and removing the outbox file repeats that event.
 One outbox folder belongs to one EventSink at a time.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ ALERTS_STREAM = "tubescope:alerts"
 STREAMS = (SEGMENTS_STREAM, ERRORS_STREAM, ANSWERS_STREAM, SEARCHES_STREAM, CAPTIONS_STREAM, SUMMARIES_STREAM,
            ALERTS_STREAM)
 
+UNCERTAIN_LOOKBACK_S = 5.0          # an uncertain event is looked for among entries from this long before it
+UNCERTAIN_SCAN_ENTRIES = 10_000     # and among at most this many of them
 DEFAULT_MAXLEN = 100_000
 DEFAULT_OUTBOX_MAX = 10_000
 
@@ -53,6 +58,10 @@ def _json_default(value):
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     raise ValueError(f"event field value of type {type(value).__name__} is not JSON-serializable")
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def flatten_fields(fields: Mapping) -> dict[str, str]:
@@ -115,6 +124,7 @@ class EventSink:
         self._closed = threading.Event()
         self._flusher: threading.Thread | None = None
         self._down_until = 0.0      # after a failure, skip Redis until then (events go straight to the outbox)
+        self._uncertain: set[str] = set()   # outbox events whose delivery failed on the way (maybe applied)
         self._outbox: deque[str] = deque(self._load_outbox())
         self._next_seq = int(self._outbox[-1].split(".")[0]) + 1 if self._outbox else 0
         if self._outbox:
@@ -132,7 +142,7 @@ class EventSink:
             if self._outbox or time.monotonic() < self._down_until:
                 self._enqueue(stream, flat)
                 return None
-            return self._send(stream, flat, on_unavailable=lambda: self._enqueue(stream, flat))
+            return self._send(stream, flat, on_unavailable=lambda: self._enqueue(stream, flat, uncertain=True))
 
     def flush(self) -> int:
         """Deliver the outbox in order; stops at the first failure. Returns the number delivered."""
@@ -202,9 +212,15 @@ class EventSink:
                 self._drop(f"unreadable outbox event {name}: {type(e).__name__}: {e}")
                 continue
             failed = []
-            entry_id = self._send(stream, flat, on_unavailable=lambda: failed.append(True))
+            if (event.get("uncertain") or name in self._uncertain) \
+                    and self._in_stream(stream, flat, float(event.get("queued_at", 0.0)), failed):
+                entry_id = "already delivered"
+            elif not failed:
+                entry_id = self._send(stream, flat, on_unavailable=lambda: failed.append(True))
             if failed:
+                self._uncertain.add(name)           # the XADD may have reached Redis before the connection died
                 return sent
+            self._uncertain.discard(name)
             self._outbox.popleft()
             self._unlink(path)
             if entry_id is not None:
@@ -220,6 +236,21 @@ class EventSink:
                 self._unreported_drops += n
         return sent
 
+    def _in_stream(self, stream: str, flat: dict[str, str], queued_at: float, failed: list) -> bool:
+        """Whether `stream` holds an entry with exactly these fields, written since shortly before queued_at."""
+        since_ms = max(0, int((queued_at - UNCERTAIN_LOOKBACK_S) * 1000))
+        try:
+            entries = self.client.xrange(stream, min=f"{since_ms}-0", max="+", count=UNCERTAIN_SCAN_ENTRIES)
+        except _UNAVAILABLE:
+            self._down_until = time.monotonic() + self.retry_after_s
+            failed.append(True)
+            return False
+        for _, fields in entries:
+            decoded = {_text(k): _text(v) for k, v in fields.items()}
+            if decoded == flat:
+                return True
+        return False
+
     # ---- outbox ----------------------------------------------------------------------------------------------------
     def _load_outbox(self) -> list[str]:
         names = []
@@ -230,7 +261,7 @@ class EventSink:
                 names.append(name)
         return sorted(names, key=lambda n: int(n.split(".")[0]))
 
-    def _enqueue(self, stream: str, flat: dict[str, str]) -> None:
+    def _enqueue(self, stream: str, flat: dict[str, str], uncertain: bool = False) -> None:
         while len(self._outbox) >= self.outbox_max:
             oldest = self._outbox.popleft()
             self._unlink(os.path.join(self.outbox_dir, oldest))
@@ -239,7 +270,7 @@ class EventSink:
         tmp = os.path.join(self.outbox_dir, f".tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"stream": stream, "fields": flat, "queued_at": time.time()}, f)
+                json.dump({"stream": stream, "fields": flat, "queued_at": time.time(), "uncertain": uncertain}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, os.path.join(self.outbox_dir, name))

@@ -100,6 +100,27 @@ def test_outbox_survives_a_new_sink_instance(redis_server, tmp_path):
     second.close()
 
 
+def test_an_event_whose_reply_was_lost_is_not_repeated(redis_server, tmp_path):
+    """An XADD that failed on the way may have been applied (the reply was lost with the connection): the sink parks
+    it as uncertain, and delivers it later only if the stream does not already hold it."""
+    import json
+    import time
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    client = _client(redis_server)
+    applied = {"segment_id": "cam:0", "tokens": "36"}
+    client.xadd(SEGMENTS_STREAM, applied)                              # Redis executed it; the sink never heard
+    lost = {"segment_id": "cam:2000", "tokens": "36"}                  # this one never reached Redis
+    for seq, fields in enumerate((applied, lost)):
+        (outbox / f"{seq:020d}.json").write_text(json.dumps({"stream": SEGMENTS_STREAM, "fields": fields,
+                                                             "queued_at": time.time(), "uncertain": True}))
+    sink = EventSink(redis_server.url, outbox, flush_interval_s=None)
+    assert sink.flush() == 2 and sink.pending == 0
+    assert [f for _, f in _entries(client, SEGMENTS_STREAM)] == [applied, lost]          # once each
+    sink.close()
+
+
 def test_full_outbox_drops_oldest_and_counts_it(redis_server, tmp_path, caplog):
     sink = EventSink(redis_server.url, tmp_path / "outbox", outbox_max=3, flush_interval_s=None, retry_after_s=0.0)
     redis_server.stop()
