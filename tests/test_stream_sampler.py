@@ -380,7 +380,8 @@ def test_rtsp_kill_and_restart_reconnects_with_gap(samplers):
     gap = st["gaps"][0]
     # frame times may run ahead of arrival by the open burst (bounded by max_ahead_s, 2 s by default)
     assert killed_at - 1.0 < gap["start"] <= killed_at + 2.0 and gap["end"] - gap["start"] >= 1.0
-    assert "refused" in st["last_error_detail"].lower() or "disconnected" in st["last_error_detail"]
+    # the last failure before the reconnect: the drop itself, or a reopen while the server was down or starting
+    assert st["last_error_detail"].startswith(("disconnected", "open failed")), st["last_error_detail"]
     assert st["reconnects"] == 1 and st["connects"] == 2
     everything = before + flushed + after
     check_times(everything)
@@ -406,8 +407,8 @@ def test_rtsp_frame_times_never_run_ahead_of_the_wall_clock(samplers):
         while len(segs) < 4 and time.monotonic() < deadline:
             new = s.next_segments(max_n=8, timeout_s=0.02)
             now = time.time()
-            if new:                                   # a full segment is queued as soon as its last frame is
-                worst = max(worst, max(seg.frame_ts[-1] for seg in new if not seg.padded) - now)
+            for seg in new:                           # a full segment is queued as soon as its last frame is
+                worst = max(worst, (seg.frame_ts[-2] if seg.padded else seg.frame_ts[-1]) - now)
             last = s.status()["last_frame_time"]
             if last is not None:
                 worst = max(worst, last - time.time())

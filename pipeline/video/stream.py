@@ -2,15 +2,17 @@
 
 One StreamSampler reads one source in a background thread:
 
-    open (PyAV, always with timeouts; options from the protocol table) -> demux -> decode -> map pts to epoch seconds
-    (PtsClock) -> take the first frame every 1/fps s (RateSampler) -> convert only that frame, straight from YUV to
-    the smart_resize size -> segments by the segment rule -> bounded queue that drops the OLDEST segment when full.
+    open (PyAV, always with timeouts; options from the protocol table) -> demux (settle: what the source had
+    buffered is read before anything is decoded, to anchor the clock) -> decode -> map pts to epoch seconds
+    (PtsClock, never ahead of the wall clock) -> take the first frame every 1/fps s (RateSampler) -> convert only
+    that frame, straight from YUV to the smart_resize size -> segments by the segment rule -> bounded queue that
+    drops the OLDEST segment when full.
 
 Live sources die, hang and restart. Both the end of iteration and any av.error.FFmpegError count as
 "disconnected": the partial segment is flushed (padded to an even frame count), the gap is recorded once frames flow
-again, and the source is reopened with capped exponential backoff plus jitter. Local files (a path or file://) are
-played at real time and loop at EOF in continuous time (no disconnect), so a demo file behaves like a camera
-(docs/architecture.md, "Streams and protocols").
+again, and the source is reopened: at once if the connection gave frames, then with capped exponential backoff plus
+jitter. Local files (a path or file://) are played at real time and loop at EOF in continuous time (no disconnect),
+so a demo file behaves like a camera (docs/architecture.md, "Streams and protocols").
 
 actors/feeds.py wraps one StreamSampler in a Ray actor (FeedReader); tests drive StreamSampler directly.
 """
