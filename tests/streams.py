@@ -4,6 +4,8 @@
   gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-{base,good,bad,ugly}) serving a live test pattern.
 - HlsServer: ffmpeg writing a live HLS playlist from a looped file, served by `python -m http.server`.
 - UdpSender: ffmpeg sending MPEG-TS over UDP from a looped file.
+- TcpRelay: a TCP forwarder in front of a server; cut() drops every open connection while the server stays up (a
+  network blip: RTSP over TCP runs in one connection).
 - make_stream_video: a small H.264 file (keyframe every second, no B-frames) for HLS/UDP/file feeds.
 
 Every server is a context manager and can be killed (SIGKILL), paused (SIGSTOP), resumed and restarted on the
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,18 +32,18 @@ FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
 APT_HINT = ("apt-get install -y --no-install-recommends gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
             "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly ffmpeg")
 
-# A live test pattern over RTSP at rtsp://127.0.0.1:PORT/cam. argv: PORT WIDTH HEIGHT FPS.
+# A live test pattern over RTSP at rtsp://127.0.0.1:PORT/cam. argv: PORT WIDTH HEIGHT FPS KEYFRAME_EVERY (frames).
 # The media is shared (one pipeline for all clients, like a camera) and torn down when the last client leaves.
 _RTSP_SERVER_SCRIPT = r"""
 import sys, gi
 gi.require_version("Gst", "1.0"); gi.require_version("GstRtspServer", "1.0")
 from gi.repository import Gst, GstRtspServer, GLib
 Gst.init(None)
-port, width, height, fps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+port, width, height, fps, gop = sys.argv[1:6]
 launch = ("( videotestsrc is-live=true pattern=ball ! video/x-raw,width=%s,height=%s,framerate=%s/1 "
           "! x264enc tune=zerolatency speed-preset=ultrafast bitrate=500 key-int-max=%s "
           "! video/x-h264,profile=baseline ! rtph264pay name=pay0 pt=96 config-interval=1 )"
-          % (width, height, fps, fps))
+          % (width, height, fps, gop))
 server = GstRtspServer.RTSPServer()
 server.set_address("127.0.0.1")
 server.set_service(port)
@@ -199,8 +202,10 @@ class _Server:
 class RtspServer(_Server):
     """GStreamer RTSP server with a live test pattern at rtsp://127.0.0.1:PORT/cam."""
 
-    def __init__(self, port: int | None = None, width: int = 320, height: int = 240, fps: int = 25):
+    def __init__(self, port: int | None = None, width: int = 320, height: int = 240, fps: int = 25,
+                 keyframe_every: int | None = None):
         super().__init__()
+        self.keyframe_every = keyframe_every or fps     # frames; a client joining the shared stream waits for one
         if not os.path.exists(GST_PYTHON):
             raise RuntimeError(f"{GST_PYTHON} (with python3-gi) is needed for the RTSP server; {APT_HINT}")
         self.port = port or free_tcp_port()
@@ -212,7 +217,7 @@ class RtspServer(_Server):
 
     def _command(self) -> list[str]:
         return [GST_PYTHON, "-c", _RTSP_SERVER_SCRIPT, str(self.port), str(self.width), str(self.height),
-                str(self.fps)]
+                str(self.fps), str(self.keyframe_every)]
 
     def _ready(self) -> bool:
         return "ready" in self.output() and _tcp_listening(self.port)
@@ -222,6 +227,67 @@ class RtspServer(_Server):
             return super().start()
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n(the RTSP server needs: {APT_HINT})") from None
+
+
+class TcpRelay:
+    """Forwards 127.0.0.1:port to 127.0.0.1:target_port, one pair of pump threads per connection; cut() closes every
+    connection open now (the server never notices a difference from a dropped network path), new ones still pass."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/cam") -> str:
+        return f"rtsp://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                return
+            with self._lock:
+                self._open += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            dropped, self._open = self._open, []
+        for sock in dropped:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class HlsServer:
@@ -304,5 +370,5 @@ class _Command(_Server):
         return self._is_ready()
 
 
-__all__ = ["APT_HINT", "HlsServer", "RtspServer", "UdpSender", "free_tcp_port", "free_udp_port",
+__all__ = ["APT_HINT", "HlsServer", "RtspServer", "TcpRelay", "UdpSender", "free_tcp_port", "free_udp_port",
            "make_stream_video", "wait_for"]

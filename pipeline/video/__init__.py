@@ -7,7 +7,7 @@ clocks and backoff, and the one segment rule. Never reads Settings: callers pass
     files.py      sample times and decoded windows of files (PyAV or decord)
     parallel.py   GOP-parallel decoding of one window
     clock.py      PtsClock, RateSampler, Backoff for live sources
-    segments.py   frames -> segments on the time grid (archives and feeds alike)
+    segments.py   frames -> segments on the time grid (archives and feeds alike); the bounded segment queue
     stream.py     StreamSampler: one live source read in a thread
 
 Public names resolve lazily, so `pipeline.video.protocols` loads without PyAV.
@@ -22,9 +22,9 @@ _EXPORTS = {
     "DecodeError": "media", "VideoInfo": "media", "probe": "media", "target_size": "media",
     "sample_times": "files", "decode_window": "files", "iter_window": "files",
     "PtsClock": "clock", "RateSampler": "clock", "Backoff": "clock",
-    "SegmentBuilder": "segments", "iter_segments": "segments", "segment_frames": "segments",
-    "frames_per_segment": "segments",
-    "SamplerConfig": "stream", "SegmentQueue": "stream", "StreamSampler": "stream",
+    "SegmentBuilder": "segments", "SegmentQueue": "segments", "iter_segments": "segments",
+    "segment_frames": "segments", "frames_per_segment": "segments",
+    "SamplerConfig": "stream", "StreamSampler": "stream",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,54 +11,72 @@ _MIN_STEP_S = 1e-3                  # re-anchored times stay at least this far a
 
 
 class PtsClock:
-    """Maps a source's presentation times (seconds) to wall-clock epoch seconds.
+    """Maps a source's presentation times (seconds) to wall-clock epoch seconds: pts + an offset, so the source's
+    own spacing is kept even when frames arrive in bursts (the RTSP probe, a reader that fell behind, HLS segments).
 
-    The first frame of a connection is anchored at time.time(); later frames follow their pts from that anchor,
-    so the source's own spacing is kept even when frames arrive in bursts (the RTSP probe, HLS segments). Then:
-    - pts go backwards (sender restarted) or jump forward more than `max_jump_s`: re-anchor keeping the real
-      time elapsed since the previous frame arrived;
-    - the mapped time runs more than `max_ahead_s` ahead of the wall clock, or `max_jump_s` behind it (the
-      camera's clock drifts, or the source stalled while its pts ran on): re-anchor at the wall clock.
-    Times never decrease, across re-anchors and reconnects alike. A burst at the start of a connection makes
-    times run ahead of arrival by up to its length (about 0.1-0.2 s for RTSP with the fast probe).
+    A frame was captured before it arrived, so on a live source (`paced=False`) no frame gets a time after the
+    wall clock at which it came out of the decoder: the offset is the lowest that arrival times allow. The reader
+    lowers it before decoding anything with `bound(pts, arrival)` for what the source had buffered when the
+    connection opened (docs/architecture.md, "Streams and protocols"), and `to_epoch` lowers it again whenever a
+    frame would land ahead of the clock (the camera's clock runs fast, its pts jumped forward a little). With no
+    bound yet, the first frame is anchored at its arrival. Then:
+    - pts go backwards (sender restarted, a file looped) or jump forward more than `max_jump_s`: re-anchor keeping
+      the real time elapsed since the previous frame arrived;
+    - the mapped time falls more than `max_jump_s` behind the wall clock (the camera's clock runs slow, or the
+      source stalled while its pts ran on): re-anchor at the wall clock.
+    Times never decrease, across re-anchors and reconnects alike. A local file played at real time is `paced`: its
+    reader waits until each frame's time, so those times are ahead of the clock when mapped and are not lowered.
     """
 
-    def __init__(self, max_jump_s: float = 10.0, max_ahead_s: float = 2.0):
-        if not max_jump_s > 0 or not max_ahead_s > 0:
-            raise ValueError(f"max_jump_s and max_ahead_s must be > 0, got {max_jump_s}, {max_ahead_s}")
-        self.max_jump_s, self.max_ahead_s = max_jump_s, max_ahead_s
+    def __init__(self, max_jump_s: float = 10.0, paced: bool = False):
+        if not max_jump_s > 0:
+            raise ValueError(f"max_jump_s must be > 0, got {max_jump_s}")
+        self.max_jump_s, self.paced = max_jump_s, paced
         self.reanchors = 0
         self.last_t: float | None = None             # epoch time given to the previous frame
         self._offset: float | None = None            # epoch seconds - pts seconds
+        self._first_pts: float | None = None         # the lowest pts bound() saw on this connection
         self._last_pts: float | None = None
         self._last_arrival: float | None = None      # wall clock when the previous frame arrived
 
     def reset(self) -> None:
         """Forget the anchor (a new connection); times still never go below the last one given."""
         self._offset = None
+        self._first_pts = None
         self._last_pts = None
 
     def _not_before_last(self, t: float) -> float:
         return t if self.last_t is None else max(t, self.last_t + _MIN_STEP_S)
 
+    def bound(self, pts_s: float, arrival: float) -> None:
+        """Data of presentation time `pts_s` arrived at `arrival` (wall clock): its frame gets no later time."""
+        if self._offset is None or arrival - pts_s < self._offset:
+            self._offset = arrival - pts_s
+        if self._first_pts is None or pts_s < self._first_pts:
+            self._first_pts = pts_s
+
     def to_epoch(self, pts_s: float | None, now: float) -> float:
         if pts_s is None:
-            if self._offset is None:                 # no pts before any anchor (first RTSP frame): the clock
+            if self._last_pts is not None:           # just after the previous frame
+                pts_s = self._last_pts + _MIN_STEP_S
+            elif self._first_pts is not None:        # the first frame (RTSP's has none): just before the next
+                pts_s = self._first_pts - _MIN_STEP_S
+            else:                                    # nothing to follow yet: the clock
                 t = self._not_before_last(now)
                 self.last_t, self._last_arrival = t, now
                 return t
-            pts_s = self._last_pts + _MIN_STEP_S     # otherwise just after the previous frame
         if self._offset is None:
             self._offset = self._not_before_last(now) - pts_s
-        else:
-            follow = pts_s + self._offset
-            if pts_s < self._last_pts - _EPS or pts_s - self._last_pts > self.max_jump_s:
-                elapsed = max(_MIN_STEP_S, now - self._last_arrival)
-                self._offset = self.last_t + elapsed - pts_s
-                self.reanchors += 1
-            elif follow - now > self.max_ahead_s or now - follow > self.max_jump_s:
-                self._offset = self._not_before_last(now) - pts_s
-                self.reanchors += 1
+        elif self._last_pts is not None and (pts_s < self._last_pts - _EPS
+                                             or pts_s - self._last_pts > self.max_jump_s):
+            elapsed = max(_MIN_STEP_S, now - self._last_arrival)
+            self._offset = self.last_t + elapsed - pts_s
+            self.reanchors += 1
+        elif now - (pts_s + self._offset) > self.max_jump_s:
+            self._offset = self._not_before_last(now) - pts_s
+            self.reanchors += 1
+        if not self.paced and pts_s + self._offset > now:    # never ahead of the wall clock
+            self._offset = now - pts_s
         t = max(pts_s + self._offset, self.last_t if self.last_t is not None else -math.inf)
         self._last_pts, self._last_arrival, self.last_t = pts_s, now, t
         return t

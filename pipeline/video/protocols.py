@@ -28,7 +28,7 @@ def _rtsp_options(url: str, read_s: float, hls_hold_counters: int) -> tuple[str,
         # Socket timeout in µs. A stalled server raises after about twice this value, so half the read timeout
         # makes it fire at about read_s (PyAV's own timeout alone takes ~2x read_s).
         "timeout": str(max(250_000, int(read_s * 1e6 / 2))),
-        "analyzeduration": "100000",      # fast probe: open in ~0.2 s instead of ~1.2 s, no start burst
+        "analyzeduration": "100000",      # fast probe: open in ~0.2 s instead of ~1.2 s, a short start burst
         "probesize": "32768",
     }
 

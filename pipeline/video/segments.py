@@ -9,7 +9,9 @@ screen until the next sample time, so t1 = last frame time + 1/fps.
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -106,3 +108,41 @@ def _check_frame(t, frame) -> float:
     if not math.isfinite(t):
         raise ValueError(f"frame timestamp must be finite, got {t}")
     return t
+
+
+class SegmentQueue:
+    """Bounded FIFO of segments; put() drops the OLDEST segment when full and counts it."""
+
+    def __init__(self, maxsize: int):
+        if not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"queue size must be an int >= 1, got {maxsize!r}")
+        self.maxsize = maxsize
+        self.drops = 0
+        self._items: collections.deque[Segment] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, segment: Segment) -> Segment | None:
+        """Append; return the segment dropped to make room, if any."""
+        with self._cond:
+            dropped = None
+            if len(self._items) >= self.maxsize:
+                dropped = self._items.popleft()
+                self.drops += 1
+            self._items.append(segment)
+            self._cond.notify_all()
+            return dropped
+
+    def get_many(self, max_n: int = 8, timeout_s: float = 1.0) -> list[Segment]:
+        """Up to max_n segments, oldest first; waits up to timeout_s for the first one ([] on timeout)."""
+        if not isinstance(max_n, int) or max_n < 1:
+            raise ValueError(f"max_n must be an int >= 1, got {max_n!r}")
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._items) > 0, timeout=timeout_s)
+            n = min(max_n, len(self._items))
+            return [self._items.popleft() for _ in range(n)]
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)

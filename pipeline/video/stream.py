@@ -2,21 +2,24 @@
 
 One StreamSampler reads one source in a background thread:
 
-    open (PyAV, always with timeouts; options from the protocol table) -> demux -> decode -> map pts to epoch seconds
-    (PtsClock) -> take the first frame every 1/fps s (RateSampler) -> convert only that frame, straight from YUV to
-    the smart_resize size -> segments by the segment rule -> bounded queue that drops the OLDEST segment when full.
+    open (PyAV, always with timeouts; options from the protocol table) -> demux (settle: what the source had
+    buffered is read before anything is decoded, to anchor the clock) -> decode -> map pts to epoch seconds
+    (PtsClock, never ahead of the wall clock) -> take the first frame every 1/fps s (RateSampler) -> convert only
+    that frame, straight from YUV to the smart_resize size -> segments by the segment rule -> bounded queue that
+    drops the OLDEST segment when full.
 
 Live sources die, hang and restart. Both the end of iteration and any av.error.FFmpegError count as
 "disconnected": the partial segment is flushed (padded to an even frame count), the gap is recorded once frames flow
-again, and the source is reopened with capped exponential backoff plus jitter. Local files (a path or file://) are
-played at real time and loop at EOF in continuous time (no disconnect), so a demo file behaves like a camera
-(docs/architecture.md, "Streams and protocols").
+again, and the source is reopened: at once if the connection gave frames, then with capped exponential backoff plus
+jitter. Local files (a path or file://) are played at real time and loop at EOF in continuous time (no disconnect),
+so a demo file behaves like a camera (docs/architecture.md, "Streams and protocols").
 
 actors/feeds.py wraps one StreamSampler in a Ray actor (FeedReader); tests drive StreamSampler directly.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -31,7 +34,7 @@ from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
 from pipeline.video.media import INTERPOLATION, upright
 from pipeline.video.protocols import (ALL_SCHEMES, check_regular_file, check_roots, describe_error, local_file_path,
                                       open_arguments, redact_url, validate_url)
-from pipeline.video.segments import SegmentBuilder, frames_per_segment
+from pipeline.video.segments import SegmentBuilder, SegmentQueue, frames_per_segment
 from qwen2vl.geometry import FACTOR, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
 
 log = logging.getLogger(__name__)
@@ -41,48 +44,12 @@ class UnusableVideo(ValueError):
     """The stream decodes, but its frames cannot be used (e.g. smaller than one 28x28 merged patch)."""
 
 
-class SegmentQueue:
-    """Bounded FIFO of segments; put() drops the OLDEST segment when full and counts it."""
-
-    def __init__(self, maxsize: int):
-        if not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"queue size must be an int >= 1, got {maxsize!r}")
-        self.maxsize = maxsize
-        self.drops = 0
-        self._items: collections.deque[Segment] = collections.deque()
-        self._cond = threading.Condition()
-
-    def put(self, segment: Segment) -> Segment | None:
-        """Append; return the segment dropped to make room, if any."""
-        with self._cond:
-            dropped = None
-            if len(self._items) >= self.maxsize:
-                dropped = self._items.popleft()
-                self.drops += 1
-            self._items.append(segment)
-            self._cond.notify_all()
-            return dropped
-
-    def get_many(self, max_n: int = 8, timeout_s: float = 1.0) -> list[Segment]:
-        """Up to max_n segments, oldest first; waits up to timeout_s for the first one ([] on timeout)."""
-        if not isinstance(max_n, int) or max_n < 1:
-            raise ValueError(f"max_n must be an int >= 1, got {max_n!r}")
-        if timeout_s < 0:
-            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._items) > 0, timeout=timeout_s)
-            n = min(max_n, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
-
 # What the feed's readers see of a failed open or a lost connection: a refused connection, a timeout, a closed port
 # and a port that speaks no video all read the same, so a feed is no port scanner. The cause is in the detail.
 UNREACHABLE = "open failed: source unreachable"
 CONNECTION_LOST = "connection lost"
+# a new connection's buffered packets held before decoding (_settle): more than a long HLS segment at 60 fps
+SETTLE_MAX_PACKETS = 600
 # status fields only admins see: the cause, and the timings that tell a quick refusal from a slow timeout
 DETAIL_FIELDS = ("last_error_detail", "last_error_time", "open_failures", "backoff_s")
 
@@ -104,7 +71,6 @@ class SamplerConfig:
     backoff_max_s: float = 30.0
     backoff_jitter: float = 0.2
     max_pts_jump_s: float = 10.0        # a larger pts jump, or drifting this far behind the clock, re-anchors
-    max_ahead_s: float = 2.0            # frame times running further ahead of the wall clock re-anchor
     hls_hold_counters: int = 5          # HLS playlist reloads without a new segment before EOF
     max_gaps_kept: int = 100            # gaps listed in status(); gap_count counts them all
     schemes: tuple[str, ...] = ALL_SCHEMES   # URL schemes this reader may open (checked at every open)
@@ -121,8 +87,7 @@ class SamplerConfig:
         if not TOKEN_AREA <= self.min_pixels <= self.max_pixels:
             raise ValueError(f"need {TOKEN_AREA} <= min_pixels <= max_pixels, got {self.min_pixels}, "
                              f"{self.max_pixels}")
-        for name in ("open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s", "max_pts_jump_s",
-                     "max_ahead_s"):
+        for name in ("open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s", "max_pts_jump_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.backoff_max_s < self.backoff_initial_s:
@@ -160,7 +125,7 @@ class StreamSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()           # guards the gap list and error fields read by status()
-        self._clock = PtsClock(config.max_pts_jump_s, config.max_ahead_s)
+        self._clock = PtsClock(config.max_pts_jump_s, paced=self._file_path is not None)
         self._rate = RateSampler(config.fps)
         self._builder = SegmentBuilder(config.source_id, config.fps, config.segment_seconds)
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}   # source (h, w) -> target (h, w)
@@ -232,14 +197,19 @@ class StreamSampler:
                     continue
                 if container is None:
                     continue
-                sampled_before = self.frames_sampled
+                sampled_before, opened_at = self.frames_sampled, time.monotonic()
                 reason, detail = self._read(container)
-                if self.frames_sampled > sampled_before:
-                    backoff.reset()                 # it worked for a while: retry soon
                 if self._stop.is_set():
                     break
                 self._disconnected(reason, detail)
-                self._wait(backoff.next_delay())
+                if self.frames_sampled > sampled_before:
+                    # it worked: the first retry is at once (a restarted camera is back as soon as it listens),
+                    # but no sooner than backoff_initial_s after the last open, so a source that drops every
+                    # frame or two is not hammered; failures after that back off
+                    backoff.reset()
+                    self._wait(opened_at + cfg.backoff_initial_s - time.monotonic())
+                else:
+                    self._wait(backoff.next_delay())
         finally:
             self._emit_segments(self._builder.flush())
             self.connected = False
@@ -292,9 +262,12 @@ class StreamSampler:
         stream = container.streams.video[0]
         time_base = stream.time_base
         try:
+            packets = container.demux(stream)
+            if self._file_path is None:
+                packets = itertools.chain(self._settle(packets, time_base), packets)
             while True:
                 decoded_before = self.frames_decoded
-                for packet in container.demux(stream):
+                for packet in packets:
                     if self._stop.is_set():
                         return "stopped", "stopped"
                     try:
@@ -310,6 +283,7 @@ class StreamSampler:
                     return "eof", "eof"
                 container.seek(0)                       # PtsClock re-anchors the restarted pts just after the last
                 self.loops += 1                         # frame; the rate sampler keeps its phase
+                packets = container.demux(stream)
         except av.error.FFmpegError as e:               # ExitError (read timeout), TimeoutError, OSError (EIO) ...
             return CONNECTION_LOST, describe_error(e, self.config.url)
         except UnusableVideo as e:                      # frames decoded: the source is video, nothing to hide
@@ -322,6 +296,31 @@ class StreamSampler:
                 container.close()
             except Exception:                           # closing a broken connection may fail again
                 pass
+
+    def _settle(self, packets, time_base) -> list:
+        """Read what a new connection had buffered (the open's probe, a start the reader fell behind on, a whole HLS
+        segment) before decoding any of it, bounding the clock by each packet's arrival; return those packets.
+
+        Buffered packets come at once; the source is live at the first packet with a later pts that had to be
+        waited for (at least half its pts step). So the buffered frames get times in the past, where they were
+        captured, instead of the first being anchored at the moment the reader got to it and all the others
+        running ahead of the clock (docs/architecture.md, "Streams and protocols")."""
+        held: list = []
+        last_pts = last_arrival = None
+        for packet in packets:
+            arrival = time.time()
+            held.append(packet)
+            if packet.pts is None:
+                continue
+            pts_s = float(packet.pts * time_base)
+            self._clock.bound(pts_s, arrival)
+            if last_pts is None or pts_s > last_pts:
+                if last_pts is not None and arrival - last_arrival >= (pts_s - last_pts) / 2:
+                    break
+                last_pts, last_arrival = pts_s, arrival
+            if self._stop.is_set() or len(held) >= SETTLE_MAX_PACKETS:
+                break
+        return held
 
     def _on_frame(self, frame, time_base) -> None:
         now = time.time()
@@ -383,6 +382,8 @@ class StreamSampler:
             self.gap_count += 1
 
     def _wait(self, delay_s: float) -> None:
+        if delay_s <= 0:
+            return
         self.backoff_s = delay_s
         self._stop.wait(delay_s)
         self.backoff_s = None
