@@ -85,7 +85,6 @@ class Summarizer:
     def __init__(self, decoder, redis=None, events=None):
         self.decoder, self.redis, self.events = decoder, redis, events
         self.settings = decoder.settings
-        self.counts = {"summaries": 0, "lines": 0, "cached": 0}
 
     def summarize(self, sources, start: float | None, end: float | None, granularity=None,
                   max_new_tokens: int = 64, on_line: Callable[[dict], None] | None = None) -> dict:
@@ -99,8 +98,6 @@ class Summarizer:
         def emit(line: SummaryLine) -> SummaryLine:
             out = line.to_dict(tz)
             lines.append(out)
-            self.counts["lines"] += 1
-            self.counts["cached"] += int(line.cached)
             if on_line is not None:
                 on_line(out)
             return line
@@ -112,14 +109,13 @@ class Summarizer:
             t1 = min(end, max(r["t1"] for r in own)) if end is not None else max(r["t1"] for r in own)
             size = period_size(granularity, t0, t1)
             key = (source, size, max_new_tokens)
-            level = [emit(self._period(key, a, b, own))
+            level = [emit(self._period(key, a, b))
                      for a, b in periods(t0, t1, size) if any(r["t0"] < b and r["t1"] > a for r in own)]
             if size < HOUR_S and t1 - t0 > HOUR_S:
                 level = [emit(self._rollup(key, "hour", group)) if len(group) > 1 else group[0]
                          for group in _by_hour(level)]
             top = level[0] if len(level) == 1 else emit(self._rollup(key, "window", level))
             summaries[source] = top.text
-        self.counts["summaries"] += 1
         result = {"summaries": summaries, "lines": lines, "granularity": size, "model": self.decoder.model_id}
         if self.events is not None:
             from pipeline.events import SUMMARIES_STREAM
@@ -130,7 +126,7 @@ class Summarizer:
         return result
 
     # ---- one line ------------------------------------------------------------------------------------------------
-    def _period(self, key: tuple, a: float, b: float, rows: list[dict]) -> SummaryLine:
+    def _period(self, key: tuple, a: float, b: float) -> SummaryLine:
         source, _, max_new = key
         return self._cached(key, "period", a, b, lambda: self.decoder.ask(
             PERIOD_QUESTION, [source], start=a, end=b, max_new_tokens=max_new, record=False,

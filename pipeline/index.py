@@ -392,19 +392,21 @@ class SegmentIndex:
 
     def tokens(self, segment_id: str, model_id: str | None = None, as_numpy: bool = False):
         """Visual tokens of one segment: torch fp16 tensor [n_tokens, D] (numpy with as_numpy=True)."""
-        path = self._data_path(segment_id, model_id)
         try:
-            t = pq.read_table(path, filesystem=self.fs, columns=["tokens", "n_tokens", "token_dim"],
-                              schema=DATA_SCHEMA)
+            arr = self.read_tokens(self._data_path(segment_id, model_id))
         except FileNotFoundError:
             raise KeyError(f"segment {segment_id!r} was deleted while being read") from None
-        raw = t.column("tokens")[0].as_py()
-        n, d = t.column("n_tokens")[0].as_py(), t.column("token_dim")[0].as_py()
-        arr = np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(n, d)   # astype copies: writable
         if as_numpy:
             return arr
         import torch
         return torch.from_numpy(arr)
+
+    def read_tokens(self, path: str) -> np.ndarray:
+        """The fp16 tokens [n, D] of one file in the data files' schema (data and long-tier files alike)."""
+        t = pq.read_table(path, filesystem=self.fs, columns=["tokens", "n_tokens", "token_dim"], schema=DATA_SCHEMA)
+        n, d = t.column("n_tokens")[0].as_py(), t.column("token_dim")[0].as_py()
+        raw = t.column("tokens")[0].as_py()
+        return np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(n, d)   # astype copies: writable
 
     def sources(self) -> list[dict]:
         """Every source with its number of stored segments (per model) and data bytes, sorted by source_id."""

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.index import DATA_SCHEMA, LONG_PREFIX, SUFFIX, SegmentIndex, _h
 from pipeline.records import IndexedSegment
@@ -80,11 +78,7 @@ class LongTier:
             return self.index.tokens(row["segment_id"], model_id)
         path = f"{self.index._dir(row['source_id'])}/{long_file_name(row['segment_id'], model_id, self.long_pixels)}"
         try:
-            t = pq.read_table(path, filesystem=self.index.fs, columns=["tokens", "n_tokens", "token_dim"],
-                              schema=DATA_SCHEMA)
+            return torch.from_numpy(self.index.read_tokens(path))
         except FileNotFoundError:
             raise KeyError(f"segment {row['segment_id']!r} has no long-tier tokens at long_pixels="
                            f"{self.long_pixels} (tubescope index --reencode-long fills them)") from None
-        n, d = t.column("n_tokens")[0].as_py(), t.column("token_dim")[0].as_py()
-        raw = t.column("tokens")[0].as_py()
-        return torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(n, d))

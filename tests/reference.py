@@ -122,6 +122,17 @@ def answering_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 # ---- prompts -------------------------------------------------------------------------------------------------
 
+def answer_text(model, processor, new_ids: torch.Tensor) -> str:
+    """The text of generated ids up to the first of the model's stop ids (what Decoder.ask answers)."""
+    stops = set(model.generation_config.eos_token_id)
+    kept = []
+    for t in new_ids.tolist():
+        if t in stops:
+            break
+        kept.append(t)
+    return processor.decode(kept, skip_special_tokens=True)
+
+
 def build_prompt(parts, *, seed: int = 0, patch_dim: int = 1176, merge: int = 2):
     """parts: ("text", n) | ("image", (t, h, w)) | ("video", (t, h, w)) in prompt order.
 

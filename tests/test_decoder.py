@@ -21,6 +21,7 @@ from pipeline.index import SegmentIndex
 from pipeline.records import IndexedSegment
 from pipeline.settings import load_settings
 from qwen2vl.onednn_linear import OneDNNLinear, onednn_available
+from tests.reference import answer_text
 from tests.test_footage import answering_checkpoint, clip_frames, index_frames
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,14 +75,7 @@ def _direct_inputs(world, labels: list[str], segments: list[list[str]], question
 @torch.no_grad()
 def _direct_answer(world, labels, segments, question, temporal=None) -> str:
     inputs = _direct_inputs(world, labels, segments, question, temporal)
-    new = world["model"].generate(**inputs, max_new_tokens=N_NEW)[0]
-    stops = set(world["model"].generation_config.eos_token_id)
-    kept = []
-    for t in new.tolist():
-        if t in stops:
-            break
-        kept.append(t)
-    return world["processor"].decode(kept, skip_special_tokens=True)
+    return answer_text(world["model"], world["processor"], world["model"].generate(**inputs, max_new_tokens=N_NEW)[0])
 
 
 def test_answer_equals_direct_generate_contiguous_window(world, tmp_path):

@@ -24,6 +24,7 @@ from pipeline.long_tier import LongTier, long_file_name
 from pipeline.settings import load_settings
 from pipeline.tubes import long_grid, resize_rows, tubes_from_segment
 from pipeline.video.segments import segment_frames
+from tests.reference import answer_text
 from tests.test_footage import SEGMENT_S, answering_checkpoint, clip_frames
 
 pytestmark = pytest.mark.timeout(180)
@@ -191,13 +192,7 @@ def _direct_answer(world, dec, rows, tubes, question):
     positions, deltas = qwen2vl.get_rope_index(ids, None, grid, video_temporal_ids=[torch.tensor(block.temporal_ids)])
     new = world["model"].generate(input_ids=ids, video_embeds=embeds, video_grid_thw=grid, position_ids=positions,
                                   rope_deltas=deltas, max_new_tokens=N_NEW)[0]
-    stops = set(world["model"].generation_config.eos_token_id)
-    kept = []
-    for t in new.tolist():
-        if t in stops:
-            break
-        kept.append(t)
-    return proc.decode(kept, skip_special_tokens=True)
+    return answer_text(world["model"], proc, new)
 
 
 def test_a_long_plan_answers_like_a_direct_generate_over_its_tubes(world, tmp_path):

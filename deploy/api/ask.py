@@ -1,7 +1,7 @@
 """Ask (/v1/ask): a question answered from footage, as one JSON answer or streamed as server-sent events."""
 import asyncio
 import json
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
@@ -32,6 +32,29 @@ class AskRequest(BaseModel):
 
 def sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+def sse_response(first: dict, stream, kind: str, payload: Callable[[Any], Any] = lambda v: v) -> StreamingResponse:
+    """Server-sent events of a decoder stream that began with `first`: one `kind` event per {kind: value} item
+    (its data is payload(value)), then `result`, or `error` if the stream ends with one."""
+    async def events():
+        item = first
+        while True:
+            if kind in item:
+                yield sse(kind, payload(item[kind]))
+            elif "error" in item:
+                yield sse("error", item)
+                return
+            else:
+                yield sse("result", item["result"])
+                return
+            try:
+                item = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.post("/v1/ask", responses=error_responses(404, 408, 413, 422, 503))
@@ -68,22 +91,4 @@ async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: S
     except BackPressureError:
         return overload_response(s.api_retry_after_seconds)
     raise_decoder_error(first)
-
-    async def events():
-        item = first
-        while True:
-            if "token" in item:
-                yield sse("token", {"text": item["token"]})
-            elif "error" in item:
-                yield sse("error", item)
-                return
-            else:
-                yield sse("result", item["result"])
-                return
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                return
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(first, stream, "token", lambda text: {"text": text})

@@ -3,11 +3,10 @@ JSON result or streamed as server-sent events: one `line` event per summary line
 import asyncio
 
 from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.ask import sse
+from deploy.api.ask import sse_response
 from deploy.api.deps import ScopedRoute, ServiceContext, Time, check_window, reader_key, service, sources_for
 from deploy.api.errors import error_responses, overload_response, raise_decoder_error
 from deploy.auth import Caller
@@ -59,21 +58,4 @@ async def summarize(body: SummarizeRequest, caller: Caller = Depends(reader_key)
         raise_decoder_error(item)
         return item["result"]
 
-    async def events():
-        item = first
-        while True:
-            if "line" in item:
-                yield sse("line", item["line"])
-            elif "error" in item:
-                yield sse("error", item)
-                return
-            else:
-                yield sse("result", item["result"])
-                return
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                return
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(first, stream, "line")
