@@ -12,7 +12,9 @@ protocols"). `check_host` resolves the URL's host and checks every address it re
 - udp with no host (`udp://:PORT`, `udp://@:PORT`, or an unspecified one) listens on a port of this node, which
   only `udp_listen` allows.
 
-The reader checks again at every open, so a name that resolves elsewhere later (DNS rebinding) is caught then.
+The reader checks again at every open, so a name that resolves elsewhere later (DNS rebinding) is caught then, and
+what FFmpeg fetches on its own over http (redirects, playlist entries) passes `checked_addresses` in the reader's
+egress proxy (pipeline/video/egress.py).
 """
 from __future__ import annotations
 
@@ -86,10 +88,19 @@ def check_host(url: str, policy: HostPolicy) -> None:
         return
     if not host:
         raise ValueError(f"feed url {shown!r} names no host")
+    checked_addresses(scheme, host, port, policy, shown)
+
+
+def checked_addresses(scheme: str, host: str, port: int | None, policy: HostPolicy,
+                      shown: str | None = None) -> list[Address]:
+    """The addresses `host` resolves to, once every one of them passed `policy` (connect to these, not to a
+    second lookup of the name); ValueError saying why not, UnresolvedHost when the name does not resolve."""
+    shown = shown or f"{scheme}://{host}:{port}"
     allowed = [check_allow_entry(a) for a in policy.allow]
-    name_allowed = host in allowed
+    name_allowed = host.rstrip(".").lower() in allowed
     networks = [ipaddress.ip_network(a) for a in allowed if "/" in a]
-    for address in resolve(host, port):
+    addresses = resolve(host, port)
+    for address in addresses:
         kind = local_kind(address)
         if kind and not name_allowed and not any(address in n for n in networks if n.version == address.version):
             where = f"{host!r}" if host == str(address) else f"{host!r} resolves to {address}, which"
@@ -100,6 +111,7 @@ def check_host(url: str, policy: HostPolicy) -> None:
                 if service.port == port and _is_service_host(address, service.host):
                     raise ValueError(f"feed url {shown!r} points at port {port} of this service's own "
                                      f"{service.name}; a feed never reads it")
+    return addresses
 
 
 def resolve(host: str, port: int | None = None) -> list[Address]:
@@ -172,5 +184,6 @@ def is_own_address(address: Address) -> bool:
         return False
 
 
-__all__ = ["HostPolicy", "Service", "UnresolvedHost", "check_allow_entry", "check_host", "is_own_address",
+__all__ = ["HostPolicy", "Service", "UnresolvedHost", "check_allow_entry", "check_host", "checked_addresses",
+           "is_own_address",
            "local_kind", "resolve"]

@@ -30,6 +30,7 @@ import av
 
 from pipeline.records import Segment
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
+from pipeline.video.egress import EgressProxy, through_proxy
 from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
 from pipeline.video.media import INTERPOLATION, upright
 from pipeline.video.protocols import (ALL_SCHEMES, check_regular_file, check_roots, describe_error, local_file_path,
@@ -129,6 +130,7 @@ class StreamSampler:
         self._rate = RateSampler(config.fps)
         self._builder = SegmentBuilder(config.source_id, config.fps, config.segment_seconds)
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}   # source (h, w) -> target (h, w)
+        self._egress = EgressProxy(config.hosts, connect_timeout_s=config.open_timeout_s)   # started on first use
         # status counters (written by the reading thread only)
         self.connected = False
         self.connects = 0
@@ -212,6 +214,7 @@ class StreamSampler:
                     self._wait(backoff.next_delay())
         finally:
             self._emit_segments(self._builder.flush())
+            self._egress.close()
             self.connected = False
             self.backoff_s = None
 
@@ -226,13 +229,16 @@ class StreamSampler:
             return self._open_failed(backoff, UNREACHABLE, f"open failed: {e}")
         except ValueError as e:
             return self._open_failed(backoff, f"refused: {e}")
-        url, options = open_arguments(cfg.url, cfg.read_timeout_s, cfg.hls_hold_counters)
+        url, options = through_proxy(cfg.url, *open_arguments(cfg.url, cfg.read_timeout_s, cfg.hls_hold_counters),
+                                     self._egress)
         try:
             container = av.open(url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
         except av.error.ProtocolNotFoundError as e:      # this node's FFmpeg lacks it: nothing about the source
             return self._open_failed(backoff, f"open failed: {describe_error(e, cfg.url)}")
         except (av.error.FFmpegError, OSError) as e:
-            return self._open_failed(backoff, UNREACHABLE, f"open failed: {describe_error(e, cfg.url)}")
+            refused = self._egress.take_refusal()
+            return self._open_failed(backoff, UNREACHABLE, f"open failed: {describe_error(e, cfg.url)}"
+                                     + (f" (the egress check refused: {refused})" if refused else ""))
         if not container.streams.video:
             container.close()
             return self._open_failed(backoff, UNREACHABLE, "open failed: the source has no video stream")
