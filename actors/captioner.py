@@ -44,7 +44,7 @@ class CaptionPool:
         from pipeline.checkpoints import model_id
 
         model_path = str(model_path or settings.resolved_model_path())
-        caption_path = str(settings.caption_model_path or model_path)
+        caption_path = str(settings.resolved_caption_model_path(model_path))
         self.token_model_id = model_id(model_path)
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and settings.gpus_per_encoder > 0 else 0.0
         options = {"num_cpus": settings.caption_cpus, "num_gpus": gpus, "max_restarts": 0}

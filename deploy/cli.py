@@ -67,6 +67,26 @@ def model_init_tiny(directory: Path) -> None:
     click.echo(f"wrote a tiny random Qwen2-VL checkpoint to {Path(out).resolve()}")
 
 
+@model_group.command("pull")
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="a branch, tag or commit (default: the repo's main branch)")
+@click.pass_context
+def model_pull(ctx: click.Context, repo_id: str, revision: str | None) -> None:
+    """Download a checkpoint from the Hugging Face hub (REPO_ID like Qwen/Qwen2-VL-2B-Instruct) into the data dir's
+    hub cache; resumes a partial download; prints the checkpoint folder. Set model_path to REPO_ID (or the folder)
+    to serve it. The hub client honours HF_ENDPOINT (a mirror) and HF_TOKEN."""
+    from pipeline.model_hub import CheckpointMissing, hub_cache, pull
+
+    settings = current_settings(ctx)
+    try:
+        path = pull(repo_id, hub_cache(settings.data_dir), revision=revision)
+    except (CheckpointMissing, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:              # the hub client's errors: not found, gated, no connection
+        raise click.ClickException(f"could not download {repo_id}: {type(e).__name__}: {e}") from None
+    click.echo(path)
+
+
 # ---- index / segments ----------------------------------------------------------------------------------------------
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True)
@@ -177,7 +197,7 @@ def captions_backfill(ctx: click.Context, source: str | None) -> None:
 
     settings = current_settings(ctx)
     with local_runtime(settings, ray_init=False) as rt:
-        captioner = Captioner(settings.caption_model_path or rt.model_path,
+        captioner = Captioner(settings.resolved_caption_model_path(rt.model_path),
                               max_new_tokens=settings.caption_max_new_tokens, batch_size=settings.caption_batch_size)
         pool = LocalCaptioning(rt.index, captioner, token_model_id=model_id(rt.model_path))
         follower = caption_follower(settings, rt.index, pool, rt.events, sources=[source] if source else None)

@@ -87,10 +87,10 @@ class Decoder:
         self.retrieval = RetrievalIndex(settings.index_root) if settings.captions else None
         self.caption_model_id, self._query_model = self.model_id, None
         if settings.captions and settings.caption_model_path is not None \
-                and checkpoint_model_id(settings.caption_model_path) != self.model_id:
+                and checkpoint_model_id(settings.resolved_caption_model_path()) != self.model_id:
             from pipeline.captioner import Captioner
 
-            self._query_model = Captioner(settings.caption_model_path, dtype=dtype, device=self.device)
+            self._query_model = Captioner(settings.resolved_caption_model_path(), dtype=dtype, device=self.device)
             self.caption_model_id = self._query_model.model_id
         self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
 

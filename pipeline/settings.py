@@ -19,6 +19,7 @@ from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticB
                                SettingsConfigDict, TomlConfigSettingsSource, YamlConfigSettingsSource)
 
 from pipeline.key_hashes import MIN_KEY_CHARS, hash_key, key_matches, parse_key_hash
+from pipeline.model_hub import CheckpointMissing, is_repo_ref
 from pipeline.video.hosts import check_allow_entry
 from pipeline.video.protocols import NETWORK_SCHEMES, redact_url
 from pipeline.video.segments import frames_per_segment
@@ -75,7 +76,10 @@ class Settings(BaseSettings):
     # ---- storage ------------------------------------------------------------------------------------------------
     data_dir: Path = Path("./tubescope-data")   # resolved to an absolute path (Ray workers may run elsewhere)
     index_dir: str | None = None                # None: <data_dir>/index; a pyarrow.fs URI (s3://...) also works
-    model_path: Path | None = None              # None: the tiny random model under <data_dir>/models/
+    # a checkpoint folder, or a hub repo id ("Qwen/Qwen2-VL-2B-Instruct[@REVISION]") resolved from
+    # <data_dir>/models/hub (pipeline/model_hub.py); None: the tiny random model under <data_dir>/models/
+    model_path: Path | str | None = None
+    model_download: bool = False                # a repo id missing from the local cache is downloaded on first use
     redis_url: str | None = Field(                # None: tubescope starts and owns an embedded Redis
         default=None, validation_alias=AliasChoices("TUBESCOPE_REDIS_URL", "REDIS_URL"), repr=False)
     stream_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of every Redis stream
@@ -105,8 +109,8 @@ class Settings(BaseSettings):
 
     # ---- captions (docs/architecture.md, "Captions") ----------------------------------------------------------
     captions: bool = True                         # caption and embed every indexed segment; false: search samples
-    caption_model_path: Path | None = None        # a Qwen2-VL checkpoint of the same width for captions and vectors;
-                                                  # None: the main checkpoint (model_path)
+    caption_model_path: Path | str | None = None  # a Qwen2-VL checkpoint (folder or repo id) of the same width for
+                                                  # captions and vectors; None: the main checkpoint (model_path)
     caption_batch_size: int = Field(16, ge=1)     # segments per captioner call (batched prefill and decode)
     caption_max_new_tokens: int = Field(32, ge=1, le=256)   # caption length bound, in tokens
     caption_queue_segments: int = Field(256, ge=1)   # backlog rows a captioner holds in memory at once
@@ -171,10 +175,18 @@ class Settings(BaseSettings):
     metrics_source_key: str | None = Field(None, min_length=16, repr=False)
 
     # ---- validation ---------------------------------------------------------------------------------------------
-    @field_validator("data_dir", "model_path", "caption_model_path", mode="after")
+    @field_validator("data_dir", mode="after")
     @classmethod
-    def _absolute(cls, v: Path | None) -> Path | None:
-        return None if v is None else v.expanduser().resolve()
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("model_path", "caption_model_path", mode="before")
+    @classmethod
+    def _checkpoint(cls, v: Any) -> Path | str | None:
+        """A folder (made absolute: Ray workers may run elsewhere), or a repo id kept as written."""
+        if v is None or (isinstance(v, str) and is_repo_ref(v)):
+            return v.strip() if isinstance(v, str) else v
+        return Path(v).expanduser().resolve()
 
     @field_validator("file_roots", mode="after")
     @classmethod
@@ -265,12 +277,23 @@ class Settings(BaseSettings):
         return self.model_path is None
 
     def resolved_model_path(self) -> Path:
-        """The checkpoint folder to load: model_path, or the tiny random model's folder (which may not exist yet)."""
-        return self.model_path if self.model_path is not None else self.tiny_model_path
+        """The checkpoint folder to load: model_path (a repo id: its snapshot in the local hub cache), or the tiny
+        random model's folder (which may not exist yet)."""
+        return self._folder(self.model_path) if self.model_path is not None else self.tiny_model_path
 
-    def resolved_caption_model_path(self) -> Path:
-        """The checkpoint that writes captions and embeds queries: caption_model_path, or the main one."""
-        return self.caption_model_path if self.caption_model_path is not None else self.resolved_model_path()
+    def resolved_caption_model_path(self, default: str | Path | None = None) -> Path:
+        """The checkpoint that writes captions and embeds queries: caption_model_path, else `default`, else the
+        main one."""
+        if self.caption_model_path is not None:
+            return self._folder(self.caption_model_path)
+        return Path(default) if default is not None else self.resolved_model_path()
+
+    def _folder(self, checkpoint: Path | str) -> Path:
+        if isinstance(checkpoint, Path):
+            return checkpoint
+        from pipeline.model_hub import hub_cache, resolve
+
+        return resolve(checkpoint, hub_cache(self.data_dir), download=self.model_download)
 
     @property
     def redis_dir(self) -> Path:
@@ -290,7 +313,10 @@ class Settings(BaseSettings):
         if d["metrics_source_key"] is not None:
             d["metrics_source_key"] = "***"
         d["index_root"] = str(self.index_root)
-        d["resolved_model_path"] = str(self.resolved_model_path())
+        try:
+            d["resolved_model_path"] = str(self.resolved_model_path())
+        except CheckpointMissing as e:           # a repo id not pulled yet: say so instead of failing
+            d["resolved_model_path"], d["model_error"] = None, str(e)
         return d
 
     # ---- sources ------------------------------------------------------------------------------------------------

@@ -47,8 +47,7 @@ class ServiceContext:
         return cls(settings=settings, redis=as_client(settings.redis_url),
                    index=SegmentIndex(settings.index_root, create=False), decoder=decoder,
                    feed_service=feed_service, retention=retention, captions=captions,
-                   caption_model_id=model_id(settings.caption_model_path or model_path
-                                             or settings.resolved_model_path()),
+                   caption_model_id=model_id(settings.resolved_caption_model_path(model_path)),
                    authorizer=Authorizer(settings.api_keys), job_runners=JobRunners())
 
     def nudge_feeds(self) -> None:
