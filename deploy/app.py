@@ -69,13 +69,15 @@ class DecoderServer:
 
     def ask(self, req: dict) -> dict:
         return self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
-                          end=req.get("end"), max_new_tokens=req["max_new_tokens"])
+                          end=req.get("end"), max_new_tokens=req.get("max_new_tokens"),
+                          generation=req.get("generation"))
 
     def ask_stream(self, req: dict):
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
         return self._streamed("ask", lambda put: self._call(
             self.decoder.ask, req["question"], req["sources"], start=req.get("start"), end=req.get("end"),
-            max_new_tokens=req["max_new_tokens"], on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)})))
+            max_new_tokens=req.get("max_new_tokens"), generation=req.get("generation"),
+            on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)})))
 
     def summarize_stream(self, req: dict):
         """Yields {"line": summary line}... as each is made, then {"result": summary}, or one {"error", "status"}."""

@@ -20,18 +20,25 @@ def _window(start: str | None, end: str | None) -> str:
 @click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
 @window_options
 @click.option("--max-new-tokens", type=int, default=None, help="answer length cap (default: the server's)")
+@click.option("--temperature", type=float, default=None, help="0: greedy (default: the checkpoint's)")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None, help="the same seed gives the same sampled answer")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
 @click.option("--json", "as_json", is_flag=True, help="print the whole answer record as JSON")
 @api_options
-def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens, stream: bool, as_json: bool,
-            url: str, key: str | None) -> None:
+def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens, temperature, top_p, top_k,
+            repetition_penalty, seed, stream: bool, as_json: bool, url: str, key: str | None) -> None:
     """Ask QUESTION over the footage of the given sources in [start, end)."""
     with _api(url, key) as api:
         live = stream and not as_json
         if live:
             click.echo("answer: ", nl=False)
         out = _api_call(lambda: api.ask(question, list(sources), start=start, end=end, max_new_tokens=max_new_tokens,
-                                        on_token=(lambda t: click.echo(t, nl=False)) if live else None))
+                                        on_token=(lambda t: click.echo(t, nl=False)) if live else None,
+                                        temperature=temperature, top_p=top_p, top_k=top_k,
+                                        repetition_penalty=repetition_penalty, seed=seed))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return

@@ -120,10 +120,12 @@ class TubescopeClient:
         return self._call("POST", "/v1/search", json=body)["results"]
 
     def ask(self, question: str, sources: list[str], start: float | str | None = None, end: float | str | None = None,
-            max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None) -> dict:
-        """The answer record; with on_token the answer is streamed (SSE) and each token handed to on_token."""
+            max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None,
+            **generation) -> dict:
+        """The answer record; with on_token the answer is streamed (SSE) and each token handed to on_token.
+        generation: temperature, top_p, top_k, repetition_penalty, seed (the checkpoint's own when not given)."""
         body = {k: v for k, v in dict(question=question, sources=list(sources), start=start, end=end,
-                                      max_new_tokens=max_new_tokens).items() if v is not None}
+                                      max_new_tokens=max_new_tokens, **generation).items() if v is not None}
         if on_token is None:
             return self._call("POST", "/v1/ask", json=body)
         return self._stream("/v1/ask", body, {"token": lambda data: on_token(data["text"])})

@@ -28,6 +28,7 @@ import torch
 
 from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
                             group_blocks, list_window)
+from deploy.generation import answer_sampling
 from deploy.plans import WindowPlan, caption_lines, plan_window
 from deploy.prefix_cache import PrefixCache
 from deploy.search import SegmentRanker, evenly_spaced
@@ -96,9 +97,12 @@ class Decoder:
 
     # ---- public -----------------------------------------------------------------------------------------------
     def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
-            max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None, record: bool = True,
-            with_captions: bool = False) -> dict:
+            max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None, record: bool = True,
+            with_captions: bool = False, generation: dict | None = None) -> dict:
         """Answer `question` over the footage of `sources` in [start, end) (None = unbounded).
+
+        max_new_tokens None: the checkpoint's max_new_tokens, else api_default_new_tokens (at most
+        api_max_new_tokens). generation: overrides of the checkpoint's sampling (deploy/generation.py FIELDS).
 
         record=False keeps the answer out of tubescope:answers (a summary's periods go to tubescope:summaries).
         with_captions: the captions of the window's footage go into the prompt as timestamped lines (summaries).
@@ -107,7 +111,7 @@ class Decoder:
         t_start = time.perf_counter()
         try:
             result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record,
-                               with_captions)
+                               with_captions, generation)
         except Exception:
             self._count("failed")
             raise
@@ -166,14 +170,15 @@ class Decoder:
         return self.ranker.rerank(query, candidates, self._segment_tokens), coverage
 
     def complete(self, prompt: str, max_new_tokens: int = 128) -> str:
-        """A text-only turn (no footage): the model's greedy reply to `prompt` (summaries of summaries)."""
+        """A text-only turn (no footage): the model's reply to `prompt` under the checkpoint's own sampling
+        (summaries of summaries)."""
         check_question(prompt)
         ids = self.processor.tokenizer.encode(self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "text", "text": prompt}]}], add_generation_prompt=True))
         stream = TextStream(self.processor.tokenizer, None, self.model.generation_config.eos_token_id)
         with self._lock:
             generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
-                     streamer=stream.put)
+                     streamer=stream.put, **answer_sampling(self.model.generation_config).generate_kwargs(self.device))
         return stream.text
 
     def stats(self) -> dict:
@@ -183,8 +188,13 @@ class Decoder:
                 "segments_scored": self.ranker.segments_scored, **counts}
 
     # ---- one question ---------------------------------------------------------------------------------------------
-    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record, with_captions) -> dict:
+    def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record, with_captions,
+             generation) -> dict:
         check_question(question)
+        sampling = answer_sampling(self.model.generation_config, generation)
+        if max_new_tokens is None:
+            max_new_tokens = min(self.model.generation_config.max_new_tokens or self.settings.api_default_new_tokens,
+                                 self.settings.api_max_new_tokens)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
@@ -220,7 +230,8 @@ class Decoder:
             self._scratch = cache
             suffix = torch.tensor([plan.suffix_ids], device=self.device)
             new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
-                               streamer=stream.put)[0].tolist()
+                               streamer=stream.put, prompt_ids=torch.tensor([plan.input_ids], device=self.device),
+                               **sampling.generate_kwargs(self.device))[0].tolist()
         stream.finish()
         t_end = time.perf_counter()
 
@@ -232,7 +243,8 @@ class Decoder:
         evidence = [self._evidence(r) for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
         summary = window.summary()
         result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
-                  "timings": timings, "narrowed": narrowed, "plan": summary, "stream_entry": None}
+                  "timings": timings, "narrowed": narrowed, "plan": summary, "generation": sampling.to_dict(),
+                  "stream_entry": None}
         if self.events is not None and record:
             result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {
                 "id": result["id"], "question": question, "answer": result["answer"], "evidence": evidence,

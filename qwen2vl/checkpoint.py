@@ -121,12 +121,24 @@ def original_name(name: str) -> str:
 
 
 def read_generation_config(path: Path, config: Qwen2VLConfig) -> GenerationDefaults:
-    """Stop ids from generation_config.json; config.json's eos_token_id when the file is absent."""
+    """Stop ids and sampling advice from generation_config.json; config.json's eos_token_id when the file is absent.
+    Missing fields keep the library defaults of that file's format (no sampling, no penalty); ValueError for a
+    field of the wrong type."""
     file = Path(path) / "generation_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
     eos = data.get("eos_token_id", config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return GenerationDefaults(eos_token_id=eos, pad_token_id=data.get("pad_token_id"))
+    defaults = GenerationDefaults(eos_token_id=eos, pad_token_id=data.get("pad_token_id"))
+    for name, kind in (("do_sample", bool), ("temperature", float), ("top_p", float), ("top_k", int),
+                       ("repetition_penalty", float), ("max_new_tokens", int)):
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)) \
+                or (kind is int and not float(value).is_integer()):
+            raise ValueError(f"{file}: {name} must be a {kind.__name__}, got {value!r}")
+        setattr(defaults, name, kind(value))
+    return defaults
 
 
 # ---- writing tiny random checkpoints ---------------------------------------------------------------------------

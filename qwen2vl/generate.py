@@ -39,12 +39,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, streamer=None,
              past_key_values: KVCache | None = None, position_ids=None, rope_deltas=None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to max_new_tokens after input_ids (left padded for batches); returns new tokens (B, n).
 
     A row that emitted a stop id is filled with the pad id afterwards; generation ends when all rows stopped.
     With past_key_values (a cached prefix), input_ids are the tokens after the prefix; the cache is extended in
-    place, so pass `cache.clone()` to keep the prefix. streamer: a callable taking LongTensor (B,) per step, or an
+    place, so pass `cache.clone()` to keep the prefix; then `prompt_ids` (B, prefix + S) are the whole prompt's ids,
+    which the repetition penalty counts as the reference does (input_ids alone otherwise). streamer: a callable taking LongTensor (B,) per step, or an
     object with put(tokens) / end() such as TokenIteratorStreamer.
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
@@ -61,7 +62,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, position_ids=position_ids,
                 image_embeds=image_embeds, video_embeds=video_embeds, past_key_values=cache, use_cache=True,
                 logits_to_keep=1, rope_deltas=rope_deltas, compute_logits=head is None)
-    seen = input_ids                                                   # for the repetition penalty
+    seen = input_ids if prompt_ids is None else prompt_ids.to(input_ids.device)   # for the repetition penalty
     stop = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []

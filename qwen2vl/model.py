@@ -18,9 +18,16 @@ from .vision import VisionTransformer
 
 @dataclass
 class GenerationDefaults:
-    """What generation_config.json says about stopping; filled by load_pretrained."""
+    """What generation_config.json says about stopping and sampling (docs/model.md §10); filled by load_pretrained.
+    The sampling fields are the checkpoint's advice for answers; generate() itself takes them as arguments."""
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                          # 0: off
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
 
 
 @dataclass

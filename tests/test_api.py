@@ -336,6 +336,13 @@ def test_ask_answers_with_evidence_and_writes_redis(served):
         assert ans["answer"] == "!" * 8                    # the exclaiming model's only answer
         assert [(e["source"], e["segment_id"], e["t0"], e["t1"]) for e in ans["evidence"]] == \
             [(SOURCE, "clip:0", 0.0, 2.0), (SOURCE, "clip:2000", 2.0, 4.0)]
+        assert ans["generation"]["temperature"] == 0.0                # the checkpoint's: greedy
+        sampled = c.post("/v1/ask", json={"question": "What moves?", "source": SOURCE, "max_new_tokens": 8,
+                                          "temperature": 1.5, "top_k": 5, "seed": 3}).json()
+        assert sampled["generation"] == {"temperature": 1.5, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.0,
+                                         "seed": 3}
+        err(c.post("/v1/ask", json={"question": "q", "source": SOURCE, "temperature": 9}), 422, "temperature")
+        err(c.post("/v1/ask", json={"question": "q", "source": SOURCE, "top_p": 0}), 422, "top_p")
     entries = served["redis"].client(decode_responses=True).xrange(ANSWERS_STREAM, ans["stream_entry"],
                                                                    ans["stream_entry"])
     assert len(entries) == 1 and ans["id"] in json.dumps(entries[0][1])

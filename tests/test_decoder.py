@@ -241,3 +241,50 @@ def test_an_hour_of_footage_reads_only_what_it_uses(world, tmp_path):
     assert result["narrowed"] and len(result["evidence"]) == 4
     assert dec.stats()["segments_scored"] == SAMPLE_CAP + REFINE_CAP
     assert index.reads <= SAMPLE_CAP + REFINE_CAP + 4 < n
+
+
+def _with_generation_config(world, tmp_path, **fields):
+    """The world's checkpoint with other generation settings (same weights, same model id: the index still fits)."""
+    folder = tmp_path / "generation" / world["ckpt"].name          # the folder name is part of the model id
+    folder.mkdir(parents=True)
+    for f in world["ckpt"].iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "generation_config.json").unlink()
+    data = json.loads((world["ckpt"] / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**data, **fields}))
+    return folder
+
+
+@torch.no_grad()
+def test_answers_follow_the_checkpoint_generation_config_and_request_overrides(world, tmp_path):
+    segs = [["cam1:0", "cam1:2000", "cam1:4000"]]
+    inputs = _direct_inputs(world, ["[source cam1, 0:00:00-0:00:06]"], segs, QUESTION)
+
+    def direct(**kw) -> str:
+        return answer_text(world["model"], world["processor"],
+                           world["model"].generate(**inputs, max_new_tokens=N_NEW, **kw)[0])
+
+    ckpt = _with_generation_config(world, tmp_path, repetition_penalty=1.8, max_new_tokens=5)
+    assert model_id(ckpt) == world["mid"]
+    s = load_settings(data_dir=tmp_path / "data", model_path=ckpt)
+    dec = Decoder(s, ckpt, index=world["index"])
+    penalised = dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0, max_new_tokens=N_NEW)
+    assert penalised["generation"] == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.8,
+                                       "seed": None}
+    assert penalised["answer"] == direct(repetition_penalty=1.8) != direct()     # the penalty changed the answer
+    assert dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0)["timings"]["new_tokens"] <= 5   # its max_new_tokens
+
+    # a request overrides within limits: sampling with a seed is repeatable and equals a direct seeded generate
+    over = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0, "seed": 7}
+    first = dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0, max_new_tokens=N_NEW, generation=over)
+    again = dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0, max_new_tokens=N_NEW, generation=over)
+    generator = torch.Generator().manual_seed(7)
+    assert first["answer"] == again["answer"] == direct(do_sample=True, temperature=0.9, top_k=50, top_p=0.95,
+                                                        generator=generator)
+    assert dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0, max_new_tokens=N_NEW,
+                   generation={"temperature": 0.0, "repetition_penalty": 1.0})["answer"] == direct()
+    for bad, word in (({"temperature": 5.0}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
+                      ({"repetition_penalty": 0.5}, "repetition_penalty"), ({"beam": 2}, "unknown"),
+                      ({"seed": True}, "seed")):
+        with pytest.raises(ValueError, match=word):
+            dec.ask(QUESTION, ["cam1"], generation=bad)

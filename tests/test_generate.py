@@ -182,3 +182,22 @@ def test_cache_repeat_and_crop(pair):
     assert torch.equal(cache.layer(0)[0], k_before)
     again = ours(questions[:1], past_key_values=cache).logits
     assert (again[0] - batched[0]).abs().max() <= 1e-4
+
+
+def test_generation_config_sampling_fields_are_read(tmp_path):
+    """The released Qwen2-VL generation_config.json (its fields and values): sampling advice and the penalty are
+    kept for answers; a field of the wrong type is an error naming it."""
+    import json
+
+    from qwen2vl.checkpoint import read_generation_config, tiny_config
+
+    released = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                "repetition_penalty": 1.05, "temperature": 0.01, "top_p": 0.001, "top_k": 1,
+                "transformers_version": "4.41.2"}
+    (tmp_path / "generation_config.json").write_text(json.dumps(released))
+    got = read_generation_config(tmp_path, tiny_config())
+    assert (got.eos_token_id, got.pad_token_id, got.do_sample, got.temperature, got.top_p, got.top_k,
+            got.repetition_penalty, got.max_new_tokens) == ([151645, 151643], 151643, True, 0.01, 0.001, 1, 1.05, None)
+    (tmp_path / "generation_config.json").write_text(json.dumps({**released, "top_k": "1"}))
+    with pytest.raises(ValueError, match="top_k must be a int"):
+        read_generation_config(tmp_path, tiny_config())

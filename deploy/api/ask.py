@@ -12,6 +12,7 @@ from deploy.api.deps import (ScopedRoute, ServiceContext, Time, check_length, ch
                              sources_for)
 from deploy.api.errors import error_responses, overload_response, raise_decoder_error
 from deploy.auth import Caller
+from deploy.generation import FIELDS, LIMITS
 
 router = APIRouter(route_class=ScopedRoute)
 
@@ -27,6 +28,13 @@ class AskRequest(BaseModel):
     start: Time = None
     end: Time = None
     max_new_tokens: int | None = Field(None, ge=1)
+    # the checkpoint's generation_config.json unless given (deploy/generation.py); temperature 0: greedy
+    temperature: float | None = Field(None, ge=LIMITS["temperature"][0], le=LIMITS["temperature"][1])
+    top_p: float | None = Field(None, gt=0, le=LIMITS["top_p"][1])
+    top_k: int | None = Field(None, ge=LIMITS["top_k"][0], le=LIMITS["top_k"][1])
+    repetition_penalty: float | None = Field(None, ge=LIMITS["repetition_penalty"][0],
+                                             le=LIMITS["repetition_penalty"][1])
+    seed: int | None = Field(None, ge=LIMITS["seed"][0], le=LIMITS["seed"][1])
     stream: bool = False
 
 
@@ -68,14 +76,12 @@ async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: S
                                       [body.source] if body.source is not None else body.sources)
     check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
     start, end = check_window(body.start, body.end, s)
-    max_new = body.max_new_tokens
-    if max_new is None:
-        max_new = min(s.api_default_new_tokens, s.api_max_new_tokens)
-    if max_new > s.api_max_new_tokens:
+    max_new = body.max_new_tokens            # None: the checkpoint's default, else api_default_new_tokens
+    if max_new is not None and max_new > s.api_max_new_tokens:
         raise HTTPException(422, f"max_new_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
                                  "(api_max_new_tokens)")
     req = {"question": body.question, "sources": sources, "start": start, "end": end,
-           "max_new_tokens": max_new}
+           "max_new_tokens": max_new, "generation": {name: getattr(body, name) for name in FIELDS}}
     # Caught here, not by an exception handler: Serve installs its own handler for BackPressureError (a 503
     # without our message or Retry-After) over any the app registers.
     if not body.stream:
