@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import qwen2vl
 from deploy.boxes import answer_boxes, cited_times, frame_size
+from deploy.cli_questions import box_lines
 from deploy.decoder import Decoder
 from pipeline.checkpoints import model_id
 from pipeline.events import ANSWERS_STREAM, EventSink
@@ -109,8 +110,7 @@ def test_answer_carries_the_box_in_source_pixels_at_the_cited_tube(world, tmp_pa
     assert result["boxes"] == [{"label": "a red car", "x1": 19, "y1": 31, "x2": 90, "y2": 70, "t": 3.0,
                                 "segment_id": "street:2000"}]
     [(_, entry)] = redis_server.client().xrange(ANSWERS_STREAM)
-    stored = json.loads(entry[b"boxes"]) if b"boxes" in entry else json.loads(entry[b"data"])["boxes"]
-    assert stored == result["boxes"]
+    assert json.loads(entry[b"boxes"]) == result["boxes"] and entry[b"answer"].decode() == result["answer"]
 
 
 def test_footage_indexed_without_its_source_size_scales_to_the_indexed_frame(world, tmp_path):
@@ -151,3 +151,11 @@ def test_a_cited_time_no_tube_covers_falls_back_to_the_first_tube():
     [box] = answer_boxes([GroundedBox("x", 0, 0, 1, 1, offset=20)], "Later, at 0:09 a cat", rows, 1.0)
     assert (box["t"], box["segment_id"]) == (0.0, "cam:0")
     assert answer_boxes([], "text", rows, 1.0) == []
+
+
+def test_the_cli_prints_one_line_per_box():
+    assert box_lines([{"label": "a red car", "x1": 19, "y1": 31, "x2": 90, "y2": 70, "t": 3.0,
+                       "segment_id": "street:2000"},
+                      {"label": None, "x1": 0, "y1": 0, "x2": 5, "y2": 5, "t": 1_764_158_403.0, "segment_id": "d:1"}]) \
+        == ["box: a red car (19,31)-(90,70) px at 0:03 (street:2000)",
+            "box: (unlabelled) (0,0)-(5,5) px at 2025-11-26T12:00:03+00:00 (d:1)"]
