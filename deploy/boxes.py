@@ -34,14 +34,16 @@ def frame_size(row: dict) -> tuple[int, int]:
 def cited_times(text: str) -> list[tuple[int, tuple]]:
     """Times cited in `text`, in order: (offset where the citation starts, (date or None, h_or_m, m_or_s, s or None)).
     The end of a range ("0:00:08-0:00:14") is not a citation of its own."""
-    out = []
+    out, previous_end = [], None
     for m in _TIME.finditer(text):
-        if m.start() > 0 and text[m.start() - 1] == "-" and out and out[-1][2] == m.start() - 1:
+        is_range_end = previous_end is not None and m.start() == previous_end + 1 and text[previous_end] == "-"
+        previous_end = m.end()
+        if is_range_end:
             continue
         y, mo, d, a, b, c = m.groups()
         date = (int(y), int(mo), int(d)) if y else None
-        out.append((m.start(), (date, int(a), int(b), None if c is None else int(c)), m.end()))
-    return [(start, spec) for start, spec, _ in out]
+        out.append((m.start(), (date, int(a), int(b), None if c is None else int(c))))
+    return out
 
 
 def _covers(spec: tuple, ts: float, tube_seconds: float) -> bool:
