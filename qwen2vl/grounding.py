@@ -130,8 +130,3 @@ def _marker(part: str, label: str | None, ref: list[str] | None) -> tuple[str | 
 def _emit(out: list[str], length: int, piece: str) -> int:
     out.append(piece)
     return length + len(piece)
-
-
-def strip_grounding(text: str) -> str:
-    """Only the clean text of `text`."""
-    return parse_grounding(text).text
