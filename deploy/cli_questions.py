@@ -7,6 +7,14 @@ import json
 import click
 
 from deploy.cli import _api, _api_call, api_options, cli, print_rows, window_options
+from pipeline.times import format_time
+
+
+def box_lines(boxes: list[dict]) -> list[str]:
+    """One line per box of an answer: label, corners in source pixels, the tube's time and segment."""
+    return [f"box: {'(unlabelled)' if b['label'] is None else b['label']} "
+            f"({b['x1']},{b['y1']})-({b['x2']},{b['y2']}) px at {format_time(b['t'])} ({b['segment_id']})"
+            for b in boxes]
 
 
 def _window(start: str | None, end: str | None) -> str:
@@ -47,6 +55,8 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
         tubes = f", {len(ev['tubes'])} tubes" if "tubes" in ev else ""
         click.echo(f"evidence: {ev['source']} {ev['start']} - {ev['end']} ({ev.get('segment_id', '')}, "
                    f"{ev.get('tier', 'full')}{tubes})")
+    for line in box_lines(out.get("boxes", [])):
+        click.echo(line)
     plan = out.get("plan")
     if plan:
         click.echo(f"plan: {plan['kind']}: {plan['tubes']} tubes at {', '.join(plan['resolutions'])}, "

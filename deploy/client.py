@@ -122,8 +122,9 @@ class TubescopeClient:
     def ask(self, question: str, sources: list[str], start: float | str | None = None, end: float | str | None = None,
             max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None,
             **generation) -> dict:
-        """The answer record; with on_token the answer is streamed (SSE) and each token handed to on_token.
-        generation: temperature, top_p, top_k, repetition_penalty, seed (the checkpoint's own when not given)."""
+        """The answer record (answer, boxes, evidence, plan, ...); with on_token the answer is streamed (SSE) and each
+        token (clean text: a box's label, never its markup) handed to on_token. generation: temperature, top_p,
+        top_k, repetition_penalty, seed (the checkpoint's own when not given)."""
         body = {k: v for k, v in dict(question=question, sources=list(sources), start=start, end=end,
                                       max_new_tokens=max_new_tokens, **generation).items() if v is not None}
         if on_token is None:

@@ -332,8 +332,8 @@ def test_ask_answers_with_evidence_and_writes_redis(served):
                                     "max_new_tokens": 8})
         assert r.status_code == 200, r.text
         ans = r.json()
-        assert set(ans) >= {"id", "answer", "evidence", "model", "timings", "stream_entry"}
-        assert ans["answer"] == "!" * 8                    # the exclaiming model's only answer
+        assert set(ans) >= {"id", "answer", "boxes", "evidence", "model", "timings", "stream_entry"}
+        assert ans["answer"] == "!" * 8 and ans["boxes"] == []     # the exclaiming model's only answer
         assert [(e["source"], e["segment_id"], e["t0"], e["t1"]) for e in ans["evidence"]] == \
             [(SOURCE, "clip:0", 0.0, 2.0), (SOURCE, "clip:2000", 2.0, 4.0)]
         assert ans["generation"]["temperature"] == 0.0                # the checkpoint's: greedy
@@ -345,7 +345,7 @@ def test_ask_answers_with_evidence_and_writes_redis(served):
         err(c.post("/v1/ask", json={"question": "q", "source": SOURCE, "top_p": 0}), 422, "top_p")
     entries = served["redis"].client(decode_responses=True).xrange(ANSWERS_STREAM, ans["stream_entry"],
                                                                    ans["stream_entry"])
-    assert len(entries) == 1 and ans["id"] in json.dumps(entries[0][1])
+    assert len(entries) == 1 and ans["id"] in json.dumps(entries[0][1]) and json.loads(entries[0][1]["boxes"]) == []
 
 
 def test_ask_streams_tokens_as_server_sent_events(served):
@@ -359,12 +359,12 @@ def test_ask_streams_tokens_as_server_sent_events(served):
     assert kinds[-1] == "result" and set(kinds[:-1]) <= {"token"}, events
     assert result["answer"] == "!" * 8 and len(kinds) >= 2, events
     assert "".join(d["text"] for e, d in events[:-1]) == result["answer"]
-    assert result["stream_entry"] and len(result["evidence"]) == 2
+    assert result["stream_entry"] and len(result["evidence"]) == 2 and result["boxes"] == []
     # the client gives the same through its on_token callback
     pieces: list[str] = []
     with TubescopeClient(served["url"], READER) as tc:
         out = tc.ask("What moves?", [SOURCE], max_new_tokens=4, on_token=pieces.append)
-        assert "".join(pieces) == out["answer"] == "!!!!"
+        assert "".join(pieces) == out["answer"] == "!!!!" and out["boxes"] == []
         with pytest.raises(ApiError) as info:                   # an error before the stream starts is plain HTTP
             tc.ask("What moves?", ["nope"], on_token=pieces.append)
         assert info.value.status == 404

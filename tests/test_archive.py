@@ -10,7 +10,7 @@ import torch
 
 import qwen2vl
 from actors.encoder import VisionEncoder
-from pipeline.archive import expand_sources, index_archive
+from pipeline.archive import expand_sources, index_archive, upright_size
 from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM, EventSink
 from pipeline.index import SegmentIndex
 from pipeline.settings import load_settings
@@ -79,6 +79,7 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     assert index.list("one")[0]["grid_thw"][0] == 1                 # 1 frame -> padded to a single tube
     huge = index.list("huge")[0]
     assert huge["grid_thw"][1] * huge["grid_thw"][2] * 196 <= s.max_pixels   # capped by max_pixels
+    assert huge["source_size"] == [1920, 1080] and index.list("portrait")[0]["source_size"] == [90, 160]
 
     client = redis_server.client()
     seg_events = client.xrange(SEGMENTS_STREAM)
@@ -112,6 +113,17 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     again = index_archive([str(p) for p in good], s, VisionEncoder, index=index, events=sink, progress=False)
     assert again.segments == 0 and again.skipped == report.segments and again.exit_code == 0
     sink.close()
+
+
+def test_source_size_stands_like_the_decoded_frames():
+    """A file marked as rotated decodes upright: its probed (stored) size is turned to match; no probe, no size."""
+    import numpy as np
+
+    portrait = [(0.0, np.zeros((308, 168, 3), np.uint8))]
+    assert upright_size(320, 180, portrait) == (180, 320)
+    assert upright_size(180, 320, portrait) == (180, 320)
+    assert upright_size(100, 100, portrait) == (100, 100)
+    assert upright_size(0, 0, portrait) is None and upright_size(320, 180, []) is None
 
 
 def test_job_with_only_bad_input_exits_1(tmp_path, ray_local, tiny_model):

@@ -41,6 +41,31 @@ def data_files(root: Path) -> list[Path]:
 
 
 # ---- round trip and idempotence -----------------------------------------------------------------------------------
+def test_files_written_before_source_sizes_still_read(tmp_path):
+    """Data files and manifests of the schema without `source_size` list and load with it null; new ones keep it."""
+    import pyarrow as pa
+
+    ix = SegmentIndex(tmp_path)
+    old_meta = pa.schema([f for f in index_mod.META_SCHEMA if f.name != "source_size"])
+    old = make_segment("cam1", 0.0)
+    row = {k: v for k, v in old.to_row().items() if k != "source_size"}
+    folder = tmp_path / escape_source("cam1")
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{**row, "indexed_at": 1.0}],
+                                        schema=old_meta.append(pa.field("tokens", pa.binary()))),
+                   folder / data_file_name(old.segment_id, MODEL))
+    pq.write_table(pa.Table.from_pylist([{**{k: v for k, v in row.items() if k != "tokens"}, "indexed_at": 1.0,
+                                          "file": data_file_name(old.segment_id, MODEL)}],
+                                        schema=old_meta.append(pa.field("file", pa.string()))),
+                   folder / "_manifest-00000000000000000001-old.parquet")
+    new = make_segment("cam1", 8.0)
+    new.source_size = (1920, 1080)
+    ix.add([new])
+    assert [r["source_size"] for r in ix.list("cam1")] == [None, [1920, 1080]]
+    assert ix.get("cam1:0").source_size is None and ix.get("cam1:8000").source_size == (1920, 1080)
+    assert same_bits(ix.tokens("cam1:0"), old.tokens)
+
+
 def test_add_list_tokens_round_trip_is_bit_exact(tmp_path):
     import torch   # here, not at module level: the writer subprocesses import this module
     ix = SegmentIndex(tmp_path)

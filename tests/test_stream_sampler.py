@@ -557,3 +557,4 @@ def test_a_phone_video_is_sampled_upright(tmp_path, samplers):
     segs = drain(s, lambda got, st: len(got) >= 1, 15, "a segment of the rotated file")
     h, w = smart_resize(240, 320, factor=28, **SMALL)
     assert segs[0].frames.shape[1:] == (w, h, 3) and tuple(s.status()["frame_size"]) == (w, h)
+    assert segs[0].source_size == (240, 320)                         # the upright source, before resizing
