@@ -18,7 +18,7 @@ class CaptionWorker:
     """The Ray actor: Captioner + the index it reads tokens from."""
 
     def __init__(self, model_path: str, index_root: str, max_new_tokens: int, batch_size: int,
-                 dtype: str = "float32"):
+                 dtype: str = "auto"):
         from pipeline.captioner import Captioner
         from pipeline.index import SegmentIndex
 
@@ -51,7 +51,7 @@ class CaptionPool:
         self._make = lambda: ray.remote(CaptionWorker).options(**options).remote(
             caption_path, str(settings.index_root),
             settings.caption_max_new_tokens, settings.caption_batch_size,
-            settings.encoder_dtype if gpus else "float32")
+            settings.decoder_dtype)
         self.actors = [self._make() for _ in range(settings.num_caption_actors)]
         self.model_id, self.dim = ray.get(self.actors[0].identity.remote())
 

@@ -18,9 +18,7 @@ from pipeline.checkpoints import pixel_norm
 from pipeline.long_tier import needs_long_file
 from pipeline.packing import gather_batch, pack_tubes, split_tokens
 from pipeline.tubes import long_grid, resize_rows
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from qwen2vl.dtypes import resolve_dtype
 
 
 @dataclass
@@ -37,7 +35,7 @@ class EncodeStats:
 
 
 class VisionEncoder:
-    def __init__(self, model_path: str, token_budget: int = 16384, dtype: str = "float32", device: str | None = None,
+    def __init__(self, model_path: str, token_budget: int = 16384, dtype: str = "auto", device: str | None = None,
                  on_batch=None, pipeline: str = "archive", threads: int | None = None, long_pixels: int = 0):
         """threads: torch intra-op threads; None keeps the process default (Ray sets 1 for a fractional CPU).
         long_pixels: also encode every tube at this area per frame (the long-video tier; 0: off)."""
@@ -50,7 +48,7 @@ class VisionEncoder:
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = _DTYPES[dtype]
+        self.dtype = resolve_dtype(dtype, self.device)             # "auto": bf16 on a GPU that has it, else fp32
         self.token_budget = int(token_budget)
         self.long_pixels = int(long_pixels)
         self.visual = qwen2vl.load_vision(model_path, dtype=self.dtype, device=self.device)

@@ -45,6 +45,7 @@ from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings
 from pipeline.times import with_times
 from qwen2vl.checkpoint import load_pretrained
+from qwen2vl.dtypes import resolve_dtype
 from qwen2vl.generate import generate
 from qwen2vl.grounding import MARKERS as GROUNDING_MARKERS, Grounded, parse_grounding
 from qwen2vl.onednn_linear import use_onednn_linears_
@@ -56,7 +57,8 @@ MAX_SEARCH_LIMIT = 1000
 
 class Decoder:
     def __init__(self, settings: Settings, model_path: str | Path, *, index=None, events=None,
-                 dtype: torch.dtype = torch.float32, device=None, prefix_cache_bytes: int = 2 << 30):
+                 dtype: str | torch.dtype | None = None, device=None, prefix_cache_bytes: int = 2 << 30):
+        """dtype: the weights' dtype (None: settings.decoder_dtype; "auto" is bf16 on a GPU that has it, else fp32)."""
         if not isinstance(settings, Settings):
             raise ValueError(f"settings must be a pipeline.settings.Settings, got {type(settings).__name__}")
         self.settings = settings
@@ -64,7 +66,7 @@ class Decoder:
         self.model_id = checkpoint_model_id(self.model_path)
         self.device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype
+        self.dtype = dtype = resolve_dtype(settings.decoder_dtype if dtype is None else dtype, self.device)
         self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
         self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
         self.model.argmax_head()          # built now (fp32 only), not inside the first question's timings

@@ -34,6 +34,7 @@ import torch
 from pipeline.checkpoints import model_id as checkpoint_model_id
 from pipeline.kv import prefill_kv, split_cache, stack_caches, suffix_hidden
 from qwen2vl.checkpoint import load_pretrained
+from qwen2vl.dtypes import resolve_dtype
 from qwen2vl.generate import generate
 from qwen2vl.onednn_linear import use_onednn_linears_
 from qwen2vl.processor import Processor
@@ -42,29 +43,23 @@ from qwen2vl.rope import get_rope_index
 CAPTION_PROMPT = "Describe what happens in this video in one sentence."
 EMBED_PROMPT = "Summarize the above video in one word:"
 QUERY_PROMPT = "{query}\nSummarize the above sentence in one word:"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Captioner:
     """describe(items) -> [(caption, unit vector [D] float32)]; embed_query(text) -> unit vector [D] float32."""
 
-    def __init__(self, model_path: str | Path, dtype: str | torch.dtype = "float32", device=None,
+    def __init__(self, model_path: str | Path, dtype: str | torch.dtype = "auto", device=None,
                  max_new_tokens: int = 32, batch_size: int = 16):
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype, self.max_new_tokens, self.batch_size = dtype, max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = Path(model_path)
         self.model_id = checkpoint_model_id(self.model_path)     # recorded beside every caption
-        self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
+        self.model = load_pretrained(self.model_path, dtype=self.dtype, device=self.device)
         self.model.visual = None          # captions come from stored tokens only; frees the tower's memory
         self.model.argmax_head()          # built now (fp32 only), not inside the first batch
         use_onednn_linears_(self.model.model.layers)    # exact fp32 CPU fast path (docs/model.md §14)

@@ -101,7 +101,9 @@ class Settings(BaseSettings):
     # reservation leaves fewer decode tasks running while the encoder waits for their output (on 2 cores, one).
     encoder_cpus: float = Field(0.0, ge=0)
     gpus_per_encoder: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
-    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # weights' dtypes: "auto" is bf16 on a GPU that supports it, fp32 on a CPU (qwen2vl/dtypes.py)
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    decoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # the decoder and the captioner
     encoder_batch_segments: int = Field(8, ge=1)  # segments per encoder call (a decoded block, this many at a time)
     segments_per_task: int = Field(8, ge=1)       # segments decoded by one archive read task
     # seconds an idle archive encoder that reserves no CPU or GPU stays loaded for the next job; 0: one per job

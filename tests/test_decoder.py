@@ -288,3 +288,19 @@ def test_answers_follow_the_checkpoint_generation_config_and_request_overrides(w
                       ({"seed": True}, "seed")):
         with pytest.raises(ValueError, match=word):
             dec.ask(QUESTION, ["cam1"], generation=bad)
+
+
+def test_decoder_dtype_setting(world, tmp_path):
+    """decoder_dtype: "auto" is fp32 on a CPU; bfloat16 loads bf16 weights and answers from bf16 prefixes."""
+    from qwen2vl.dtypes import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32"):
+        resolve_dtype("float64", "cpu")
+    assert _decoder(world, tmp_path).dtype == torch.float32
+    dec = _decoder(world, tmp_path, decoder_dtype="bfloat16")
+    assert dec.dtype == torch.bfloat16 and {p.dtype for p in dec.model.parameters()} == {torch.bfloat16}
+    result = dec.ask(QUESTION, ["cam1"], start=0.0, end=6.0, max_new_tokens=4)
+    assert result["timings"]["new_tokens"] > 0
+    [key] = dec.prefix_cache.keys()
+    assert dec.prefix_cache.get(key).layer(0)[0].dtype == torch.bfloat16

@@ -128,3 +128,28 @@ def test_placeholder_count_mismatch_raises(pair):
         ours(inputs["input_ids"])
     with pytest.raises(ValueError, match="image_grid_thw given without"):
         ours(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"])
+
+
+@pytest.mark.parametrize("prompt", [[("text", 11)], [("text", 600), ("image", (1, 2, 4)), ("text", 3),
+                                                 ("video", (4, 4, 2)), ("text", 3)]], ids=["short", "positions_past_512"])
+@torch.no_grad()
+def test_bf16_weights_load_directly_and_round_like_the_reference_in_bf16(tmp_path, prompt):
+    """decoder_dtype / encoder_dtype = bfloat16: weights go straight from the file to bf16 tensors, and the whole
+    model (tower, decoder, M-RoPE over image and video) lands no further from the fp32 logits than transformers
+    4.57.6 run in bf16 does (the criterion tests/test_vision.py applies to the tower in bf16). Two bf16 runs differ
+    from each other by about their own rounding (here ~0.01 mean, ~0.1 max at logits of scale 5), so a bound on their
+    mutual difference would only measure bf16; the distance to the exact answer tells a wrong cast from rounding."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    save_reference(build_reference_model(seed=3), tmp_path)
+    ours = qwen2vl.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ref16 = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager",
+                                                            dtype=torch.bfloat16).eval()
+    inputs = build_prompt(prompt, seed=7)        # past 512, positions are no longer exact in bf16
+    want = load_reference(tmp_path)(**inputs).logits
+    got, ref = ours(**inputs).logits, ref16(**inputs).logits
+    assert got.dtype == torch.bfloat16
+    ours_err, ref_err = (got.float() - want).abs(), (ref.float() - want).abs()
+    assert ours_err.mean() <= 1.1 * ref_err.mean(), (ours_err.mean(), ref_err.mean())
+    assert ours_err.max() <= 1.5 * ref_err.max(), (ours_err.max(), ref_err.max())
