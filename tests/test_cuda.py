@@ -145,7 +145,7 @@ def test_decoder_on_cuda_answers_and_ranks_like_on_cpu(tmp_path):
         index.add(records)
     settings = load_settings(data_dir=tmp_path / "data", model_path=ckpt)
     cpu = Decoder(settings, ckpt, index=index, device="cpu")
-    gpu = Decoder(settings, ckpt, index=index, device="cuda")
+    gpu = Decoder(settings, ckpt, index=index, device="cuda", dtype="float32")
     assert next(gpu.model.parameters()).device.type == "cuda"
     asks = [("What moves in this footage?", ["cam1"], 0.0, 6.0),       # contiguous window
             ("What moves in this footage?", ["cam1"], None, None),     # a 94 s gap
@@ -175,7 +175,7 @@ def test_encoder_actor_on_cuda_matches_cpu(tmp_path):
     gen = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 256, (t * h * w, 1176), generator=gen, dtype=torch.uint8) for t, h, w in grids]
     want = VisionEncoder(str(ckpt), token_budget=600, device="cpu").encode(rows, grids)
-    gpu32 = VisionEncoder(str(ckpt), token_budget=600, device="cuda")
+    gpu32 = VisionEncoder(str(ckpt), token_budget=600, dtype="float32", device="cuda")
     got = gpu32.encode(rows, grids)
     assert gpu32.stats.batches >= 3 and [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want):
