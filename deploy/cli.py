@@ -87,6 +87,21 @@ def model_pull(ctx: click.Context, repo_id: str, revision: str | None) -> None:
     click.echo(path)
 
 
+@model_group.command("sizes")
+@click.option("--prompt-tokens", type=int, default=None,
+              help="tokens of one question's prompt (default: ask_token_budget + 64)")
+@click.option("--answer-tokens", type=int, default=None, help="tokens of one answer (default: api_max_new_tokens)")
+@click.pass_context
+def model_sizes(ctx: click.Context, prompt_tokens: int | None, answer_tokens: int | None) -> None:
+    """GPU memory of the released sizes (2B, 7B, 72B) in bf16 and fp32: weights of a decoder replica and of an
+    encoder actor, KV cache per 1,000 cached visual tokens, and per concurrent question (a markdown table)."""
+    from qwen2vl.sizes import markdown_table, serving_table
+
+    settings = current_settings(ctx)
+    click.echo(markdown_table(serving_table(prompt_tokens or settings.ask_token_budget + 64,
+                                            answer_tokens or settings.api_max_new_tokens)), nl=False)
+
+
 # ---- index / segments ----------------------------------------------------------------------------------------------
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True)
