@@ -10,6 +10,7 @@ from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
+from pipeline.index import escape_source
 from pipeline.records import source_of
 from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
@@ -26,6 +27,7 @@ def visible_source(caller: Caller, segment_id: str, not_found: str) -> str:
     it, 422 for an id that is not a segment id."""
     try:
         source_id = source_of(segment_id)
+        escape_source(source_id)                  # a source id no folder can hold (too long) is no segment's
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
     if not caller.may_see(source_id):
