@@ -239,6 +239,7 @@ def test_segment_thumbnails_and_metadata_follow_the_source_scope(served):
         err(missing, 404, "no thumbnail for segment 'clip:4000'")
         err(c.get("/v1/segments/clip:4000"), 404, "no indexed segment 'clip:4000'")
         err(c.get("/v1/segments/clip/thumbnail"), 422, "segment_id must look like")
+        err(c.get(f"/v1/segments/{'x' * 300}:0/thumbnail"), 422, "too long")
     with http(served, CAM_READER) as c:        # another source's segment is a 404 like an unknown one: no probing
         other = c.get("/v1/segments/clip%3A2000/thumbnail")
         err(other, 404, "no thumbnail for segment 'clip:2000'")
