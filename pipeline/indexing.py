@@ -1,13 +1,14 @@
 """The one way encoded footage enters the index: write the segments, count them, announce each new one.
 
 Archive jobs and the live indexer both end here, so a segment event has the same fields whichever path made it:
-segment_id, source_id, t0, t1 (seconds, 3 decimals), tokens, model_id, live ("1" or "0"), padded ("1" or "0"), plus
-what only one path knows (an archive's file path, a live segment's latency). Only segments newly written are
-announced: re-running a job, or two writers racing on one segment, never duplicates an event.
+segment_id, source_id, t0, t1 (seconds, 3 decimals), tokens, model_id, live ("1" or "0"), padded ("1" or "0"),
+thumbnail_url (when the segment has a thumbnail), plus what only one path knows (an archive's file path, a live
+segment's latency). Only segments newly written are announced: re-running a job, or two writers racing on one
+segment, never duplicates an event.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline import metrics
 from pipeline.events import SEGMENTS_STREAM
@@ -23,13 +24,20 @@ def segment_event(segment: IndexedSegment, live: bool, padded: bool = False, **e
 
 def write_segments(index, segments: list[IndexedSegment], *, pipeline: str, events=None,
                    details: dict[str, dict] | None = None, long: list[IndexedSegment] = (),
-                   long_pixels: int = 0) -> tuple[list[IndexedSegment], list[IndexedSegment]]:
-    """Add `segments` to the index and `long` (their long-tier records, pipeline/long_tier.py) beside them; return
-    (segments newly written, long-tier records newly written). Each new segment is counted and announced on the
-    events sink. The long tier is written first: a segment that is listed has its long tier whenever it needs one.
+                   long_pixels: int = 0, thumbnails: Mapping[str, bytes] | None = None,
+                   ) -> tuple[list[IndexedSegment], list[IndexedSegment]]:
+    """Add `segments` to the index and `long` (their long-tier records, pipeline/long_tier.py) and `thumbnails`
+    (segment id -> JPEG, pipeline/thumbnails.py) beside them; return (segments newly written, long-tier records newly
+    written). Each new segment is counted and announced on the events sink. The companions are written first: a
+    segment that is listed has its long tier and thumbnail whenever it has them at all.
 
     pipeline: "archive" or "live" (the metrics label). details: segment id -> {"padded": bool, other event fields}.
     """
+    thumbnails = {k: v for k, v in (thumbnails or {}).items() if v}
+    if thumbnails:
+        from pipeline.thumbnails import ThumbnailStore
+
+        ThumbnailStore(index).add(thumbnails)
     written_long = []
     if long:
         from pipeline.long_tier import LongTier
@@ -40,6 +48,10 @@ def write_segments(index, segments: list[IndexedSegment], *, pipeline: str, even
     if events is not None:
         details = details or {}
         for segment in written:
-            events.emit(SEGMENTS_STREAM, segment_event(segment, pipeline == "live",
-                                                       **details.get(segment.segment_id, {})))
+            extra = dict(details.get(segment.segment_id, {}))
+            if segment.segment_id in thumbnails:
+                from pipeline.thumbnails import thumbnail_url
+
+                extra["thumbnail_url"] = thumbnail_url(segment.segment_id)
+            events.emit(SEGMENTS_STREAM, segment_event(segment, pipeline == "live", **extra))
     return written, written_long

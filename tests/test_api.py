@@ -4,6 +4,7 @@ Order matters and is the file order: the job indexes footage that search/ask the
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -203,6 +204,8 @@ def test_job_indexes_a_clip_and_its_segments_are_listed(served):
         segs = c.get(f"/v1/sources/{SOURCE}/segments").json()["segments"]
         assert [(s["segment_id"], s["t0"], s["t1"]) for s in segs] == [("clip:0", 0.0, 2.0), ("clip:2000", 2.0, 4.0)]
         assert all(s["n_tokens"] > 0 and len(s["grid_thw"]) == 3 for s in segs)
+        assert [s["thumbnail_url"] for s in segs] == ["/v1/segments/clip%3A0/thumbnail",
+                                                      "/v1/segments/clip%3A2000/thumbnail"]
         one = c.get(f"/v1/sources/{SOURCE}/segments", params={"start": 2.5, "end": 3.0}).json()["segments"]
         assert [s["segment_id"] for s in one] == ["clip:2000"]
         err(c.get(f"/v1/sources/{SOURCE}/segments", params={"start": 3, "end": 1}), 422, "must be >= start")
@@ -216,6 +219,34 @@ def test_job_indexes_a_clip_and_its_segments_are_listed(served):
         assert c.get("/v1/status").json() == {"index": {"sources": 0, "segments": 0, "bytes": 0}, "feeds": {}}
     with http(served) as c:
         assert c.get("/v1/status").json()["index"]["segments"] >= 2
+
+
+def test_segment_thumbnails_and_metadata_follow_the_source_scope(served):
+    from PIL import Image
+
+    with http(served, READER) as c:
+        r = c.get("/v1/segments/clip%3A2000/thumbnail")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
+        assert "max-age=31536000" in r.headers["cache-control"] and "private" in r.headers["cache-control"]
+        image = Image.open(io.BytesIO(r.content))
+        assert image.format == "JPEG" and 0 < image.width <= 320
+        again = c.get("/v1/segments/clip%3A2000/thumbnail", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and not again.content
+        meta = c.get("/v1/segments/clip:2000").json()
+        assert (meta["segment_id"], meta["t0"], meta["t1"], meta["start"]) == ("clip:2000", 2.0, 4.0, "0:02")
+        assert meta["thumbnail_url"] == "/v1/segments/clip%3A2000/thumbnail" and meta["n_tokens"] > 0
+        missing = c.get("/v1/segments/clip%3A4000/thumbnail")
+        err(missing, 404, "no thumbnail for segment 'clip:4000'")
+        err(c.get("/v1/segments/clip:4000"), 404, "no indexed segment 'clip:4000'")
+        err(c.get("/v1/segments/clip/thumbnail"), 422, "segment_id must look like")
+        err(c.get(f"/v1/segments/{'x' * 300}:0/thumbnail"), 422, "too long")
+    with http(served, CAM_READER) as c:        # another source's segment is a 404 like an unknown one: no probing
+        other = c.get("/v1/segments/clip%3A2000/thumbnail")
+        err(other, 404, "no thumbnail for segment 'clip:2000'")
+        assert other.json()["error"].replace("2000", "4000") == missing.json()["error"]
+        err(c.get("/v1/segments/clip:2000"), 404, "no indexed segment 'clip:2000'")
+    with http(served, None) as c:
+        err(c.get("/v1/segments/clip%3A2000/thumbnail"), 401, "missing API key")
 
 
 def test_job_errors(served, tmp_path):
@@ -298,6 +329,7 @@ def test_search_ranks_segments(served):
         results = r.json()["results"]
         assert sorted(x["segment_id"] for x in results) == ["clip:0", "clip:2000"]
         assert all(set(x) >= {"source", "segment_id", "t0", "t1", "score"} and x["source"] == SOURCE for x in results)
+        assert all(x["thumbnail_url"] == f"/v1/segments/{SOURCE}%3A{x['segment_id'][5:]}/thumbnail" for x in results)
         scores = [x["score"] for x in results]
         assert scores == sorted(scores, reverse=True)
         # no sources: every source the key may see
@@ -343,6 +375,8 @@ def test_ask_answers_with_evidence_and_writes_redis(served):
                                          "seed": 3}
         err(c.post("/v1/ask", json={"question": "q", "source": SOURCE, "temperature": 9}), 422, "temperature")
         err(c.post("/v1/ask", json={"question": "q", "source": SOURCE, "top_p": 0}), 422, "top_p")
+        assert [e["thumbnail_url"] for e in ans["evidence"]] == ["/v1/segments/clip%3A0/thumbnail",
+                                                                 "/v1/segments/clip%3A2000/thumbnail"]
     entries = served["redis"].client(decode_responses=True).xrange(ANSWERS_STREAM, ans["stream_entry"],
                                                                    ans["stream_entry"])
     assert len(entries) == 1 and ans["id"] in json.dumps(entries[0][1]) and json.loads(entries[0][1]["boxes"]) == []

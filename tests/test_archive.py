@@ -91,6 +91,7 @@ def test_archive_job_indexes_good_files_and_reports_bad_ones(tmp_path, video_fac
     assert all(f["live"] == "0" and f["model_id"] and int(f["tokens"]) > 0 for f in fields)
     by_id = {f["segment_id"]: f for f in fields}
     assert by_id["wide:0"]["path"] == str(good[0]) and by_id["wide:0"]["padded"] == "0"
+    assert by_id["wide:0"]["thumbnail_url"] == "/v1/segments/wide%3A0/thumbnail"
     assert by_id["one:0"]["padded"] == "1"                          # one frame, repeated to make a tube
     err_events = client.xrange(ERRORS_STREAM)
     assert sorted(e[1][b"path"].decode() for e in err_events) == sorted(f["path"] for f in report.failed)

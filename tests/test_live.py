@@ -46,6 +46,9 @@ def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, 
         assert {row["segment_id"] for row in rows} >= {f["segment_id"] for f in fields}
         assert all(row["t0"] > time.time() - 120 for row in rows)           # epoch-stamped, not media time
         assert all(row["source_size"] == [320, 240] for row in rows)       # the feed's own frame size
+        from pipeline.thumbnails import ThumbnailStore
+        assert ThumbnailStore(index).present(f["segment_id"] for f in fields) == {f["segment_id"] for f in fields}
+        assert all(f["thumbnail_url"].endswith("/thumbnail") for f in fields)
         status = ray.get(indexer.status.remote())
         assert status["running"] and status["segments"] >= 3 and status["errors"] == 0
 
