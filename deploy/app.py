@@ -71,6 +71,10 @@ class DecoderServer:
         return self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
                           end=req.get("end"), max_new_tokens=req["max_new_tokens"])
 
+    def score_segments(self, req: dict) -> dict:
+        """Standing alerts: scores of new segments for their alerts' queries, on this replica's model (no copy)."""
+        return self._call(self.decoder.score_segments, req["segments"], req["queries"])
+
     def ask_stream(self, req: dict):
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
         return self._streamed("ask", lambda put: self._call(
