@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deploy.alerts import Alert, AlertStore, hit_from_entry, new_alert
 from deploy.api.ask import sse
-from deploy.api.deps import (ScopedRoute, ServiceContext, admin_key, check_length, parse_window, reader_key,
+from deploy.api.deps import (ScopedRoute, ServiceContext, admin_key, check_length, reader_key,
                              resolve_names, service)
 from deploy.api.errors import error_responses
 from deploy.auth import Caller
@@ -93,7 +93,12 @@ def list_hits(alert_id: str | None = None, since: str | None = None,
               limit: int = Query(50, ge=1, le=1000), caller: Caller = Depends(reader_key),
               context: ServiceContext = Depends(service)):
     """Recent hits, newest first: of one alert or all, at or after `since` (any time form of the API)."""
-    start, _ = parse_window(since, None, context.settings)
+    from pipeline.times import parse_time
+
+    try:
+        start = parse_time(since, "since", tz=context.settings.time_zone, now=time.time())
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
     lowest = "-" if start is None else f"{max(0, int(start * 1000))}-0"
     hits, highest, scanned = [], "+", 0
     while len(hits) < limit and scanned < HITS_SCAN_MAX:
