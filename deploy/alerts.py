@@ -76,7 +76,8 @@ def check_webhook(url: str, policy: HostPolicy) -> str:
     try:
         check_host(url, policy)
     except ValueError as e:         # the feed rule's words ("feed host ... is loopback"), said of a webhook
-        raise ValueError(f"webhook refused: {e}".replace("feed url", "url").replace("feed host", "host")) from None
+        raise ValueError(f"webhook refused: {e}".replace("feed url", "url").replace("feed host", "host")
+                         .replace("; a feed never reads it", "")) from None
     return url
 
 

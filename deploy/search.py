@@ -7,6 +7,9 @@ with the yes/no ids read from the tokenizer (first token of " yes" / " no"). The
 query-independent, so its KV goes through the shared PrefixCache: a second query over the same footage only runs the
 short question suffix, batched over segments (caches stacked with left padding).
 
+Standing alerts score new segments each against its own queries (`score_questions`): one prefill per segment,
+then the (segment, query) pairs in batches, questions of different lengths left-padded.
+
 With captions on, the candidates come from the retrieval index (every captioned segment of the window is
 considered: hybrid BM25 + vector retrieval, deploy/decoder.py) and `rerank` scores exactly those. Segments not
 captioned yet, and every segment when captions are off, go through `rank`'s sampling:

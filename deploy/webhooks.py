@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -59,8 +60,9 @@ class WebhookSender:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s      # a worker stuck in a POST ends with its timeout, unwaited
         for t in self._threads:
-            t.join(timeout_s)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _count(self, result: str) -> None:
         self.counts[result] += 1
