@@ -15,7 +15,8 @@ import pytest
 
 import qwen2vl
 from deploy.alert_follower import CURSOR_KEY, AlertFollower, alert_follower
-from deploy.alerts import AlertStore, check_webhook, hit_from_entry, new_alert, thumbnail_url
+from deploy.alerts import AlertStore, check_webhook, hit_from_entry, new_alert
+from pipeline.thumbnails import thumbnail_url
 from deploy.decoder import Decoder
 from deploy.webhooks import WebhookSender
 from pipeline.captions import Caption, CaptionStore
