@@ -161,6 +161,12 @@ class Settings(BaseSettings):
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
     job_reconcile_seconds: float = Field(10.0, gt=0)     # how often the service resumes jobs whose runner is gone
 
+    # ---- recordings and clips (docs/architecture.md, "Recordings and clips") ----------------------------------
+    recording: bool = True                        # record every live feed (its packets, not re-encoded); a feed may
+                                                  # opt out at registration (record: false)
+    recording_chunk_seconds: float = Field(60.0, gt=0, le=3600)   # length of one recording file (cut at keyframes)
+    clip_max_seconds: float = Field(600.0, gt=0)  # longest clip window (422 beyond)
+
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
     retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap
