@@ -113,10 +113,16 @@ def _clean(cache) -> None:
 
 
 def _open_piece(piece: Piece, start: float):
+    """The piece opened at the keyframe at or before `start`; (None, None) when it cannot seek there (a time far
+    past its end)."""
     container = av.open(piece.path)
     stream = container.streams.video[0]
     target = max(0.0, start - piece.origin)
-    container.seek(int(Fraction(target) / stream.time_base), stream=stream, backward=True, any_frame=False)
+    try:
+        container.seek(int(Fraction(target) / stream.time_base), stream=stream, backward=True, any_frame=False)
+    except (OverflowError, av.error.FFmpegError):
+        container.close()
+        return None, None
     return container, stream
 
 
@@ -125,6 +131,8 @@ def _remux(out, pieces: list[Piece], start: float, end: float) -> tuple[float, f
     out_stream, template, first, last_dts, covered_end = None, None, None, None, None
     for piece in pieces:
         container, stream = _open_piece(piece, start)
+        if container is None:
+            break
         try:
             if template is not None and not _same_codec(template, stream):
                 break
@@ -168,6 +176,8 @@ def _reencode(out, pieces: list[Piece], start: float, end: float) -> tuple[float
     out_stream, first, last_t, period = None, None, None, 1 / 30
     for piece in pieces:
         container, stream = _open_piece(piece, start)
+        if container is None:
+            break
         try:
             if stream.average_rate:
                 period = float(1 / stream.average_rate)
