@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import httpx
 import pytest
 import ray
@@ -247,6 +248,44 @@ def test_segment_thumbnails_and_metadata_follow_the_source_scope(served):
         err(c.get("/v1/segments/clip:2000"), 404, "no indexed segment 'clip:2000'")
     with http(served, None) as c:
         err(c.get("/v1/segments/clip%3A2000/thumbnail"), 401, "missing API key")
+
+
+def test_clip_of_the_indexed_archive_with_range_requests(served, tmp_path):
+    from click.testing import CliRunner
+
+    from deploy.cli import cli
+    with http(served, READER) as c:
+        r = c.get(f"/v1/sources/{SOURCE}/clip", params={"start": "1", "end": "+0:02.5"})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "video/mp4" and r.headers["accept-ranges"] == "bytes"
+        assert float(r.headers["x-clip-start"]) <= 1.0 and float(r.headers["x-clip-end"]) >= 2.5
+        full, size = r.content, len(r.content)
+        (tmp_path / "whole.mp4").write_bytes(full)
+        with av.open(str(tmp_path / "whole.mp4")) as mp4:                 # a playable MP4 of the archive's frames
+            assert sum(1 for _ in mp4.decode(video=0)) >= 45
+        for ask, first, last in (("bytes=0-99", 0, 99), ("bytes=100-", 100, size - 1), ("bytes=-50", size - 50,
+                                                                                          size - 1)):
+            part = c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 1, "end": 2.5}, headers={"Range": ask})
+            assert part.status_code == 206 and part.headers["content-range"] == f"bytes {first}-{last}/{size}"
+            assert part.content == full[first:last + 1]
+        bad = c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 1, "end": 2.5}, headers={"Range": f"bytes={size}-"})
+        assert bad.status_code == 416 and bad.headers["content-range"] == f"bytes */{size}"
+        err(c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 100, "end": 110}), 404, "no footage")
+        err(c.get("/v1/sources/nope/clip", params={"start": 1, "end": 2}), 404, "no footage of 'nope'")
+        err(c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 0, "end": 700}), 422, "clip_max_seconds")
+        err(c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 2, "end": 1}), 422, "must be after")
+        err(c.get(f"/v1/sources/{SOURCE}/clip", params={"start": "soon", "end": 1}), 422, "start")
+        assert c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 1}).status_code == 422
+    with http(served, CAM_READER) as c:
+        err(c.get(f"/v1/sources/{SOURCE}/clip", params={"start": 1, "end": 2}), 403, "'clip'")
+    out = tmp_path / "cli.mp4"
+    result = CliRunner().invoke(cli, ["clip", SOURCE, "--start", "1", "--end", "2.5", "-o", str(out),
+                                      "--url", served["url"], "--key", READER])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == full and "covering" in result.output
+    result = CliRunner().invoke(cli, ["clip", SOURCE, "--start", "100", "--end", "110", "-o", str(out),
+                                      "--url", served["url"], "--key", READER])
+    assert result.exit_code == 1 and "no footage" in result.output
 
 
 def test_job_errors(served, tmp_path):

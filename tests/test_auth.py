@@ -200,4 +200,5 @@ def test_every_route_declares_its_scope():
         "GET /v1/segments/{segment_id:path}/thumbnail": ["reader"], "GET /v1/segments/{segment_id:path}": ["reader"],
         "POST /v1/alerts": ["admin"], "GET /v1/alerts": ["reader"], "GET /v1/alerts/hits": ["reader"],
         "GET /v1/alerts/hits/stream": ["reader"], "GET /v1/alerts/{alert_id}": ["reader"],
-        "DELETE /v1/alerts/{alert_id}": ["admin"]}
+        "DELETE /v1/alerts/{alert_id}": ["admin"],
+        "GET /v1/sources/{source_id:path}/clip": ["reader"]}

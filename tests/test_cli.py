@@ -19,7 +19,7 @@ from deploy.demo import DEMO_STREAM
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("demo", "index", "segments", "captions", "ask", "search", "summarize", "serve", "feeds", "model",
-            "config")
+            "config", "clip")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -61,3 +61,21 @@ def test_schedule_sweeps_at_start_then_on_its_interval_and_survives_errors(tmp_p
     finally:
         schedule.stop()
     assert not schedule.status()["running"]
+
+
+def test_recordings_share_the_byte_budget_oldest_first_and_age_out(tmp_path):
+    from pipeline.recordings import list_recordings, source_folder
+    from pipeline.video.recording import recording_name
+
+    index = _six_segments(tmp_path / "index")                   # indexed at 1000 ... 1005, p bytes each
+    p = index.stats()["bytes"] // 6
+    settings = load_settings(data_dir=tmp_path, retention_max_bytes=int(p * 4.5))
+    folder = source_folder(settings, "a")
+    folder.mkdir(parents=True)
+    for start, end in ((1001.5, 1002.5), (1009.0, 1010.0)):     # recordings of p bytes that end at 1002.5, 1010
+        (folder / recording_name(start, end)).write_bytes(b"\0" * p)
+    assert sweep_retention(index, settings) == 3                # 8 p -> 4 p: 3 segments and 1 recording, oldest
+    assert [r["t0"] for r in index.list("a")] == [40.0] and [r["t0"] for r in index.list("b")] == [30.0, 50.0]
+    assert [f.end for f in list_recordings(settings, "a")] == [1010.0]
+    sweep_retention(index, load_settings(data_dir=tmp_path, retention_max_age_hours=1.0))
+    assert list_recordings(settings, "a") == []                 # ended in 1970: too old, like the segments
