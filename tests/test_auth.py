@@ -184,8 +184,8 @@ def test_job_request_checks(roots):
 
 
 def test_every_route_declares_its_scope():
-    """Each REST route names exactly one scope dependency; only health is public, metrics need an unlimited admin
-    (or api_metrics_public)."""
+    """Each REST route names exactly one scope dependency; only health and the console's static files are public,
+    metrics need an unlimited admin (or api_metrics_public)."""
     from deploy.api.deps import route_scopes
     from deploy.api.main import ROUTERS
 
@@ -196,4 +196,5 @@ def test_every_route_declares_its_scope():
         "DELETE /v1/feeds/{feed_id}": ["admin"],
         "POST /v1/jobs": ["admin"], "GET /v1/jobs/{job_id}": ["admin"], "DELETE /v1/jobs/{job_id}": ["admin"],
         "GET /v1/sources": ["reader"], "GET /v1/sources/{source_id:path}/segments": ["reader"],
-        "POST /v1/search": ["reader"], "POST /v1/ask": ["reader"], "POST /v1/summarize": ["reader"]}
+        "POST /v1/search": ["reader"], "POST /v1/ask": ["reader"], "POST /v1/summarize": ["reader"],
+        "GET /": ["public"], "GET /console/{name}": ["public"]}
