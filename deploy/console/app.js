@@ -2,7 +2,7 @@
 import { ApiError, forgetKey, getJson, savedKey, saveKey } from "./api.js";
 import { adminPanel } from "./admin.js";
 import { alertsPanel } from "./alerts.js";
-import { $, showError, showNote } from "./ui.js";
+import { $, showError } from "./ui.js";
 import { askPanel, searchPanel } from "./search.js";
 import { sourcesPanel } from "./sources.js";
 
@@ -60,18 +60,12 @@ async function signIn(key) {
   showPanel("sources");
 }
 
+// Forgets the key and everything this tab kept, and starts the page afresh: nothing the last key could see stays
+// in the page for the next one.
 function signOut() {
   if (stopPanel) stopPanel();
-  stopPanel = null;
   forgetKey();
-  session.admin = false;
-  session.sources = [];
-  delete document.body.dataset.role;
-  $("#role").textContent = "";
-  $("#console").hidden = true;
-  $("#sign-out").hidden = true;
-  $("#sign-in").hidden = false;
-  showNote($("#sign-in .status"), "Signed out");
+  window.location.reload();
 }
 
 $("#sign-in-form").addEventListener("submit", async (event) => {

@@ -23,6 +23,7 @@ export function sourcesPanel(root, session) {
         el("th", { scope: "row" }, s.source_id), el("td", {}, s.segments), el("td", {}, bytes(s.bytes)),
         el("td", {}, el("button", { type: "button", onclick: () => showTimeline(s.source_id) }, "Timeline")))));
       feedList.replaceChildren(...await Promise.all(feeds.map(feedRow)));
+      root.dataset.loaded = "true";
       showNote(status, "");
     } catch (error) {
       showError(status, error);

@@ -71,15 +71,16 @@ export function bytes(n) {
   return `${value.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
-// An <img> for a thumbnail_url, filled in once its blob has been fetched with the key; a placeholder without one.
+// A thumbnail_url shown as an <img> once its blob has been fetched with the key; a placeholder until then, or for
+// good when the row has none.
 export function thumbnail(url, alt) {
-  const img = el("img", { class: "thumb", alt, width: 160, height: 90 });
-  if (!url) {
-    img.classList.add("none");
-    return img;
+  const placeholder = el("span", { class: "thumb none", role: "img", "aria-label": `${alt} (no thumbnail)` });
+  if (url) {
+    imageUrl(url)
+      .then((src) => placeholder.replaceWith(el("img", { class: "thumb", src, alt, width: 160, height: 90 })))
+      .catch(() => { /* the placeholder stays */ });
   }
-  imageUrl(url).then((src) => { img.src = src; }).catch(() => img.classList.add("none"));
-  return img;
+  return placeholder;
 }
 
 // Runs fn now and every `ms` while the document is visible; returns a function that stops it.
