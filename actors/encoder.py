@@ -118,13 +118,16 @@ class VisionEncoder:
         return [torch.cat([tok for _, tok in sorted(p, key=lambda x: x[0])]) for p in pieces]
 
     def encode_tiers(self, rows: list[torch.Tensor], grids: list[tuple[int, int, int]],
-                     need_full: list[bool] | None = None) -> tuple[list, list, list]:
+                     need_full: list[bool] | None = None, need_long: list[bool] | None = None
+                     ) -> tuple[list, list, list]:
         """Both tiers in one packed encode: (full tokens or None where need_full is False, long-tier tokens or None
-        where the segment needs no long file, long grids). Rows are uint8 pixel rows of the index resolution."""
+        where the segment needs no long file or need_long is False, long grids). Rows are uint8 pixel rows of the
+        index resolution."""
         need_full = [True] * len(rows) if need_full is None else list(need_full)
+        need_long = [True] * len(rows) if need_long is None else list(need_long)
         rows = [r.to(self.device) for r in rows]          # one device for every piece a packed batch gathers
         long_grids = [long_grid(g, self.long_pixels) for g in grids]
-        want_long = [needs_long_file(g, self.long_pixels) for g in grids]
+        want_long = [needs_long_file(g, self.long_pixels) and wanted for g, wanted in zip(grids, need_long)]
         items, item_grids = [], []
         for r, g, full in zip(rows, grids, need_full):
             if full:
@@ -148,7 +151,8 @@ class VisionEncoder:
             rows = [torch.from_numpy(np.asarray(batch["pixel_rows"][i])) for i in ok]
         grids = [tuple(int(x) for x in batch["grid_thw"][i]) for i in ok]
         need_full = [bool(batch["need_full"][i]) for i in ok] if "need_full" in batch else None
-        full, low, low_grids = self.encode_tiers(rows, grids, need_full) if ok else ([], [], [])
+        need_long = [bool(batch["need_long"][i]) for i in ok] if "need_long" in batch else None
+        full, low, low_grids = self.encode_tiers(rows, grids, need_full, need_long) if ok else ([], [], [])
         result = {k: v for k, v in batch.items() if k != "pixel_rows"}
         result.update(_token_columns(n, ok, full, ""))
         result.update(_token_columns(n, ok, low, "long_"))

@@ -73,14 +73,16 @@ def model_init_tiny(directory: Path) -> None:
 @click.option("--source-id", default=None, help="source id for the footage (default: each file's name)")
 @click.option("--reencode-long", is_flag=True,
               help="also fill the long-video tier (long_pixels) of segments indexed before it existed")
+@click.option("--thumbnails", is_flag=True, help="also fill the thumbnails of segments indexed before they existed")
 @click.option("--json", "as_json", is_flag=True, help="print the job report as JSON")
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None, reencode_long: bool,
-              as_json: bool) -> None:
+              thumbnails: bool, as_json: bool) -> None:
     """Index video files, folders, globs or pyarrow.fs URIs into the footage index.
 
     Exit 0 when everything was indexed, 2 when some inputs failed, 1 when none was indexed. Re-running is cheap:
-    what is indexed is skipped (with --reencode-long, what has its long tier too).
+    what is indexed is skipped (with --reencode-long, what has its long tier too; with --thumbnails, what has its
+    thumbnail too).
     """
     from deploy.runtime import local_runtime
     from actors.encoder import VisionEncoder
@@ -98,7 +100,8 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
         if reencode_long and not settings.long_pixels:
             raise click.UsageError("--reencode-long needs the long tier on: long_pixels is 0")
         report = index_archive(list(paths), settings, VisionEncoder, source_id=source_id, index=rt.index,
-                               events=rt.events, progress=True, reencode_long=reencode_long)
+                               events=rt.events, progress=True, reencode_long=reencode_long,
+                               thumbnails=thumbnails)
         if captions is not None:         # then what it has not reached yet, for this job's sources
             captions.stop()
             captions.sources = report.sources

@@ -40,6 +40,7 @@ from pipeline.kv import prefill_kv
 from pipeline import metrics
 from pipeline.events import ANSWERS_STREAM, SEARCHES_STREAM
 from pipeline.settings import Settings
+from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.generate import generate
@@ -81,6 +82,7 @@ class Decoder:
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
         self.captions = CaptionStore(index)
+        self.thumbnails = ThumbnailStore(index)
         self.long_tier = LongTier(index, settings.long_pixels) if settings.long_pixels else None
         # captions on: searches and over-budget asks consider every captioned segment through the retrieval index;
         # queries are embedded by the checkpoint that wrote the caption vectors (this one unless configured)
@@ -137,6 +139,7 @@ class Decoder:
         tz = self.settings.time_zone
         results = [with_times({"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
                                "score": float(score), "caption": r.get("caption")}, tz) for r, score in ranked[:limit]]
+        results = self.thumbnails.with_urls(results)                 # one folder listing per source
         metrics.record_search(time.perf_counter() - t_start)
         if self.events is not None:          # search results and their evidence go to Redis too
             self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
@@ -229,7 +232,8 @@ class Decoder:
                    "decode_s": t_end - t_first, "total_s": t_end - t_start, "prefix_cache": "hit" if hit else "miss",
                    "prompt_tokens": len(plan.input_ids), "visual_tokens": plan.visual_tokens,
                    "new_tokens": len(new_ids)}
-        evidence = [self._evidence(r) for r in sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))]
+        seen = sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))
+        evidence = self.thumbnails.with_urls([self._evidence(r) for r in seen])
         summary = window.summary()
         result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
                   "timings": timings, "narrowed": narrowed, "plan": summary, "stream_entry": None}

@@ -182,9 +182,11 @@ def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, do
 
 
 def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixels: int, max_pixels: int,
-                        indexed: frozenset = frozenset()) -> list[dict]:
-    """One window -> one row per segment (Tubes.to_row with uint8 pixel rows); a failure is one row with `error`.
-    `need_full` is False for segments in `indexed` (their tokens exist: only their long tier is wanted)."""
+                        indexed: frozenset = frozenset(), has_long: frozenset = frozenset()) -> list[dict]:
+    """One window -> one row per segment (Tubes.to_row with uint8 pixel rows, and the thumbnail JPEG); a failure is
+    one row with `error`. `need_full` is False for segments in `indexed` (their tokens exist), `need_long` for those
+    in `has_long`."""
+    from pipeline.thumbnails import segment_thumbnail
     from pipeline.tubes import tubes_from_segment
     from pipeline.video.files import decode_window
     from pipeline.video.media import DecodeError
@@ -198,7 +200,8 @@ def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixel
                                max_pixels=max_pixels)
         segments = segment_frames(row["source_id"], frames, segment_seconds=segment_seconds, fps=fps)
         out = [{**base, **tubes_from_segment(s, as_uint8=True).to_row(), "error": "",
-                "need_full": s.segment_id not in indexed} for s in segments]
+                "need_full": s.segment_id not in indexed, "need_long": s.segment_id not in has_long,
+                "thumbnail": segment_thumbnail(s)} for s in segments]
     except (DecodeError, OSError, ValueError) as e:
         return [_error_row(base, row["source_id"], f"{type(e).__name__}: {e}")]
     for r in out[1:]:
@@ -211,7 +214,8 @@ def _error_row(base: dict, source_id: str, error: str) -> dict:
     schema)."""
     return {**base, "segment_id": "", "source_id": source_id, "t0": 0.0, "t1": 0.0,
             "pixel_rows": np.zeros((0, PATCH_DIM), np.uint8), "grid_thw": np.zeros(3, np.int64),
-            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error, "need_full": False}
+            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error, "need_full": False,
+            "need_long": False, "thumbnail": b""}
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------
@@ -227,13 +231,16 @@ class JobPlan:
     done: dict[str, frozenset]                # source id -> segment ids with nothing left to encode
     model_path: str
     indexed: dict[str, frozenset]             # source id -> segment ids whose full-resolution tokens exist
+    has_long: dict[str, frozenset] = field(default_factory=dict)  # source id -> segment ids whose long tier
+                                              # exists (looked up only for passes that decode indexed footage again)
 
 
 def plan_job(paths: list[str], settings, index, source_id: str | None = None,
-             file_roots: list | None = None, reencode_long: bool = False) -> JobPlan:
+             file_roots: list | None = None, reencode_long: bool = False, thumbnails: bool = False) -> JobPlan:
     """Expand the inputs into files (under file_roots when given), name their sources, and look up what is already
     indexed (idempotent re-runs). reencode_long: segments indexed without their long tier are decoded again and
-    encoded at the long resolution only."""
+    encoded at the long resolution only. thumbnails: segments indexed without a thumbnail are decoded again for it
+    (and get whatever else they lack). A decoded segment always gets its thumbnail written."""
     from pipeline.checkpoints import model_id
 
     files, failures = expand_sources(list(paths), file_roots)
@@ -242,13 +249,19 @@ def plan_job(paths: list[str], settings, index, source_id: str | None = None,
     mid = model_id(model_path) if files else ""
     listed = {r["source_id"]: index.list(r["source_id"], model_id=mid) for r in rows}
     indexed = {s: frozenset(r["segment_id"] for r in found) for s, found in listed.items()}
-    done = indexed
-    if reencode_long and settings.long_pixels:
+    done, has_long = indexed, {s: frozenset() for s in listed}
+    if (reencode_long or thumbnails) and settings.long_pixels:
         from pipeline.long_tier import LongTier
 
         tier = LongTier(index, settings.long_pixels)
-        done = {s: frozenset(tier.present(found, mid)) for s, found in listed.items()}
-    return JobPlan(files, failures, rows, done, model_path, indexed)
+        has_long = {s: frozenset(tier.present(found, mid)) for s, found in listed.items()}
+        done = has_long if reencode_long else done
+    if thumbnails:
+        from pipeline.thumbnails import ThumbnailStore
+
+        have = ThumbnailStore(index).present(r["segment_id"] for found in listed.values() for r in found)
+        done = {s: ids & have for s, ids in done.items()}
+    return JobPlan(files, failures, rows, done, model_path, indexed, has_long)
 
 
 def decoded_segments(plan: JobPlan, settings):
@@ -256,13 +269,14 @@ def decoded_segments(plan: JobPlan, settings):
     import ray
 
     seg_s, fps, done, indexed = float(settings.segment_seconds), float(settings.fps), plan.done, plan.indexed
+    has_long = {s: plan.has_long.get(s, frozenset()) for s in indexed}
     window_segments = max(1, int(settings.segments_per_task))
     ds = ray.data.from_items(plan.rows, override_num_blocks=len(plan.rows))
     ds.context.target_max_block_size = DECODED_BLOCK_BYTES          # this job's copy of the DataContext
     ds = ds.flat_map(lambda r: plan_windows(r, seg_s, window_segments, done[r["source_id"]]),
                      num_cpus=PLAN_TASK_CPUS)
     return ds.flat_map(lambda r: decode_to_tube_rows(r, fps, seg_s, settings.min_pixels, settings.max_pixels,
-                                                     indexed[r["source_id"]]),
+                                                     indexed[r["source_id"]], has_long[r["source_id"]]),
                        num_cpus=DECODE_TASK_CPUS, concurrency=max(1, int(ray.cluster_resources().get("CPU", 1))))
 
 
@@ -316,7 +330,7 @@ class JobWriter:
         from pipeline.indexing import write_segments
         from pipeline.records import IndexedSegment
 
-        segments, long, details = [], [], {}
+        segments, long, details, thumbnails = [], [], {}, {}
         for i in range(len(batch["path"])):
             row = {k: v[i] for k, v in batch.items()}
             path = str(row["path"])
@@ -327,6 +341,7 @@ class JobWriter:
                 continue
             if not row["segment_id"]:
                 continue
+            thumbnails[str(row["segment_id"])] = bytes(row["thumbnail"])
             if int(row["n_tokens"]):
                 segments.append(IndexedSegment.from_row(row))
                 details[row["segment_id"]] = {"padded": bool(row["padded"]), "path": path}
@@ -334,9 +349,10 @@ class JobWriter:
                 long.append(IndexedSegment.from_row({**row, "grid_thw": row["long_grid_thw"],
                                                      "tokens": row["long_tokens"], "n_tokens": row["long_n_tokens"],
                                                      "token_dim": row["long_token_dim"]}))
-        if segments or long:
+        if segments or long or thumbnails:
             written, written_long = write_segments(self.index, segments, pipeline="archive", events=self.events,
-                                                   details=details, long=long, long_pixels=self.long_pixels)
+                                                   details=details, long=long, long_pixels=self.long_pixels,
+                                                   thumbnails=thumbnails)
             self.report.segments += len(written)
             self.report.long_tier += len(written_long)
         if self.bar is not None:
@@ -362,21 +378,23 @@ class JobWriter:
 
 def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | None = None, index=None,
                   events=None, progress: bool = True, on_progress=None, should_cancel=None,
-                  file_roots: list | None = None, reencode_long: bool = False) -> JobReport:
+                  file_roots: list | None = None, reencode_long: bool = False,
+                  thumbnails: bool = False) -> JobReport:
     """Index video files into the SegmentIndex. Bad files are reported (and sent to the errors stream); the rest go on.
 
     encoder_cls: the encoder stage, a callable class constructed with model_path, token_budget, dtype and threads
     (actors.encoder.VisionEncoder). on_progress(report, files_total): called after every batch (job status for the
     REST API). should_cancel(): polled between batches; True stops the job (JobCancelled) keeping what was written.
     file_roots: when given (REST jobs), files outside them after resolving links are left out and reported.
-    reencode_long: also fill the long tier of segments indexed before it existed (plan_job).
+    reencode_long, thumbnails: also fill the long tier or the thumbnails of segments indexed before they existed
+    (plan_job).
     """
     from pipeline.index import SegmentIndex
     from pipeline.retention import sweep_retention
 
     metrics.configure(settings)
     index = index or SegmentIndex(settings.index_root)
-    plan = plan_job(paths, settings, index, source_id, file_roots, reencode_long)
+    plan = plan_job(paths, settings, index, source_id, file_roots, reencode_long, thumbnails)
     writer = JobWriter(plan, index, events, progress, settings.long_pixels)
     if plan.files:
         batches = encoded_segments(plan, settings, encoder_cls)

@@ -4,6 +4,8 @@ Layout under `root` (a local path or any pyarrow.fs URI):
 
     source=<percent-escaped source_id>/seg-<h(segment_id)>-<h(model_id)>.parquet   one segment per file
     source=<...>/_manifest-<time_ns>-<uuid>.parquet                                metadata rows of many files
+    source=<...>/cap-*, low-*, _thm-*                                              companions of a segment (captions,
+                                                                                   long tier, thumbnail)
     source=<...>/.tmp-<uuid>.parquet                                               a write in progress (ignored)
     _tubescope_index                                                               marks the root as an index
 
@@ -44,7 +46,9 @@ SOURCE_PREFIX = "source="
 DATA_PREFIX = "seg-"
 CAPTION_PREFIX = "cap-"           # pipeline/captions.py: captions of a segment, removed with its last data file
 LONG_PREFIX = "low-"              # pipeline/long_tier.py: long-tier tokens of a segment, removed the same way
-COMPANION_PREFIXES = (CAPTION_PREFIX, LONG_PREFIX)
+THUMBNAIL_PREFIX = "_thm-"        # pipeline/thumbnails.py: a segment's JPEG, removed the same way ("_": not Parquet,
+                                  # so pyarrow.dataset discovery must skip it)
+COMPANION_PREFIXES = (CAPTION_PREFIX, LONG_PREFIX, THUMBNAIL_PREFIX)
 MANIFEST_PREFIX = "_manifest-"
 TMP_PREFIX = ".tmp-"
 SUFFIX = ".parquet"
@@ -73,6 +77,11 @@ MANIFEST_SCHEMA = META_SCHEMA.append(pa.field("file", pa.string()))     # data f
 
 def _h(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _segment_key(name: str, prefix: str) -> str:
+    """The h(segment_id) a data or companion file is named by: the 16 hex digits after its prefix."""
+    return name[len(prefix):len(prefix) + 16]
 
 
 def data_file_name(segment_id: str, model_id: str) -> str:
@@ -155,7 +164,10 @@ class SegmentIndex:
         small = [c for c in table.column_names if c != "tokens"]
         pq.write_table(table, sink, compression={c: ("snappy" if c in small else "none") for c in table.column_names},
                        write_statistics=small, use_dictionary=False, store_schema=False)
-        payload = sink.getvalue()
+        return self._write_bytes(folder, name, sink.getvalue())
+
+    def _write_bytes(self, folder: str, name: str, payload) -> int:
+        """Write bytes under a hidden temp name, then rename (see _write_atomic). Returns the bytes."""
         tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}{SUFFIX}"
         final = f"{folder}/{name}"
         try:
@@ -181,7 +193,7 @@ class SegmentIndex:
             with contextlib.suppress(OSError):  # on a read-only volume the cleanup fails too: report the write
                 self._remove(tmp)
             raise
-        return payload.size
+        return len(payload)
 
     def _remove_dir_if_empty(self, folder: str) -> None:
         """Never a recursive delete: a writer may have just added a file."""
@@ -462,13 +474,13 @@ class SegmentIndex:
         return n
 
     def _remove_orphan_companions(self, folder: str) -> None:
-        """Captions and long-tier files go with the last data file of their segment (files are named by the
-        segment's hash)."""
+        """Captions, long-tier files and thumbnails go with the last data file of their segment (files are named by
+        the segment's hash)."""
         infos = self._ls(folder)
-        segments = {i.base_name[len(DATA_PREFIX):].split("-", 1)[0] for i in infos if i.base_name.startswith(DATA_PREFIX)}
+        segments = {_segment_key(i.base_name, DATA_PREFIX) for i in infos if i.base_name.startswith(DATA_PREFIX)}
         for i in infos:
             prefix = next((p for p in COMPANION_PREFIXES if i.base_name.startswith(p)), None)
-            if prefix and i.base_name[len(prefix):].split("-", 1)[0] not in segments:
+            if prefix and _segment_key(i.base_name, prefix) not in segments:
                 self._remove(i.path)
 
     def sweep(self, max_age_s: float | Mapping[str, float] | None = None, max_bytes: int | None = None,

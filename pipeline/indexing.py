@@ -7,7 +7,7 @@ announced: re-running a job, or two writers racing on one segment, never duplica
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline import metrics
 from pipeline.events import SEGMENTS_STREAM
@@ -23,13 +23,19 @@ def segment_event(segment: IndexedSegment, live: bool, padded: bool = False, **e
 
 def write_segments(index, segments: list[IndexedSegment], *, pipeline: str, events=None,
                    details: dict[str, dict] | None = None, long: list[IndexedSegment] = (),
-                   long_pixels: int = 0) -> tuple[list[IndexedSegment], list[IndexedSegment]]:
-    """Add `segments` to the index and `long` (their long-tier records, pipeline/long_tier.py) beside them; return
-    (segments newly written, long-tier records newly written). Each new segment is counted and announced on the
-    events sink. The long tier is written first: a segment that is listed has its long tier whenever it needs one.
+                   long_pixels: int = 0, thumbnails: Mapping[str, bytes] | None = None,
+                   ) -> tuple[list[IndexedSegment], list[IndexedSegment]]:
+    """Add `segments` to the index and `long` (their long-tier records, pipeline/long_tier.py) and `thumbnails`
+    (segment id -> JPEG, pipeline/thumbnails.py) beside them; return (segments newly written, long-tier records newly
+    written). Each new segment is counted and announced on the events sink. The companions are written first: a
+    segment that is listed has its long tier and thumbnail whenever it has them at all.
 
     pipeline: "archive" or "live" (the metrics label). details: segment id -> {"padded": bool, other event fields}.
     """
+    if thumbnails:
+        from pipeline.thumbnails import ThumbnailStore
+
+        ThumbnailStore(index).add(thumbnails)
     written_long = []
     if long:
         from pipeline.long_tier import LongTier

@@ -30,6 +30,7 @@ class HeldSegment:
     padded: bool
     last_frame_t: float        # epoch time of its last sampled frame (latency is measured from it)
     long: IndexedSegment | None = None     # its long-tier record, when it needs one (pipeline/long_tier.py)
+    thumbnail: bytes = b""                 # its JPEG (pipeline/thumbnails.py): frames are not kept past encoding
 
 
 @dataclass
@@ -88,6 +89,7 @@ class LiveIndexing:
     def _encode(self, segments: list[Segment]) -> None:
         import torch
 
+        from pipeline.thumbnails import segment_thumbnail
         from pipeline.tubes import tubes_from_segment
 
         try:
@@ -103,7 +105,7 @@ class LiveIndexing:
             record = _record(t, t.grid_thw, tok, self.encoder.model_id)
             long = None if long_tok is None else _record(t, long_grid, long_tok, self.encoder.model_id)
             self.held.setdefault(seg.source_id, collections.deque()).append(
-                HeldSegment(record, seg.padded, float(seg.frame_ts[-1]), long))
+                HeldSegment(record, seg.padded, float(seg.frame_ts[-1]), long, segment_thumbnail(seg)))
 
     def _write(self, source_id: str, now: float) -> int:
         from pipeline.index_health import write_error_text
@@ -116,7 +118,8 @@ class LiveIndexing:
         try:
             written, _ = write_segments(self.index, [h.record for h in held], pipeline="live", events=self.events,
                                         details=details, long=[h.long for h in held if h.long is not None],
-                                        long_pixels=self.encoder.long_pixels)
+                                        long_pixels=self.encoder.long_pixels,
+                                        thumbnails={h.record.segment_id: h.thumbnail for h in held})
         except Exception as e:  # noqa: BLE001 - the segments wait for the next try; other feeds go on
             self.errors += 1
             self._failed(source_id, write_error_text(e), now, len(held))

@@ -6,6 +6,7 @@ from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
+from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
 
 router = APIRouter(route_class=ScopedRoute)
@@ -28,5 +29,6 @@ def list_segments(source_id: str, start: str | None = None, end: str | None = No
     rows = context.index.list(source_id, start=start, end=end)
     if context.settings.captions:
         rows = with_captions(CaptionStore(context.index), rows, context.caption_model_id, context.settings.index_root)
+    rows = ThumbnailStore(context.index).with_urls(rows)          # one folder listing, no stat per segment
     tz = context.settings.time_zone
     return {"source_id": source_id, "segments": [with_times({**r, "grid_thw": list(r["grid_thw"])}, tz) for r in rows]}
