@@ -28,7 +28,7 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 APP_NAME = "tubescope"
-API, DECODER, FEEDS, RETENTION, CAPTIONS = "Api", "Decoder", "Feeds", "Retention", "Captions"   # deployment names (serve.yaml overrides them by name)
+API, DECODER, FEEDS, RETENTION, CAPTIONS, ALERTS = "Api", "Decoder", "Feeds", "Retention", "Captions", "Alerts"   # deployment names (serve.yaml overrides them by name)
 LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
@@ -70,6 +70,10 @@ class DecoderServer:
     def ask(self, req: dict) -> dict:
         return self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
                           end=req.get("end"), max_new_tokens=req["max_new_tokens"])
+
+    def score_segments(self, req: dict) -> dict:
+        """Standing alerts: scores of new segments for their alerts' queries, on this replica's model (no copy)."""
+        return self._call(self.decoder.score_segments, req["segments"], req["queries"])
 
     def ask_stream(self, req: dict):
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
@@ -246,6 +250,31 @@ class CaptionService:
             follower.stop()
 
 
+class AlertService:
+    """Scores every new live segment against the standing alerts (deploy.alert_follower) through the Decoder
+    deployment's handle: the decoder's model does the work, so alerts cost no second model in memory. One replica:
+    one follower of the segments stream, one claimant of hits."""
+
+    def __init__(self, settings: Settings, model_path: str, redis_url: str, decoder):
+        from deploy.alert_follower import alert_follower, decoder_scorer
+        from pipeline.events import EventSink
+        from pipeline.redis_server import as_client
+
+        self.events = EventSink(redis_url, settings.outbox_dir / "alerts", maxlen=settings.stream_maxlen,
+                                outbox_max=settings.outbox_max_events)
+        self.follower = alert_follower(settings, as_client(redis_url), decoder_scorer(decoder), self.events,
+                                       model_path).start()
+
+    def status(self) -> dict:
+        return self.follower.status()
+
+    def __del__(self):
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.stop()
+            self.events.close()
+
+
 # No app passed to serve.ingress: Serve calls __serve_build_asgi_app__ in the replica after __init__, so the app and
 # the context its routes reach through app.state are this replica's own objects, not a pickled copy.
 @serve.ingress()
@@ -254,10 +283,11 @@ class ApiIngress:
     every job_reconcile_seconds) the jobs whose runner died with an earlier service."""
 
     def __init__(self, settings: Settings, decoder, feed_service=None, retention=None, captions=None,
-                 model_path: str | None = None):
+                 model_path: str | None = None, alerts=None):
         from deploy.job_runner import JobReconciler
 
         self.context = ServiceContext.create(settings, decoder, feed_service, retention, captions, model_path)
+        self.context.alerts = alerts
         self.reconciler = JobReconciler(settings, self.context.job_runners).start()
 
     def __serve_build_asgi_app__(self):
@@ -321,9 +351,14 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
         captions = serve.deployment(CaptionService).options(
             name=CAPTIONS, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
             settings, str(model_path), settings.redis_url)
+    alerts = None
+    if settings.alerts and feeds and live:          # alerts score live segments: none come without the live indexer
+        alerts = serve.deployment(AlertService).options(
+            name=ALERTS, num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+            settings, str(model_path), settings.redis_url, decoder)
     return serve.deployment(ApiIngress).options(
         name=API, num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(
-        settings, decoder, feed_service, retention, captions, str(model_path))
+        settings, decoder, feed_service, retention, captions, str(model_path), alerts)
 
 
 def app_from_env(args: dict | None = None):
@@ -382,5 +417,5 @@ def stop_app() -> None:
     serve.shutdown()
 
 
-__all__ = ["API", "APP_NAME", "ApiIngress", "CAPTIONS", "CaptionService", "DECODER", "DecoderServer", "FEEDS", "FeedService", "RETENTION",
+__all__ = ["ALERTS", "API", "APP_NAME", "AlertService", "ApiIngress", "CAPTIONS", "CaptionService", "DECODER", "DecoderServer", "FEEDS", "FeedService", "RETENTION",
            "RetentionService", "app_from_env", "build_app", "run_app", "stop_app"]

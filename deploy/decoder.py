@@ -148,6 +148,27 @@ class Decoder:
                                                "start": start, "end": end, "coverage": coverage})
         return {"results": results, "coverage": coverage}
 
+    def score_segments(self, segments: list[dict], queries: list[list[str]]) -> list[list[float] | None]:
+        """Yes/no scores (as search's) of each segment ({segment_id, source_id, t0, t1}, as tubescope:segments has
+        them) for each of its own queries (standing alerts), batched over segments and queries: each video prefix
+        is prefilled once. None for a segment this checkpoint has not indexed (deleted since, or another model's)."""
+        if len(queries) != len(segments):
+            raise ValueError(f"one query list per segment, got {len(queries)} for {len(segments)}")
+        for query in (q for qs in queries for q in qs):
+            check_question(query)
+        rows, wanted = [], []
+        for i, seg in enumerate(segments):
+            found = [r for r in self.index.list(seg["source_id"], float(seg["t0"]), float(seg["t1"]), self.model_id)
+                     if r["segment_id"] == seg["segment_id"]]
+            if found and queries[i]:
+                rows.append(found[0])
+                wanted.append(i)
+        scores = self.ranker.score_questions(rows, [queries[i] for i in wanted], self._segment_tokens)
+        out: list[list[float] | None] = [None] * len(segments)
+        for i, row_scores in zip(wanted, scores):
+            out[i] = row_scores
+        return out
+
     def _ranked(self, query: str, rows: list[dict], start, end) -> tuple[list[tuple[dict, float]], dict]:
         """The window's rows ranked for `query`, and the coverage: every captioned segment is considered through the
         retrieval index, whose best `search_candidates` are reranked by the yes/no scorer together with an even

@@ -125,6 +125,24 @@ class SegmentRanker:
         order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]["t0"], rows[i]["source_id"]))
         return [(rows[i], scores[i]) for i in order]
 
+    def score_questions(self, rows: list[dict], queries: list[list[str]],
+                        load_tokens: Callable[[str], torch.Tensor]) -> list[list[float]]:
+        """Scores of each row for each of its own queries (standing alerts: queries[i] for rows[i]). Each row's video
+        prefix is prefilled once (or taken from the prefix cache), then every (row, query) pair is scored in
+        batches of `batch_size`, questions of different lengths left-padded."""
+        if len(queries) != len(rows):
+            raise ValueError(f"score_questions needs one query list per row, got {len(queries)} for {len(rows)}")
+        pairs = [(i, search_question(q)) for i, qs in enumerate(queries) for q in qs]
+        plans = [build_prompt(self.processor, group_blocks([rows[i]], self.tube_seconds, self.max_gap_seconds),
+                              question, self.model.config, self.memo) for i, question in pairs]
+        flat: list[float] = []
+        for lo in range(0, len(plans), self.batch_size):
+            flat.extend(self._score_batch(plans[lo:lo + self.batch_size], load_tokens))
+        out: list[list[float]] = [[] for _ in rows]
+        for (i, _), score in zip(pairs, flat):
+            out[i].append(score)
+        return out
+
     # ---- scoring -------------------------------------------------------------------------------------------------
     def _score(self, rows: list[dict], question: str, load_tokens) -> list[float]:
         plans = [build_prompt(self.processor, group_blocks([r], self.tube_seconds, self.max_gap_seconds), question,
@@ -137,16 +155,20 @@ class SegmentRanker:
     @torch.no_grad()
     def _score_batch(self, plans: list[PromptPlan], load_tokens) -> list[float]:
         keys = [p.prefix_key(self.model_id, self.dtype) for p in plans]
-        caches = [self.cache.get(k, copy=False) for k in keys]    # read only: stacking copies
-        missing = [i for i, c in enumerate(caches) if c is None]
-        tokens = {i: load_tokens(plans[i].segment_ids[0]) for i in missing}     # I/O outside the model lock
+        caches = {k: self.cache.get(k, copy=False) for k in dict.fromkeys(keys)}    # read only: stacking copies
+        missing = [k for k, c in caches.items() if c is None]
+        first = {k: plans[keys.index(k)] for k in missing}                           # one prefill per prefix
+        tokens = {k: load_tokens(first[k].segment_ids[0]) for k in missing}          # I/O outside the model lock
         with self.lock:
-            for i, cache in zip(missing, self._prefill([plans[i] for i in missing], [tokens[i] for i in missing])):
-                self.cache.put(keys[i], cache)                  # split_cache made fresh tensors
-                caches[i] = cache
-            batch = stack_caches(caches)
-            suffix = torch.tensor([plans[0].suffix_ids] * len(plans), device=self.device)   # same question text
-            hidden = suffix_hidden(self.model, suffix, batch)                               # (B, D)
+            for k, cache in zip(missing, self._prefill([first[k] for k in missing], [tokens[k] for k in missing])):
+                self.cache.put(k, cache)                    # split_cache made fresh tensors
+                caches[k] = cache
+            batch = stack_caches([caches[k] for k in keys])
+            # questions of different lengths (standing alerts) are left-padded; one question needs no padding
+            longest = max(len(p.suffix_ids) for p in plans)
+            pads = [longest - len(p.suffix_ids) for p in plans]
+            suffix = torch.tensor([[0] * pad + p.suffix_ids for p, pad in zip(plans, pads)], device=self.device)
+            hidden = suffix_hidden(self.model, suffix, batch, torch.tensor(pads))          # (B, D)
             self.segments_scored += len(plans)
         # log p(yes) - log p(no) = logit(yes) - logit(no): the softmax normaliser cancels, so only two rows of the
         # output layer are needed, not the whole vocabulary

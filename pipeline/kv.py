@@ -72,19 +72,29 @@ def prefill_kv(model, input_ids: torch.Tensor, video_embeds: torch.Tensor, posit
 
 
 @torch.no_grad()
-def suffix_hidden(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def suffix_hidden(model, input_ids: torch.Tensor, cache: KVCache, pads: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden state (B, D) at the last position of text `input_ids` (B, S) appended to `cache` (extended).
 
     Positions continue the cached prefix as in decoding: (cache length + rope_delta + arange(S)) on all 3 axes.
+    pads (B,): left padding tokens at the start of each row of input_ids, so suffixes of different lengths run as
+    one batch; they are masked out as keys and each row's own tokens keep the positions they would have alone.
     """
     batch, seq = input_ids.shape
     past = cache.seq_len
-    steps = torch.arange(seq, device=input_ids.device).view(1, 1, seq)
-    position_ids = (cache.rope_deltas.view(1, batch, 1).to(input_ids.device) + past + steps).expand(3, -1, -1)
+    device = input_ids.device
+    steps = torch.arange(seq, device=device).view(1, 1, seq)
+    shift = cache.rope_deltas.view(1, batch, 1).to(device)
+    own = None
+    if pads is not None and bool(pads.any()):
+        pads = pads.to(device).view(batch)
+        shift = shift - pads.view(1, batch, 1)
+        own = steps.view(1, seq) >= pads.view(batch, 1)                             # (B, S): False on padding
+    position_ids = (shift + past + steps).expand(3, -1, -1)
     key_mask = None
-    if cache.key_mask is not None:
-        key_mask = torch.cat([cache.key_mask, torch.ones(batch, seq, dtype=torch.bool,
-                                                         device=cache.key_mask.device)], dim=1)
+    if cache.key_mask is not None or own is not None:
+        prior = cache.key_mask if cache.key_mask is not None else torch.ones(batch, past, dtype=torch.bool)
+        own = own if own is not None else torch.ones(batch, seq, dtype=torch.bool)
+        key_mask = torch.cat([prior.to(device), own.to(device)], dim=1)
     hidden = model.model(model.embed(input_ids, prefill=False), position_ids, key_mask, cache)   # (B, S, D)
     cache.key_mask = key_mask
     return hidden[:, -1]

@@ -118,6 +118,12 @@ _SPECS = [
     MetricSpec("tubescope_prefix_cache_misses_total", "counter", "Asks that had to prefill their video prefix"),
     MetricSpec("tubescope_search_duration_seconds", "histogram", "Time to rank segments for a search", (),
                SLOW_SECONDS),
+    # ---- standing alerts (label alert = the alert id; result = delivered | failed | dropped)
+    MetricSpec("tubescope_alert_hits_total", "counter", "Standing-alert hits (score over threshold, past cooldown)",
+               ("alert",)),
+    MetricSpec("tubescope_alert_scoring_seconds", "histogram",
+               "Wall time to score one round of new live segments against the standing alerts", (), FAST_SECONDS),
+    MetricSpec("tubescope_alert_webhook_total", "counter", "Alert webhook deliveries by result", ("result",)),
 ]
 METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
 
@@ -434,6 +440,20 @@ def record_ask(ttft_s: float | None, total_s: float, new_tokens: int, cache_hit:
 def record_search(seconds: float) -> None:
     """One search (segments ranked for a query)."""
     _export("tubescope_search_duration_seconds", "observe", _number("seconds", seconds))
+
+
+# ---------------------------------------------------------------- standing alerts
+
+def record_alert_hit(alert_id: str) -> None:
+    _inc("tubescope_alert_hits_total", 1, {"alert": _label("alert_id", alert_id)})
+
+
+def record_alert_scoring(seconds: float) -> None:
+    _export("tubescope_alert_scoring_seconds", "observe", _number("seconds", seconds))
+
+
+def record_alert_webhook(result: str) -> None:
+    _inc("tubescope_alert_webhook_total", 1, {"result": _label("result", result, ("delivered", "failed", "dropped"))})
 
 
 def node_exposition(timeout_s: float = 3.0) -> str:

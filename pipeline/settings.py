@@ -161,6 +161,16 @@ class Settings(BaseSettings):
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry
     job_reconcile_seconds: float = Field(10.0, gt=0)     # how often the service resumes jobs whose runner is gone
 
+    # ---- standing alerts (docs/architecture.md, "Standing alerts") -----------------------------------------------
+    alerts: bool = True                           # score every new live segment against the standing alerts
+    alert_threshold: float = Field(2.0, allow_inf_nan=False)   # default score (logit yes - logit no) of a hit
+    alert_cooldown_seconds: float = Field(60.0, ge=0)   # default: no repeat hit of an alert on a source within this
+    alert_max_count: int = Field(100, ge=1)       # standing alerts at most (each one is scored on every segment)
+    api_max_alert_query_chars: int = Field(500, ge=1)   # alerts: query length (422)
+    alert_webhook_timeout_seconds: float = Field(5.0, gt=0)   # per POST to a webhook
+    alert_webhook_attempts: int = Field(3, ge=1)  # POSTs per hit, with doubling backoff from 0.5 s
+    alert_webhook_queue: int = Field(256, ge=1)   # hits waiting for delivery; past this the oldest is dropped, counted
+
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever
     retention_max_bytes: int | None = Field(None, gt=0)         # None: no size cap

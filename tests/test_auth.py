@@ -197,5 +197,8 @@ def test_every_route_declares_its_scope():
         "POST /v1/jobs": ["admin"], "GET /v1/jobs/{job_id}": ["admin"], "DELETE /v1/jobs/{job_id}": ["admin"],
         "GET /v1/sources": ["reader"], "GET /v1/sources/{source_id:path}/segments": ["reader"],
         "POST /v1/search": ["reader"], "POST /v1/ask": ["reader"], "POST /v1/summarize": ["reader"],
+        "POST /v1/alerts": ["admin"], "GET /v1/alerts": ["reader"], "GET /v1/alerts/hits": ["reader"],
+        "GET /v1/alerts/hits/stream": ["reader"], "GET /v1/alerts/{alert_id}": ["reader"],
+        "DELETE /v1/alerts/{alert_id}": ["admin"],
         "GET /v1/segments/{segment_id:path}/thumbnail": ["reader"], "GET /v1/segments/{segment_id:path}": ["reader"],
         "GET /": ["public"], "GET /console/{name}": ["public"]}

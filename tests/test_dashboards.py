@@ -44,8 +44,15 @@ def query_panels(dashboard: dict) -> list[dict]:
     return [p for p in all_panels(dashboard) if p.get("type") != "row"]
 
 
+def prometheus_annotations(dashboard: dict) -> list[dict]:
+    return [a for a in dashboard.get("annotations", {}).get("list", []) if a.get("datasource", {}).get("type")
+            == "prometheus"]
+
+
 def expressions(dashboard: dict) -> list[str]:
-    return [t["expr"] for p in query_panels(dashboard) for t in p.get("targets", [])]
+    """The PromQL of every panel target and every Prometheus annotation (tests/test_metrics.py runs them all)."""
+    return [t["expr"] for p in query_panels(dashboard) for t in p.get("targets", [])] + \
+        [a["expr"] for a in prometheus_annotations(dashboard)]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -201,3 +208,17 @@ def test_readme_documents_every_metric():
     text = (ROOT / "README.md").read_text()
     missing = [name for name in METRICS if f"`{name}`" not in text]
     assert not missing, f"dashboards/README.md does not list: {missing}"
+
+
+def test_alert_hits_are_annotations(dashboards):
+    """Standing-alert hits mark the time axis of the overview, feeds and queries dashboards: a Prometheus
+    annotation on the hits counter, through the datasource variable, titled by the alert id."""
+    marked = []
+    for name, d in dashboards.items():
+        for a in prometheus_annotations(d):
+            assert a["datasource"] == DATASOURCE and a["enable"] and a["name"], (name, a)
+            assert isinstance(a["expr"], str) and metric_names(a["expr"]) <= exported_series_names(), (name, a)
+            if "tubescope_alert_hits_total" in metric_names(a["expr"]):
+                assert "{{alert}}" in a["titleFormat"] and a["tagKeys"] == "alert", (name, a)
+                marked.append(name)
+    assert {"overview.json", "feeds.json", "queries.json"} <= set(marked), marked

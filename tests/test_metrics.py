@@ -156,7 +156,33 @@ def run_workload(args: dict) -> None:
                 self.decoder.index = good
             return asks
 
-    out["asks"] = ray.get(DecoderReplica.remote().run.remote())
+        def alerts(self, pause_s: float) -> int:
+            """Standing alerts: the yard's segments scored twice, pause_s apart (so the hits counter rises while
+            Prometheus scrapes it), against an alert that always fires; its webhook refuses."""
+            from redis import Redis
+
+            from deploy.alert_follower import AlertFollower
+            from deploy.alerts import AlertStore, new_alert
+            from deploy.webhooks import WebhookSender
+            from pipeline.video.hosts import HostPolicy
+
+            loopback = HostPolicy(allow=("127.0.0.1",))
+            store = AlertStore(Redis.from_url(args["redis_url"]))
+            store.add(new_alert("a moving bar", ["yard"], -1e9, 0.0, f"http://127.0.0.1:{free_tcp_port()}/hook",
+                                max_query_chars=100, policy=loopback), 10)
+            sender = WebhookSender(lambda: loopback, timeout_s=1.0, attempts=1)
+            follower = AlertFollower(store.redis, store, self.decoder.score_segments,
+                                     EventSink(args["redis_url"], work / "outbox-alerts"), sender)
+            segments = [{k: r[k] for k in ("segment_id", "source_id", "t0", "t1")}
+                        for r in self.decoder.index.list("yard")]
+            hits = len(follower.score_segments(segments))
+            time.sleep(pause_s)
+            hits += len(follower.score_segments(segments))
+            wait_for(lambda: sender.stats()["failed"] == hits, 30, 0.1, "the refused webhook deliveries")
+            return hits
+
+    replica = DecoderReplica.remote()
+    out["asks"] = ray.get(replica.run.remote())
     assert any(hit for hit, _ in out["asks"]) and not all(hit for hit, _ in out["asks"]), out["asks"]
     _log("queries done")
 
@@ -195,6 +221,8 @@ def run_workload(args: dict) -> None:
     out["lobby"] = {k: sup.statuses()["lobby"][k] for k in ("drops", "frames_sampled")}
     out["lobby"]["lost"] = ray.get(indexer.status.remote())["lost"]["lobby"]
     _log("live running")
+    out["alert_hits"] = ray.get(replica.alerts.remote(3.0))
+    _log("alerts done")
 
     print("READY " + json.dumps(out), flush=True)
     sys.stdin.readline()                     # the test says when it is done querying
@@ -452,6 +480,10 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
             assert _scalar(base, 'sum(tubescope_feed_frames_sampled_total{feed="lobby"})') >= \
                 lobby["frames_sampled"]
             assert 0 <= _scalar(base, 'max(tubescope_feed_lag_seconds{feed="lobby"})') < 10
+            hits = float(done["alert_hits"])
+            assert _values(base, "sum(tubescope_alert_hits_total)") == {None: hits}
+            assert _values(base, "sum by (result) (tubescope_alert_webhook_total)", "result") == {"failed": hits}
+            assert _values(base, "sum(tubescope_alert_scoring_seconds_count)") == {None: 2.0}
             live = _scalar(base, 'sum(tubescope_segments_processed_total{pipeline="live"})')
             assert live >= 2 and _scalar(base, 'sum(tubescope_live_segment_latency_seconds_count)') >= live
 

@@ -140,3 +140,25 @@ def test_errors(world, tmp_path):
         dec.search(QUERY, ["nope"])
     with pytest.raises(LookupError, match="no footage"):
         dec.search(QUERY, ["cam1"], start=100.0, end=200.0)
+
+
+def test_alert_scores_batched_over_segments_and_questions_equal_one_search_each(world, tmp_path):
+    """Standing alerts score several segments (two prefix lengths) each against its own questions (different
+    lengths, left-padded) in shared batches: every score equals a one-query search of that segment, and each
+    prefix is read once."""
+    queries = [QUERY, "a red car", "somebody in a long grey coat walking the dog past the door"]
+    dec = _decoder(world, tmp_path)
+    dec.ranker.batch_size = 4                                        # 7 pairs: a full batch and a partial one
+    world["index"].reads = 0
+    segments = [{"segment_id": s, "source_id": s.split(":")[0], "t0": float(s.split(":")[1]) / 1000,
+                 "t1": float(s.split(":")[1]) / 1000 + 2} for s in ("cam1:0", "sq:2000", "cam1:4000")]
+    asked = [queries, queries[1:], [queries[2], queries[0]]]
+    scores = dec.score_segments(segments + [{**segments[0], "segment_id": "cam1:999"}], asked + [[QUERY]])
+    assert world["index"].reads == 3 and scores[3] is None           # a segment not in the index: no scores
+    alone = _decoder(world, tmp_path)
+    for seg, qs, got in zip(segments, asked, scores):
+        for q, score in zip(qs, got):
+            (hit,) = [r for r in alone.search(q, [seg["source_id"]], limit=10) if r["segment_id"] == seg["segment_id"]]
+            assert score == pytest.approx(hit["score"], abs=1e-4), (seg, q)
+    with pytest.raises(ValueError, match="question"):
+        dec.score_segments(segments[:1], [[""]])

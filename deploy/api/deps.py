@@ -34,6 +34,7 @@ class ServiceContext:
     caption_model_id: str | None = None         # the checkpoint whose captions listings show
     authorizer: Authorizer | None = None
     job_runners: Any = None                     # deploy.job_runner.JobRunners: the runners this replica started
+    alerts: Any = None                          # DeploymentHandle of AlertService; None without live indexing
 
     @classmethod
     def create(cls, settings: Settings, decoder: Any, feed_service: Any = None,

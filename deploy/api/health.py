@@ -59,6 +59,8 @@ async def status(caller: Caller = Depends(admin_key), context: ServiceContext = 
         out["retention"] = await context.retention.status.remote()
     if context.captions is not None:
         out["captions"] = await context.captions.status.remote()
+    if context.alerts is not None:
+        out["alerts"] = await context.alerts.status.remote()
     if context.feed_service is not None:
         out.update(await context.feed_service.status.remote())
     return out
