@@ -11,7 +11,8 @@ Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
           temporal M-RoPE ids from the tubes' times (deploy.footage)
   prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
           forward over the prefix (no output layer at all) which is then cached; then the question
-  decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token
+  decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token (clean text: a box's label, never its
+          markup; deploy.boxes places the boxes on the footage shown)
   record  one entry in the Redis stream tubescope:answers (through the EventSink), whose id the result carries
 The vision tower is dropped at load: indexed footage is never re-encoded. One lock serialises model calls (CPU
 threads gain nothing from running two forwards at once); cached prefixes are cloned before being extended.
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from deploy.boxes import answer_boxes
 from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
                             group_blocks, list_window)
 from deploy.plans import WindowPlan, caption_lines, plan_window
@@ -44,6 +46,7 @@ from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.generate import generate
+from qwen2vl.grounding import MARKERS as GROUNDING_MARKERS, Grounded, parse_grounding
 from qwen2vl.onednn_linear import use_onednn_linears_
 from qwen2vl.processor import Processor
 
@@ -253,14 +256,18 @@ class Decoder:
                    "decode_s": t_end - t_first, "total_s": t_end - t_start, "prefix_cache": "hit" if hit else "miss",
                    "prompt_tokens": len(plan.input_ids), "visual_tokens": plan.visual_tokens,
                    "new_tokens": len(new_ids)}
-        seen = sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))
-        evidence = self.thumbnails.with_urls([self._evidence(r) for r in seen])
+        shown = sorted(plan.segments, key=lambda r: (r["t0"], r["source_id"]))
+        evidence = self.thumbnails.with_urls([self._evidence(r) for r in shown])
+        grounded = stream.grounded()
+        boxes = answer_boxes(grounded.boxes, grounded.text, shown, self.tube_seconds)
         summary = window.summary()
-        result = {"id": uuid.uuid4().hex, "answer": stream.text, "evidence": evidence, "model": self.model_id,
-                  "timings": timings, "narrowed": narrowed, "plan": summary, "stream_entry": None}
+        result = {"id": uuid.uuid4().hex, "answer": grounded.text, "boxes": boxes, "evidence": evidence,
+                  "model": self.model_id, "timings": timings, "narrowed": narrowed, "plan": summary,
+                  "stream_entry": None}
         if self.events is not None and record:
             result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {
-                "id": result["id"], "question": question, "answer": result["answer"], "evidence": evidence,
+                "id": result["id"], "question": question, "answer": result["answer"], "boxes": boxes,
+                "evidence": evidence,
                 "model": self.model_id, "timings": timings, "narrowed": narrowed, "plan": summary,
                 "sources": list(dict.fromkeys([sources] if isinstance(sources, str) else sources)),
                 "start": start, "end": end})
@@ -345,11 +352,17 @@ class Decoder:
 
 class TextStream:
     """Token ids -> text pieces for on_token: decodes the whole answer so far and hands out what is new, holding
-    back an incomplete UTF-8 character (shown as U+FFFD) until its next byte arrives. Stop ids end the text."""
+    back an incomplete UTF-8 character (shown as U+FFFD) until its next byte arrives. Stop ids end the text.
+
+    The grounding tokens survive decoding as their markup (every other special token is skipped) and the pieces are
+    the clean text of qwen2vl.grounding: a reference shows its label, a box nothing, and whatever follows an open
+    box waits until it closes; so the pieces add up to the final answer exactly."""
 
     def __init__(self, tokenizer, on_token: Callable[[str], None] | None, stop_ids):
         self.tokenizer, self.on_token = tokenizer, on_token
         self.stop_ids = set(stop_ids or [])
+        specials = getattr(tokenizer, "special_ids", {})
+        self.markers = {specials[m[2:-2]]: m for m in GROUNDING_MARKERS if m[2:-2] in specials}
         self.ids: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -363,7 +376,7 @@ class TextStream:
             self.stopped = True
             return
         self.ids.append(token)
-        text = self.text
+        text = parse_grounding(self.raw, final=False).text
         if not text.endswith("\ufffd"):
             self._send(text)
 
@@ -371,8 +384,25 @@ class TextStream:
         self._send(self.text)
 
     @property
+    def raw(self) -> str:
+        """The answer so far with grounding markup and no other special token."""
+        parts, run = [], []
+        for token in self.ids:
+            marker = self.markers.get(token)
+            if marker is None:
+                run.append(token)
+                continue
+            parts += [self.tokenizer.decode(run, skip_special_tokens=True), marker]
+            run = []
+        parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(parts)
+
+    def grounded(self) -> Grounded:
+        return parse_grounding(self.raw)
+
+    @property
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.grounded().text
 
     def _send(self, text: str) -> None:
         if text.startswith(self.sent) and len(text) > len(self.sent):

@@ -159,7 +159,7 @@ def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, do
     try:
         info = probe(row["path"])
     except (DecodeError, OSError, ValueError) as e:
-        return [{**row, "start": 0.0, "end": 0.0, "error": str(e), "n_skipped": 0}]
+        return [{**row, "start": 0.0, "end": 0.0, "error": str(e), "n_skipped": 0, "width": 0, "height": 0}]
     duration = max(float(info.duration), 0.0)
     n_segments = max(1, math.ceil(duration / segment_seconds - 1e-9))
     out, skipped = [], 0
@@ -177,7 +177,7 @@ def plan_windows(row: dict, segment_seconds: float, segments_per_window: int, do
     else:
         out[0]["n_skipped"] = skipped
     for r in out:
-        r["duration"] = duration
+        r.update(duration=duration, width=int(info.width), height=int(info.height))
     return out
 
 
@@ -198,7 +198,8 @@ def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixel
     try:
         frames = decode_window(row["path"], row["start"], row["end"], fps=fps, min_pixels=min_pixels,
                                max_pixels=max_pixels)
-        segments = segment_frames(row["source_id"], frames, segment_seconds=segment_seconds, fps=fps)
+        segments = segment_frames(row["source_id"], frames, segment_seconds=segment_seconds, fps=fps,
+                                  source_size=upright_size(row.get("width", 0), row.get("height", 0), frames))
         out = [{**base, **tubes_from_segment(s, as_uint8=True).to_row(), "error": "",
                 "need_full": s.segment_id not in indexed, "need_long": s.segment_id not in has_long,
                 "thumbnail": segment_thumbnail(s)} for s in segments]
@@ -209,13 +210,25 @@ def decode_to_tube_rows(row: dict, fps: float, segment_seconds: float, min_pixel
     return out or [_error_row(base, row["source_id"], "")]
 
 
+def upright_size(width: int, height: int, frames: list) -> tuple[int, int] | None:
+    """The file's frame size (as probed) the way its decoded frames stand: a file marked as rotated decodes upright
+    (pipeline/video/media.py upright), so a probed landscape size whose frames come out portrait is turned. None
+    when the probe had no size or nothing was decoded."""
+    if not width or not height or not frames:
+        return None
+    h, w = frames[0][1].shape[:2]
+    if (width - height) * (w - h) < 0:
+        return int(height), int(width)
+    return int(width), int(height)
+
+
 def _error_row(base: dict, source_id: str, error: str) -> dict:
     """A row with the columns of a tube row and no segment: a failed or empty window (Ray Data blocks need one
     schema)."""
     return {**base, "segment_id": "", "source_id": source_id, "t0": 0.0, "t1": 0.0,
             "pixel_rows": np.zeros((0, PATCH_DIM), np.uint8), "grid_thw": np.zeros(3, np.int64),
-            "tube_ts": np.zeros(0, np.float64), "padded": False, "error": error, "need_full": False,
-            "need_long": False, "thumbnail": b""}
+            "tube_ts": np.zeros(0, np.float64), "padded": False, "source_size": np.zeros(2, np.int64), "error": error,
+            "need_full": False, "need_long": False, "thumbnail": b""}
 
 
 # ---- the job ----------------------------------------------------------------------------------------------------------

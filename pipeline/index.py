@@ -69,6 +69,7 @@ META_SCHEMA = pa.schema([
     ("n_tokens", pa.int64()),
     ("token_dim", pa.int64()),
     ("indexed_at", pa.float64()),   # epoch seconds when written: retention ages by this (t0 may be media time)
+    ("source_size", pa.list_(pa.int32(), 2)),   # (width, height) of the source frames; null in files written before
 ])
 META_COLUMNS = META_SCHEMA.names
 DATA_SCHEMA = META_SCHEMA.append(pa.field("tokens", pa.binary()))      # little-endian fp16, n_tokens*token_dim
@@ -350,7 +351,7 @@ class SegmentIndex:
 
         A segment [t0, t1) is listed when t1 > start and t0 < end (None = unbounded); a point window
         (start == end) lists the segments with t0 <= start < t1. Rows: segment_id, source_id, t0, t1,
-        grid_thw (tuple), tube_ts, model_id, n_tokens, token_dim, indexed_at, bytes.
+        grid_thw (tuple), tube_ts, model_id, n_tokens, token_dim, indexed_at, source_size ([w, h] or None), bytes.
         """
         start, end = check_number("start", start), check_number("end", end)
         if start is not None and end is not None and end < start:

@@ -168,4 +168,5 @@ class LiveIndexing:
 
 def _record(tubes, grid_thw, tokens, model_id: str) -> IndexedSegment:
     return IndexedSegment(segment_id=tubes.segment_id, source_id=tubes.source_id, t0=tubes.t0, t1=tubes.t1,
-                          grid_thw=tuple(grid_thw), tube_ts=list(tubes.tube_ts), tokens=tokens, model_id=model_id)
+                          grid_thw=tuple(grid_thw), tube_ts=list(tubes.tube_ts), tokens=tokens, model_id=model_id,
+                          source_size=tubes.source_size)

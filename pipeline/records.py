@@ -72,6 +72,26 @@ def _check_grid(grid_thw: Any) -> tuple[int, int, int]:
     return grid
 
 
+def check_source_size(size: Any) -> tuple[int, int] | None:
+    """(width, height) of the source frame, upright, in pixels; None (or a stored [0, 0]) when not known."""
+    if size is None:
+        return None
+    try:
+        w, h = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"source_size must be (width, height) in pixels or None, got {size!r}") from None
+    if w == 0 and h == 0:
+        return None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"source_size must be two positive ints (width, height), got {size!r}")
+    return w, h
+
+
+def _size_column(size: tuple[int, int] | None) -> np.ndarray:
+    """source_size as a Ray Data column value: [0, 0] stands for None (a block needs one type per column)."""
+    return np.asarray(size or (0, 0), np.int64)
+
+
 def _check_tube_ts(tube_ts: Any, t: int) -> list[float]:
     ts = [float(x) for x in tube_ts]
     if len(ts) != t:
@@ -89,9 +109,11 @@ class Segment:
     frame_ts: list[float]
     frames: np.ndarray                 # (T, H, W, 3) uint8
     padded: bool = False               # last frame repeated to reach an even count (source ended early)
+    source_size: tuple[int, int] | None = None   # (width, height) of the source frames, upright, before resizing
 
     def __post_init__(self):
         self.segment_id = _check_span(self.source_id, self.segment_id, self.t0, self.t1)
+        self.source_size = check_source_size(self.source_size)
         f = self.frames
         if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
             raise ValueError(f"frames must be a uint8 numpy array [T, H, W, 3], got "
@@ -115,9 +137,11 @@ class Tubes:
     grid_thw: tuple[int, int, int]     # patch units
     tube_ts: list[float]               # start time of each temporal patch
     padded: bool = False
+    source_size: tuple[int, int] | None = None   # (width, height) of the source frames (Segment.source_size)
 
     def __post_init__(self):
         self.segment_id = _check_span(self.source_id, self.segment_id, self.t0, self.t1)
+        self.source_size = check_source_size(self.source_size)
         self.grid_thw = _check_grid(self.grid_thw)
         t, h, w = self.grid_thw
         self.tube_ts = _check_tube_ts(self.tube_ts, t)
@@ -130,14 +154,14 @@ class Tubes:
         return {"segment_id": self.segment_id, "source_id": self.source_id, "t0": float(self.t0),
                 "t1": float(self.t1), "pixel_rows": np.asarray(self.pixel_rows),
                 "grid_thw": np.asarray(self.grid_thw, np.int64), "tube_ts": np.asarray(self.tube_ts, np.float64),
-                "padded": bool(self.padded)}
+                "padded": bool(self.padded), "source_size": _size_column(self.source_size)}
 
     @classmethod
     def from_row(cls, row: dict) -> "Tubes":
         return cls(source_id=str(row["source_id"]), t0=float(row["t0"]), t1=float(row["t1"]),
                    pixel_rows=np.asarray(row["pixel_rows"]), grid_thw=tuple(row["grid_thw"]),
                    tube_ts=list(row["tube_ts"]), padded=bool(row.get("padded", False)),
-                   segment_id=str(row.get("segment_id") or ""))
+                   segment_id=str(row.get("segment_id") or ""), source_size=row.get("source_size"))
 
 
 @dataclass
@@ -151,9 +175,11 @@ class IndexedSegment:
     tube_ts: list[float]
     tokens: np.ndarray                 # (t*h*w/4, D) float16; a torch fp16 tensor is converted
     model_id: str                      # checkpoint name + hash
+    source_size: tuple[int, int] | None = None   # (width, height) of the source frames; None: not recorded
 
     def __post_init__(self):
         self.segment_id = _check_span(self.source_id, self.segment_id, self.t0, self.t1)
+        self.source_size = check_source_size(self.source_size)
         self.grid_thw = _check_grid(self.grid_thw)
         t, h, w = self.grid_thw
         self.tube_ts = _check_tube_ts(self.tube_ts, t)
@@ -186,6 +212,7 @@ class IndexedSegment:
         return {"segment_id": self.segment_id, "source_id": self.source_id, "t0": float(self.t0),
                 "t1": float(self.t1), "grid_thw": list(self.grid_thw), "tube_ts": list(self.tube_ts),
                 "model_id": self.model_id, "n_tokens": self.n_tokens, "token_dim": self.token_dim,
+                "source_size": None if self.source_size is None else list(self.source_size),
                 "tokens": np.ascontiguousarray(self.tokens, dtype="<f2").tobytes()}
 
     @classmethod
@@ -200,4 +227,5 @@ class IndexedSegment:
             tokens = np.asarray(raw)
         return cls(source_id=str(row["source_id"]), t0=float(row["t0"]), t1=float(row["t1"]),
                    grid_thw=tuple(row["grid_thw"]), tube_ts=list(row["tube_ts"]), tokens=tokens,
-                   model_id=str(row["model_id"]), segment_id=str(row.get("segment_id") or ""))
+                   model_id=str(row["model_id"]), segment_id=str(row.get("segment_id") or ""),
+                   source_size=row.get("source_size"))

@@ -62,7 +62,7 @@ def tubes_from_segment(segment: Segment, as_uint8: bool = False) -> Tubes:
     pixel_rows = rows if as_uint8 else normalize_rows(rows)
     return Tubes(source_id=segment.source_id, t0=segment.t0, t1=segment.t1, pixel_rows=pixel_rows,
                  grid_thw=grid, tube_ts=segment.frame_ts[::TEMPORAL_PATCH_SIZE], padded=segment.padded,
-                 segment_id=segment.segment_id)
+                 segment_id=segment.segment_id, source_size=segment.source_size)
 
 
 # ---------------------------------------------------------------- the long-video tier

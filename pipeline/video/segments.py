@@ -2,7 +2,7 @@
 
 Segment k of a source holds the frames with k*segment_seconds <= t < (k+1)*segment_seconds, so a segment's id
 (source and start time) is the same however the footage was split into read windows or connections. A frame-size
-change starts a new segment. A segment is emitted as soon as it is full, without waiting for the next frame (live
+change (of the resized or of the source frame) starts a new segment. A segment is emitted as soon as it is full, without waiting for the next frame (live
 latency); a partial one (window change, end of file, disconnect) repeats its last frame to an even count, stamped
 at t1, and is marked padded: the model takes frames in pairs (docs/model.md §2). The last real frame stays on
 screen until the next sample time, so t1 = last frame time + 1/fps.
@@ -45,14 +45,16 @@ class SegmentBuilder:
         self._frames: list[np.ndarray] = []
         self._last_t = -math.inf
 
-    def add(self, t: float, frame: np.ndarray) -> list[Segment]:
-        """Add one frame (uint8 [H, W, 3]) shown from time t; return the segments this completes (0, 1 or 2)."""
+    def add(self, t: float, frame: np.ndarray, source_size: tuple[int, int] | None = None) -> list[Segment]:
+        """Add one frame (uint8 [H, W, 3]) shown from time t; return the segments this completes (0, 1 or 2).
+        source_size: (width, height) of the frame as the source delivered it, upright, before resizing."""
         t = _check_frame(t, frame)
+        source_size = None if source_size is None else tuple(int(v) for v in source_size)
         if t < self._last_t:
             raise ValueError(f"frame timestamps must not decrease: {t} after {self._last_t}")
         self._last_t = t
         done = []
-        key = (math.floor(t / self.segment_seconds + _EPS), frame.shape)
+        key = (math.floor(t / self.segment_seconds + _EPS), frame.shape, source_size)
         if self._key is not None and key != self._key:
             done.extend(self.flush())
         self._key = key
@@ -71,33 +73,34 @@ class SegmentBuilder:
         """The partial segment (padded to an even count), if any."""
         if not self._frames:
             return []
-        ts, frames = self._ts, self._frames
+        ts, frames, source_size = self._ts, self._frames, self._key[2]
         self._key, self._ts, self._frames = None, [], []
         t1 = ts[-1] + 1.0 / self.fps
         padded = len(frames) % TEMPORAL_PATCH_SIZE != 0
         if padded:
             frames, ts = frames + [frames[-1]], ts + [t1]
         return [Segment(source_id=self.source_id, segment_id="", t0=ts[0], t1=t1, frame_ts=ts,
-                        frames=np.stack(frames), padded=padded)]
+                        frames=np.stack(frames), padded=padded, source_size=source_size)]
 
 
 def iter_segments(source_id: str, frames_with_ts: Iterable[tuple[float, np.ndarray]], segment_seconds: float = 8.0,
-                  fps: float = 2.0) -> Iterator[Segment]:
-    """(t, frame uint8 [H, W, 3]) pairs in time order -> segments, by the rule above."""
+                  fps: float = 2.0, source_size: tuple[int, int] | None = None) -> Iterator[Segment]:
+    """(t, frame uint8 [H, W, 3]) pairs in time order -> segments, by the rule above; source_size is that of every
+    frame (a file's)."""
     builder = SegmentBuilder(source_id, fps, segment_seconds)
     for item in frames_with_ts:
         try:
             t, frame = item
         except (TypeError, ValueError):
             raise ValueError(f"expected (timestamp, frame) pairs, got {type(item).__name__}") from None
-        yield from builder.add(t, frame)
+        yield from builder.add(t, frame, source_size)
     yield from builder.flush()
 
 
 def segment_frames(source_id: str, frames_with_ts: Iterable[tuple[float, np.ndarray]], segment_seconds: float = 8.0,
-                   fps: float = 2.0) -> list[Segment]:
+                   fps: float = 2.0, source_size: tuple[int, int] | None = None) -> list[Segment]:
     """List form of iter_segments."""
-    return list(iter_segments(source_id, frames_with_ts, segment_seconds, fps))
+    return list(iter_segments(source_id, frames_with_ts, segment_seconds, fps, source_size))
 
 
 def _check_frame(t, frame) -> float:

@@ -31,7 +31,7 @@ import av
 from pipeline.records import Segment
 from pipeline.video.clock import Backoff, PtsClock, RateSampler
 from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
-from pipeline.video.media import INTERPOLATION, upright
+from pipeline.video.media import INTERPOLATION, quarter_turns, upright
 from pipeline.video.protocols import (ALL_SCHEMES, check_regular_file, check_roots, describe_error, local_file_path,
                                       open_arguments, redact_url, validate_url)
 from pipeline.video.segments import SegmentBuilder, SegmentQueue, frames_per_segment
@@ -342,7 +342,9 @@ class StreamSampler:
         self.frames_sampled += 1
         self.last_frame_time = t
         self.frame_size = rgb.shape[:2]
-        self._emit_segments(self._builder.add(t, rgb))
+        turned = quarter_turns(frame) % 2
+        source_size = (frame.height, frame.width) if turned else (frame.width, frame.height)
+        self._emit_segments(self._builder.add(t, rgb, source_size))
 
     def _target(self, height: int, width: int) -> tuple[int, int]:
         key = (height, width)
