@@ -216,7 +216,7 @@ def test_create_an_alert_and_see_it_listed(console, browser):
     tab(browser, "alerts")
     fill(browser, "#alert-query", "a person at the door")
     fill(browser, "#alert-sources", SOURCE)
-    fill(browser, "#alert-threshold", "0.6")
+    fill(browser, "#alert-threshold", "1.5")
     find(browser, "#alert-form button[type=submit]").click()
     wait(browser, lambda: "Created alert" in visible_text(browser, "#alerts .status"), "the created alert")
     alert_id = find(browser, "#alerts .status").text.split()[-1]
@@ -224,8 +224,10 @@ def test_create_an_alert_and_see_it_listed(console, browser):
          "the alert listed")
     assert find(browser, f'#alert-list tr[data-alert="{alert_id}"]').text.startswith(f"a person at the door {SOURCE}")
     fill(browser, "#alert-query", " ")                                    # blank: refused with the server's words
+    fill(browser, "#alert-sources", SOURCE)
     find(browser, "#alert-form button[type=submit]").click()
     wait(browser, lambda: "Invalid input" in visible_text(browser, "#alerts .status"), "the 422 message")
+    assert "query must not be empty" in find(browser, "#alerts .status").text
     shot(browser, "5-alerts")
 
 
