@@ -24,13 +24,15 @@ from deploy.app import run_app, stop_app
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
 from services import start_redis
-from test_api import exclaiming_model
+from test_boxes import PIECES, boxing_checkpoint
 from videos import encode_video
 
 ADMIN = "admin-key-0123456789"
 READER = "reader-key-0123456789"
 CAM_ADMIN = "camadmin-key-0123456789"          # an admin limited to source "cam1"
 SOURCE = "lobby"
+ANSWER = "At 0:03 a red car enters."          # the boxing checkpoint's answer: its box is cited at 0:03
+BOX = {"x1": 38, "y1": 61, "x2": 179, "y2": 140}     # its (120,340),(560,780) of 1000 on the 320x180 clip
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
@@ -49,15 +51,16 @@ def has_route(suffix: str) -> bool:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory, ray_local):
-    """The app with an archive clip indexed as SOURCE; {url, redis, clip}."""
+    """The app with an archive clip indexed as SOURCE; {url, redis, clip}. Its model answers every question with
+    ANSWER and a box (tests/test_boxes.py)."""
     root = tmp_path_factory.mktemp("console")
     videos = root / "videos"
     clip = encode_video(videos / "lobby.mp4", 320, 180, 30, seconds=4.0, gop=15).path     # 2 segments of 2 s
     redis = start_redis(root / "redis")
     settings = load_settings(
         data_dir=root / "data", redis_url=redis.url, file_roots=[videos], segment_seconds=2.0,
-        model_path=exclaiming_model(root / "model"), min_pixels=4 * 784, max_pixels=16 * 784, captions=False,
-        decoder_cpus=0, api_max_new_tokens=16, api_default_new_tokens=8,
+        model_path=boxing_checkpoint(root / "model", PIECES), min_pixels=4 * 784, max_pixels=16 * 784, captions=False,
+        decoder_cpus=0, api_max_new_tokens=32, api_default_new_tokens=16,
         api_keys=[{"key": ADMIN, "role": "admin"}, {"key": READER, "role": "reader"},
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}])
     url = run_app(settings, host="127.0.0.1", port=free_port(), feeds=False, live=False)
@@ -189,9 +192,10 @@ def test_ask_streams_the_answer_with_its_evidence(console, browser):
     fill(browser, "#ask-question", "What moves?")
     find(browser, "#ask-form button[type=submit]").click()
     wait(browser, lambda: find(browser, "#answer").get_attribute("data-done") == "true", "the answer")
-    assert find(browser, "#answer").text == "!" * 8                       # the exclaiming model's answer
+    assert find(browser, "#answer").text == ANSWER                        # the label in place of the box markup
     evidence = browser.find_elements(By.CSS_SELECTOR, "#evidence .evidence")
     assert [e.get_attribute("data-segment") for e in evidence] == [f"{SOURCE}:0", f"{SOURCE}:2000"]
+    assert "a red car" in evidence[1].text and "a red car" not in evidence[0].text     # the box's segment
     assert all(e.find_element(By.CSS_SELECTOR, "video") for e in evidence)
     shot(browser, "3-ask")
 
@@ -206,7 +210,20 @@ def test_evidence_clip_plays_from_the_cited_time(console, browser):
         second.find_element(By.CSS_SELECTOR, "video")), "the evidence clip to play")
     assert state["src"].startswith("blob:") and state["duration"] > 0
     start = float(re.search(r"Clip ([\d.]+)", second.find_element(By.CSS_SELECTOR, ".status").text).group(1))
-    assert state["time"] + start == pytest.approx(2.0, abs=0.6)           # from the cited time: the segment's start
+    assert state["time"] + start == pytest.approx(3.0, abs=0.6)           # from the cited time: the box's
+    video = second.find_element(By.CSS_SELECTOR, "video")
+    browser.execute_script("arguments[0].pause(); arguments[0].currentTime = 3.0 - arguments[1]", video, start)
+    wait(browser, lambda: second.find_elements(By.CSS_SELECTOR, ".boxes .box"), "the box drawn on the frame")
+    drawn = browser.execute_script(
+        "const v = arguments[0], b = arguments[1].getBoundingClientRect(), f = v.getBoundingClientRect();"
+        "return {scale: v.clientWidth / v.videoWidth, x: b.left - f.left, y: b.top - f.top, w: b.width, h: b.height,"
+        " label: arguments[1].textContent}", video, second.find_element(By.CSS_SELECTOR, ".boxes .box"))
+    scale = drawn["scale"]
+    assert drawn["label"] == "a red car" and scale > 0
+    assert (drawn["x"], drawn["y"]) == (pytest.approx(BOX["x1"] * scale, abs=1.5),
+                                        pytest.approx(BOX["y1"] * scale, abs=1.5))
+    assert (drawn["w"], drawn["h"]) == (pytest.approx((BOX["x2"] - BOX["x1"]) * scale, abs=1.5),
+                                        pytest.approx((BOX["y2"] - BOX["y1"]) * scale, abs=1.5))
     shot(browser, "4-clip")
 
 
