@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from pipeline import metrics
 from pipeline.feeds import sampler_config
+from pipeline.recordings import recorder_for
 from pipeline.records import Segment
 from pipeline.redis_server import as_client
 from pipeline.registry_copy import RegistryCopy, RegistryUnknown
@@ -55,7 +56,7 @@ class _FeedReader:
         settings = settings or load_settings()
         metrics.configure(settings)
         self.sampler = StreamSampler(sampler_config(self.feed, settings, **(sampler_options or {})),
-                                     on_event=self._on_event)
+                                     on_event=self._on_event, recorder=recorder_for(self.feed, settings))
         self.sink = None
         if events_redis_url:                         # feed failures go to tubescope:errors
             from pipeline.events import EventSink

@@ -266,11 +266,13 @@ def feeds_group() -> None:
 @click.option("--id", "feed_id", default=None, help="feed id (= source id); default: random")
 @click.option("--fps", type=float, default=None, help="sampling rate for this feed (default: settings.fps)")
 @click.option("--max-pixels", type=int, default=None, help="per-frame pixel cap for this feed")
+@click.option("--record/--no-record", default=True, show_default=True, help="record the feed for clips")
 @api_options
-def feeds_add(feed_url: str, name, feed_id, fps, max_pixels, url: str, key: str | None) -> None:
+def feeds_add(feed_url: str, name, feed_id, fps, max_pixels, record: bool, url: str, key: str | None) -> None:
     """Register the feed at URL (rtsp://, http(s)://, udp://, srt://, or a file under file_roots)."""
     with _api(url, key) as api:
-        feed = _api_call(lambda: api.add_feed(feed_url, name=name, fps=fps, max_pixels=max_pixels, feed_id=feed_id))
+        feed = _api_call(lambda: api.add_feed(feed_url, name=name, fps=fps, max_pixels=max_pixels, feed_id=feed_id,
+                                              record=None if record else False))
     click.echo(f"added feed {feed['id']} ({feed['name']}): {feed['url']}")
 
 
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="tubescope")
 
 
-from deploy import cli_questions  # noqa: E402 - registers ask, summarize and search on `cli`
+from deploy import cli_questions  # noqa: E402 - registers ask, summarize, search and clip on `cli`
 
 __all__ = ["cli", "main", "cli_questions"]
 

@@ -1,4 +1,4 @@
-"""The question commands of the `tubescope` CLI: ask, summarize and search, through the REST API (registered on
+"""The question commands of the `tubescope` CLI: ask, summarize, search and clip, through the REST API (registered on
 deploy.cli's group when it is imported)."""
 from __future__ import annotations
 
@@ -91,3 +91,17 @@ def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_
                lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['start']} - {r['end']}\t{r['segment_id']}"
                          f"\t{r.get('caption') or ''}",
                f"no segments in {_window(start, end)}")
+
+
+@cli.command("clip")
+@click.argument("source")
+@click.option("--start", required=True, metavar="TIME", help="clip start (the forms of --start elsewhere)")
+@click.option("--end", required=True, metavar="TIME", help="clip end")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="MP4 file to write")
+@click.option("--exact", is_flag=True, help="cut exactly at start and end (re-encodes); default: at keyframes")
+@api_options
+def clip_cmd(source: str, start: str, end: str, output: str, exact: bool, url: str, key: str | None) -> None:
+    """Save the footage of SOURCE in [start, end] as an MP4 (from its recording or archive file)."""
+    with _api(url, key) as api:
+        out = _api_call(lambda: api.clip(source, start, end, output, exact=exact))
+    click.echo(f"wrote {out['path']} ({out['bytes']} bytes), covering {out['start']:.3f} - {out['end']:.3f} s")

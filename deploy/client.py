@@ -78,9 +78,9 @@ class TubescopeClient:
 
     # ---- feeds ----------------------------------------------------------------------------------------------------
     def add_feed(self, url: str, name: str | None = None, fps: float | None = None, max_pixels: int | None = None,
-                 feed_id: str | None = None) -> dict:
-        body = {k: v for k, v in dict(url=url, name=name, fps=fps, max_pixels=max_pixels, id=feed_id).items()
-                if v is not None}
+                 feed_id: str | None = None, record: bool | None = None) -> dict:
+        body = {k: v for k, v in dict(url=url, name=name, fps=fps, max_pixels=max_pixels, id=feed_id,
+                                      record=record).items() if v is not None}
         return self._call("POST", "/v1/feeds", json=body)
 
     def list_feeds(self) -> list[dict]:
@@ -112,6 +112,28 @@ class TubescopeClient:
     def segments(self, source_id: str, start: float | str | None = None, end: float | str | None = None) -> list[dict]:
         params = {k: v for k, v in dict(start=start, end=end).items() if v is not None}
         return self._call("GET", f"/v1/sources/{source_id}/segments", params=params)["segments"]
+
+    def clip(self, source_id: str, start: float | str, end: float | str, path: str, exact: bool = False) -> dict:
+        """Save the MP4 of [start, end] to `path` (written whole, then renamed); returns {path, start, end, bytes}
+        with the seconds the clip covers."""
+        params = {"start": start, "end": end, **({"exact": "true"} if exact else {})}
+        tmp = f"{path}.part"
+        try:
+            with self.http.stream("GET", f"/v1/sources/{source_id}/clip", params=params) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ApiError(r.status_code, _message(r), r.headers.get("retry-after"))
+                with open(tmp, "wb") as out:
+                    for chunk in r.iter_bytes():
+                        out.write(chunk)
+                covered = float(r.headers["x-clip-start"]), float(r.headers["x-clip-end"])
+            os.replace(tmp, path)
+        except httpx.ConnectError as e:
+            raise ApiError(0, f"cannot reach the tubescope API at {self.url} ({e})") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"path": path, "start": covered[0], "end": covered[1], "bytes": os.path.getsize(path)}
 
     def search(self, query: str, sources: list[str] | None = None, start: float | str | None = None,
                end: float | str | None = None, limit: int | None = None) -> list[dict]:

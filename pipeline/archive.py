@@ -403,11 +403,13 @@ def index_archive(paths: list[str], settings, encoder_cls, *, source_id: str | N
     (plan_job).
     """
     from pipeline.index import SegmentIndex
+    from pipeline.recordings import point_at_archives
     from pipeline.retention import sweep_retention
 
     metrics.configure(settings)
     index = index or SegmentIndex(settings.index_root)
     plan = plan_job(paths, settings, index, source_id, file_roots, reencode_long, thumbnails)
+    point_at_archives(settings, plan.rows)          # clips read the original files (pipeline/recordings.py)
     writer = JobWriter(plan, index, events, progress, settings.long_pixels)
     if plan.files:
         batches = encoded_segments(plan, settings, encoder_cls)

@@ -1,6 +1,6 @@
 """The feed registry: which live sources tubescope reads, kept in Redis, and how each one is read.
 
-Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, created}, and `tubescope:feeds:version`,
+Hash `tubescope:feeds`, feed id -> JSON {id, url, name, fps, max_pixels, record, created}, and `tubescope:feeds:version`,
 raised with every change in the same transaction. The id is the source_id of the feed's segments. The supervisor
 keeps a durable copy beside the index (pipeline/registry_copy.py). add_feed / list_feeds / get_feed / remove_feed
 work on a redis.Redis client or a redis:// URL; add_feed checks everything before storing anything (the URL against
@@ -36,7 +36,7 @@ def _text(value: Any) -> str:
 
 
 def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = None,
-             max_pixels: int | None = None, *, feed_id: str | None = None,
+             max_pixels: int | None = None, *, feed_id: str | None = None, record: bool = True,
              schemes: tuple[str, ...] | list[str] = ALL_SCHEMES, file_roots: list | None = None,
              settings: Settings | None = None) -> dict:
     """Register a feed and return its record. Raises ValueError for bad input (nothing is stored then).
@@ -44,7 +44,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
     schemes: the URL schemes accepted (the REST API passes settings.feed_schemes). file_roots: when given,
     local files must lie under one of them (the REST API passes settings.file_roots); None (trusted Python
     callers) accepts any local path. fps and max_pixels override the settings for this feed (None: use them);
-    they are checked against `settings` (default: load_settings()). The host is checked under host_policy(settings)
+    they are checked against `settings` (default: load_settings()). record=False: this feed is never recorded. The host is checked under host_policy(settings)
     whoever calls: no caller may point a feed at this node's own services.
     """
     settings = settings or load_settings()
@@ -64,6 +64,8 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not TOKEN_AREA <= max_pixels <= budget_px:
             raise ValueError(f"max_pixels must be an int in [{TOKEN_AREA}, {budget_px}] (one frame must fit the "
                              f"encoder token budget), got {max_pixels!r}")
+    if not isinstance(record, bool):
+        raise ValueError(f"record must be true or false, got {record!r}")
     if feed_id is None:
         feed_id = uuid.uuid4().hex[:12]
     elif not isinstance(feed_id, str) or not _FEED_ID.fullmatch(feed_id):
@@ -71,7 +73,7 @@ def add_feed(redis: Any, url: str, name: str | None = None, fps: float | None = 
                          f"got {feed_id!r}")
     check_host(url, host_policy(settings))            # last: it may ask DNS
     record = {"id": feed_id, "url": url, "name": name.strip() if name else feed_id, "fps": fps,
-              "max_pixels": max_pixels, "created": time.time()}
+              "max_pixels": max_pixels, "record": record, "created": time.time()}
     pipe = as_client(redis).pipeline(transaction=True)
     pipe.hsetnx(FEEDS_KEY, feed_id, json.dumps(record))
     pipe.incr(VERSION_KEY)

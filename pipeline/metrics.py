@@ -73,6 +73,8 @@ _SPECS = [
     MetricSpec("tubescope_feed_last_segment_timestamp_seconds", "gauge",
                "End time (epoch seconds) of the feed's last completed segment", ("feed",)),
     MetricSpec("tubescope_feed_queued_segments", "gauge", "Segments waiting in the reader's queue", ("feed",)),
+    MetricSpec("tubescope_recording_paused", "gauge",
+               "One while the feed's recording is paused by a failed write (a full or read-only disk)", ("feed",)),
     MetricSpec("tubescope_live_segment_latency_seconds", "histogram",
                "Wall clock from a live segment's last frame until it is indexed", ("feed",), LIVE_LATENCY_SECONDS),
     MetricSpec("tubescope_live_lost_segments_total", "counter",
@@ -276,6 +278,7 @@ def record_feed_status(feed_id: str, status: Mapping) -> None:
         raise ValueError(f"status must be a mapping (StreamSampler.status()), got {type(status).__name__}")
     tags = {"feed": feed}
     _set_gauge("tubescope_feed_up", 1.0 if status.get("connected") else 0.0, tags)
+    _set_gauge("tubescope_recording_paused", 1.0 if status.get("recording_error") else 0.0, tags)
     for key, name in (("lag_s", "tubescope_feed_lag_seconds"),
                       ("last_segment_time", "tubescope_feed_last_segment_timestamp_seconds"),
                       ("queued", "tubescope_feed_queued_segments")):

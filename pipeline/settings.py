@@ -170,6 +170,11 @@ class Settings(BaseSettings):
     alert_webhook_timeout_seconds: float = Field(5.0, gt=0)   # per POST to a webhook
     alert_webhook_attempts: int = Field(3, ge=1)  # POSTs per hit, with doubling backoff from 0.5 s
     alert_webhook_queue: int = Field(256, ge=1)   # hits waiting for delivery; past this the oldest is dropped, counted
+    # ---- recordings and clips (docs/architecture.md, "Recordings and clips") ----------------------------------
+    recording: bool = True                        # record every live feed (its packets, not re-encoded); a feed may
+                                                  # opt out at registration (record: false)
+    recording_chunk_seconds: float = Field(60.0, gt=0, le=3600)   # length of one recording file (cut at keyframes)
+    clip_max_seconds: float = Field(600.0, gt=0)  # longest clip window (422 beyond)
 
     # ---- retention --------------------------------------------------------------------------------------------
     retention_max_age_hours: float | None = Field(None, gt=0)   # None: keep forever

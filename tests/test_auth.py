@@ -196,6 +196,7 @@ def test_every_route_declares_its_scope():
         "DELETE /v1/feeds/{feed_id}": ["admin"],
         "POST /v1/jobs": ["admin"], "GET /v1/jobs/{job_id}": ["admin"], "DELETE /v1/jobs/{job_id}": ["admin"],
         "GET /v1/sources": ["reader"], "GET /v1/sources/{source_id:path}/segments": ["reader"],
+        "GET /v1/sources/{source_id:path}/clip": ["reader"],
         "POST /v1/search": ["reader"], "POST /v1/ask": ["reader"], "POST /v1/summarize": ["reader"],
         "POST /v1/alerts": ["admin"], "GET /v1/alerts": ["reader"], "GET /v1/alerts/hits": ["reader"],
         "GET /v1/alerts/hits/stream": ["reader"], "GET /v1/alerts/{alert_id}": ["reader"],

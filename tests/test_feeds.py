@@ -41,7 +41,7 @@ def settings(tmp_path):
 def test_registry_add_list_get_remove(redis_server, settings, tmp_path):
     r = redis_server.client()
     cam = add_feed(r, "rtsp://admin:pw@10.0.0.5:554/stream1", name="Lobby", settings=settings)
-    assert set(cam) == {"id", "url", "name", "fps", "max_pixels", "created"}
+    assert set(cam) == {"id", "url", "name", "fps", "max_pixels", "record", "created"}
     assert cam["name"] == "Lobby" and cam["fps"] is None and len(cam["id"]) == 12
     demo = add_feed(redis_server.url, str(tmp_path / "demo.mp4"), fps=1.0, max_pixels=50_000, feed_id="demo",
                     settings=settings)                     # a redis:// URL works as well as a client

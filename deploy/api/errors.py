@@ -27,6 +27,7 @@ ERROR_STATUSES = {
     408: "the request body did not arrive within api_body_timeout_seconds",
     409: "conflicts with what exists (a feed id taken, a job already finished)",
     413: "request body over api_max_request_bytes",
+    416: "a Range beyond the end of the file (header Content-Range: bytes */SIZE)",
     422: "invalid request; the message names the field",
     503: "Redis, the index or the decoder is unavailable or busy; retry after the Retry-After header's seconds",
 }

@@ -26,6 +26,7 @@ class FeedCreate(BaseModel):
     fps: float | None = Field(None, allow_inf_nan=False)
     max_pixels: int | None = None
     id: str | None = Field(None, description="feed id (= source id); default: a random 12-character id")
+    record: bool = Field(True, description="record the feed for clips (when the service records at all)")
 
 
 def public_feed(record: dict) -> dict:
@@ -53,7 +54,7 @@ def create_feed(body: FeedCreate, caller: Caller = Depends(admin_key), context: 
     schemes = list(settings.feed_schemes) + (["file"] if settings.file_roots else [])
     try:
         record = add_feed(context.redis, body.url, body.name, body.fps, body.max_pixels, feed_id=body.id,
-                          schemes=schemes, file_roots=list(settings.file_roots), settings=settings)
+                          record=body.record, schemes=schemes, file_roots=list(settings.file_roots), settings=settings)
     except ValueError as e:
         status = 409 if "already exists" in str(e) else 422
         raise HTTPException(status, str(e)) from None

@@ -7,7 +7,7 @@ read; create_api refuses to build with any other kind of route.
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from deploy.api import alerts, ask, console, feeds, health, jobs, search, segments, sources, summarize
+from deploy.api import alerts, ask, clips, console, feeds, health, jobs, search, segments, sources, summarize
 from deploy.api.deps import ScopedRoute, ServiceContext
 from deploy.api.errors import install_error_handlers
 from deploy.api.middleware import RequestGuard
@@ -15,6 +15,7 @@ from deploy.api.middleware import RequestGuard
 ROUTERS = (health.router, feeds.router, jobs.router, sources.router, search.router, ask.router, summarize.router,
            alerts.router,
            segments.router,
+           clips.router,
            console.router)
 
 

@@ -55,6 +55,11 @@ class PtsClock:
         if self._first_pts is None or pts_s < self._first_pts:
             self._first_pts = pts_s
 
+    def epoch(self, pts_s: float) -> float | None:
+        """The epoch time pts `pts_s` maps to now, changing nothing (the recorder's file times); None before the
+        first frame of a connection."""
+        return None if self._offset is None else pts_s + self._offset
+
     def to_epoch(self, pts_s: float | None, now: float) -> float:
         if pts_s is None:
             if self._last_pts is not None:           # just after the previous frame

@@ -34,6 +34,7 @@ from pipeline.video.hosts import HostPolicy, UnresolvedHost, check_host
 from pipeline.video.media import INTERPOLATION, quarter_turns, upright
 from pipeline.video.protocols import (ALL_SCHEMES, check_regular_file, check_roots, describe_error, local_file_path,
                                       open_arguments, redact_url, validate_url)
+from pipeline.video.recording import Recorder
 from pipeline.video.segments import SegmentBuilder, SegmentQueue, frames_per_segment
 from qwen2vl.geometry import FACTOR, TOKEN_AREA, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, smart_resize
 
@@ -117,9 +118,10 @@ class StreamSampler:
     "connected", "disconnected" (with the reason) and "open_failed" (first failure of a streak only).
     """
 
-    def __init__(self, config: SamplerConfig, on_event: EventHook | None = None):
+    def __init__(self, config: SamplerConfig, on_event: EventHook | None = None, recorder: Recorder | None = None):
         self.config = config
         self.on_event = on_event
+        self.recorder = recorder                     # gets every packet read (pipeline/video/recording.py)
         self.queue = SegmentQueue(config.queue_size)
         self._file_path = local_file_path(config.url)
         self._stop = threading.Event()
@@ -261,6 +263,8 @@ class StreamSampler:
         error."""
         stream = container.streams.video[0]
         time_base = stream.time_base
+        if self.recorder is not None:
+            self.recorder.begin(stream)
         try:
             packets = container.demux(stream)
             if self._file_path is None:
@@ -279,6 +283,8 @@ class StreamSampler:
                         self._on_frame(frame, time_base)
                         if self._stop.is_set():
                             return "stopped", "stopped"
+                    if self.recorder is not None:       # after decoding: the clock knows the packet's time
+                        self.recorder.write(packet, self._clock)
                 if self._file_path is None or self.frames_decoded == decoded_before:
                     return "eof", "eof"
                 container.seek(0)                       # PtsClock re-anchors the restarted pts just after the last
@@ -292,6 +298,8 @@ class StreamSampler:
             log.exception("feed %s: unexpected error while reading", self.config.source_id)
             return "internal error", f"internal error: {type(e).__name__}: {e}"
         finally:
+            if self.recorder is not None:
+                self.recorder.end()
             try:
                 container.close()
             except Exception:                           # closing a broken connection may fail again
@@ -443,4 +451,5 @@ class StreamSampler:
             "last_error": last_error,
             "last_error_detail": last_error_detail,
             "last_error_time": last_error_time,
+            **(self.recorder.status() if self.recorder is not None else {"recording_error": None}),
         }
