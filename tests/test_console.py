@@ -18,9 +18,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from deploy.alerts import AlertStore, make_hit
 from deploy.api.console import CONTENT_SECURITY_POLICY
 from deploy.api.main import ROUTERS
 from deploy.app import run_app, stop_app
+from pipeline.events import ALERTS_STREAM, EventSink
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
 from services import start_redis
@@ -158,6 +160,9 @@ def test_sign_in_refuses_a_wrong_key_then_shows_sources(console, browser):
     find(browser, f'#source-list tr[data-source="{SOURCE}"] button').click()
     wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#timeline .tile")) == 2, "the timeline")
     assert "2 segments" in find(browser, "#timeline").text
+    if has_route("/thumbnail"):
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#timeline img.thumb")) == 2,
+             "the timeline's thumbnails")
     shot(browser, "1-sources")
     assert not [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
 
@@ -229,7 +234,7 @@ def test_evidence_clip_plays_from_the_cited_time(console, browser):
 
 # ---- alerts --------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not has_route("/v1/alerts"), reason="this build has no alerts")
-def test_create_an_alert_and_see_it_listed(console, browser):
+def test_create_an_alert_see_its_hits_live_and_delete_it(console, browser, tmp_path):
     tab(browser, "alerts")
     fill(browser, "#alert-query", "a person at the door")
     fill(browser, "#alert-sources", SOURCE)
@@ -245,7 +250,23 @@ def test_create_an_alert_and_see_it_listed(console, browser):
     find(browser, "#alert-form button[type=submit]").click()
     wait(browser, lambda: "Invalid input" in visible_text(browser, "#alerts .status"), "the 422 message")
     assert "query must not be empty" in find(browser, "#alerts .status").text
+
+    # a hit as the alert follower writes it, to the real stream: the page shows it live, without a reload
+    wait(browser, lambda: "Live" in visible_text(browser, "#alert-live"), "the live hit stream")
+    alert = AlertStore(console["redis"].client()).get(alert_id)
+    hit = make_hit(alert, {"source_id": SOURCE, "segment_id": f"{SOURCE}:2000", "t0": 2.0, "t1": 4.0}, 3.25, "a car")
+    EventSink(console["redis"].url, tmp_path / "outbox", flush_interval_s=None).emit(ALERTS_STREAM, hit)
+    wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, f'#alert-hits .hit[data-alert="{alert_id}"]'),
+         "the hit shown live")
+    shown = find(browser, f'#alert-hits .hit[data-alert="{alert_id}"]')
+    assert "score 3.250" in shown.text and "a car" in shown.text
+    wait(browser, lambda: shown.find_elements(By.CSS_SELECTOR, "img.thumb"), "the hit's thumbnail")
     shot(browser, "5-alerts")
+
+    find(browser, f'#alert-list tr[data-alert="{alert_id}"] button').click()
+    wait(browser, lambda: not browser.find_elements(By.CSS_SELECTOR, f'#alert-list tr[data-alert="{alert_id}"]'),
+         "the alert deleted")
+    assert f"Deleted alert {alert_id}" in find(browser, "#alerts .status").text
 
 
 # ---- admin, scopes and sign out ------------------------------------------------------------------------------------
