@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -123,6 +123,17 @@ def fill(driver, css: str, text: str) -> None:
     field.send_keys(text)
 
 
+def click(driver, css: str) -> None:
+    """Click what `css` finds, again if the page redrew it meanwhile."""
+    def clicked():
+        try:
+            find(driver, css).click()
+            return True
+        except (StaleElementReferenceException, NoSuchElementException):
+            return False
+    wait(driver, clicked, f"a click on {css}")
+
+
 def tab(driver, name: str) -> None:
     find(driver, f'#tabs button[data-panel="{name}"]').click()
     wait(driver, lambda: find(driver, f"#{name}").is_displayed(), f"the {name} panel")
@@ -157,7 +168,7 @@ def test_sign_in_refuses_a_wrong_key_then_shows_sources(console, browser):
          "the source row")
     row = find(browser, f'#source-list tr[data-source="{SOURCE}"]').text
     assert row.startswith(f"{SOURCE} 2 ")                                  # two segments
-    find(browser, f'#source-list tr[data-source="{SOURCE}"] button').click()
+    click(browser, f'#source-list tr[data-source="{SOURCE}"] button')      # the list is redrawn every 5 s
     wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#timeline .tile")) == 2, "the timeline")
     assert "2 segments" in find(browser, "#timeline").text
     if has_route("/thumbnail"):
@@ -263,14 +274,14 @@ def test_create_an_alert_see_its_hits_live_and_delete_it(console, browser, tmp_p
     wait(browser, lambda: shown.find_elements(By.CSS_SELECTOR, "img.thumb"), "the hit's thumbnail")
     shot(browser, "5-alerts")
 
-    find(browser, f'#alert-list tr[data-alert="{alert_id}"] button').click()
+    click(browser, f'#alert-list tr[data-alert="{alert_id}"] button')
     wait(browser, lambda: not browser.find_elements(By.CSS_SELECTOR, f'#alert-list tr[data-alert="{alert_id}"]'),
          "the alert deleted")
     assert f"Deleted alert {alert_id}" in find(browser, "#alerts .status").text
 
 
 # ---- admin, scopes and sign out ------------------------------------------------------------------------------------
-def test_an_admin_runs_an_archive_job_and_follows_its_progress(console, browser):
+def test_an_admin_runs_an_archive_job_and_registers_a_feed(console, browser):
     tab(browser, "admin")
     fill(browser, "#job-paths", str(console["clip"]))
     fill(browser, "#job-source", SOURCE)
@@ -281,7 +292,22 @@ def test_an_admin_runs_an_archive_job_and_follows_its_progress(console, browser)
     progress = job.find_element(By.CSS_SELECTOR, "progress")
     assert progress.get_attribute("value") == progress.get_attribute("max") == "1"
     assert "1/1 files" in job.text                                         # already indexed: skipped, done
+
+    fill(browser, "#feed-url", str(console["clip"]))                       # a local file under file_roots
+    fill(browser, "#feed-id", "door")
+    find(browser, "#feed-form button[type=submit]").click()
+    wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, '#admin-feeds li[data-feed="door"]'), "the feed")
+    fill(browser, "#feed-url", "ftp://camera/stream")                       # a scheme feeds may not use: 422
+    find(browser, "#feed-form button[type=submit]").click()
+    wait(browser, lambda: "Invalid input" in visible_text(browser, "#admin .status"), "the 422 message")
     shot(browser, "6-admin-job")
+    tab(browser, "sources")                                                 # the feed with its reader's state
+    wait(browser, lambda: browser.execute_script(                           # this app runs no readers: pending
+        "return document.querySelector('#feed-list tr[data-feed=\"door\"] .state')?.textContent"),
+        "the feed's status")
+    tab(browser, "admin")
+    click(browser, '#admin-feeds li[data-feed="door"] button')              # the list is redrawn as the tab opens
+    wait(browser, lambda: "Removed feed door" in visible_text(browser, "#admin .status"), "the feed removed")
 
 
 def test_scope_errors_are_shown_and_signing_out_forgets_the_key(console, browser):
