@@ -184,8 +184,8 @@ def test_job_request_checks(roots):
 
 
 def test_every_route_declares_its_scope():
-    """Each REST route names exactly one scope dependency; only health is public, metrics need an unlimited admin
-    (or api_metrics_public)."""
+    """Each REST route names exactly one scope dependency; only health and the console's static files are public,
+    metrics need an unlimited admin (or api_metrics_public)."""
     from deploy.api.deps import route_scopes
     from deploy.api.main import ROUTERS
 
@@ -201,4 +201,5 @@ def test_every_route_declares_its_scope():
         "POST /v1/alerts": ["admin"], "GET /v1/alerts": ["reader"], "GET /v1/alerts/hits": ["reader"],
         "GET /v1/alerts/hits/stream": ["reader"], "GET /v1/alerts/{alert_id}": ["reader"],
         "DELETE /v1/alerts/{alert_id}": ["admin"],
-        "GET /v1/sources/{source_id:path}/clip": ["reader"]}
+        "GET /v1/sources/{source_id:path}/clip": ["reader"],
+        "GET /": ["public"], "GET /console/{name}": ["public"]}

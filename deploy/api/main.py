@@ -7,13 +7,16 @@ read; create_api refuses to build with any other kind of route.
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from deploy.api import alerts, ask, clips, feeds, health, jobs, search, segments, sources, summarize
+from deploy.api import alerts, ask, clips, console, feeds, health, jobs, search, segments, sources, summarize
 from deploy.api.deps import ScopedRoute, ServiceContext
 from deploy.api.errors import install_error_handlers
 from deploy.api.middleware import RequestGuard
 
 ROUTERS = (health.router, feeds.router, jobs.router, sources.router, search.router, ask.router, summarize.router,
-           segments.router, alerts.router, clips.router)
+           alerts.router,
+           segments.router,
+           clips.router,
+           console.router)
 
 
 def create_api(context: ServiceContext) -> FastAPI:
