@@ -136,14 +136,16 @@ def numeric_fields(model: type[BaseModel]) -> list[str]:
 def test_request_models_refuse_json_booleans_as_numbers():
     models = request_models()
     assert {m.__name__ for m in models} == {"FeedCreate", "JobCreate", "SearchRequest", "AskRequest",
-                                            "SummarizeRequest"}
+                                            "SummarizeRequest", "AlertCreate"}
     fields = {(m, f) for m in models for f in numeric_fields(m)}
     assert {(m.__name__, f) for m, f in fields} >= {("FeedCreate", "fps"), ("FeedCreate", "max_pixels"),
                                                     ("SearchRequest", "limit"), ("SearchRequest", "start"),
                                                     ("AskRequest", "max_new_tokens"), ("AskRequest", "end"),
-                                                    ("SummarizeRequest", "granularity")}
+                                                    ("SummarizeRequest", "granularity"),
+                                                    ("AlertCreate", "threshold"), ("AlertCreate", "cooldown_seconds"),
+                                                    ("AskRequest", "temperature"), ("AskRequest", "seed")}
     for model, field in fields:
-        for value, refused in ((True, True), (False, True), (2, False)):
+        for value, refused in ((True, True), (False, True), (1, False)):
             try:
                 model.model_validate_json(f'{{"{field}": {str(value).lower()}}}')
                 bad = set()

@@ -114,7 +114,7 @@ def list_hits(alert_id: str | None = None, since: str | None = None,
     return {"hits": hits[:limit]}
 
 
-@router.get("/v1/alerts/hits/stream", responses=error_responses(503))
+@router.get("/v1/alerts/hits/stream", responses=error_responses(422, 503))
 async def stream_hits(request: Request, alert_id: str | None = None, caller: Caller = Depends(reader_key),
                       context: ServiceContext = Depends(service)):
     """Server-sent events: a `hit` event per hit from now on that the key may see (of one alert, or all)."""
@@ -144,12 +144,12 @@ async def stream_hits(request: Request, alert_id: str | None = None, caller: Cal
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/v1/alerts/{alert_id}", responses=error_responses(404, 503))
+@router.get("/v1/alerts/{alert_id}", responses=error_responses(404, 422, 503))
 def get_alert(alert_id: str, caller: Caller = Depends(reader_key), context: ServiceContext = Depends(service)):
     return _visible_alert(context, caller, alert_id).public()
 
 
-@router.delete("/v1/alerts/{alert_id}", responses=error_responses(404, 503))
+@router.delete("/v1/alerts/{alert_id}", responses=error_responses(404, 422, 503))
 def delete_alert(alert_id: str, caller: Caller = Depends(admin_key), context: ServiceContext = Depends(service)):
     _visible_alert(context, caller, alert_id)
     try:
