@@ -21,7 +21,7 @@ from ray import serve
 from deploy.api.deps import ServiceContext
 from deploy.api.main import create_api
 from deploy.auth import Authorizer
-from pipeline.index import IndexUnavailable
+from pipeline.index_files import IndexUnavailable
 from pipeline.retrieval import RetrievalUnavailable
 from pipeline.settings import Settings
 

@@ -163,7 +163,8 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], source_id: str | None,
 @click.pass_context
 def segments_cmd(ctx: click.Context, source: str, start: str | None, end: str | None, as_json: bool) -> None:
     """List the indexed segments of SOURCE that overlap [start, end)."""
-    from pipeline.index import IndexUnavailable, SegmentIndex
+    from pipeline.index import SegmentIndex
+    from pipeline.index_files import IndexUnavailable
     from pipeline.times import parse_time, with_times
 
     settings = current_settings(ctx)
@@ -234,7 +235,8 @@ def captions_reindex(ctx: click.Context) -> None:
     from pipeline.captions import CaptionStore
     from pipeline.captioning import rebuild_retrieval
     from pipeline.checkpoints import model_id
-    from pipeline.index import IndexUnavailable, SegmentIndex
+    from pipeline.index import SegmentIndex
+    from pipeline.index_files import IndexUnavailable
     from pipeline.retrieval import RetrievalIndex
     from qwen2vl.config import Qwen2VLConfig
 

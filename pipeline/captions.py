@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.index import CAPTION_PREFIX, SUFFIX, SegmentIndex, _h
+from pipeline.index import SegmentIndex
+from pipeline.index_files import CAPTION_PREFIX, SUFFIX, _h
 
 CAPTION_SCHEMA = pa.schema([
     pa.field("segment_id", pa.string()), pa.field("source_id", pa.string()),

@@ -11,7 +11,7 @@ import errno
 import os
 import uuid
 
-from pipeline.index import TMP_PREFIX, IndexUnavailable
+from pipeline.index_files import TMP_PREFIX, IndexUnavailable
 
 # errno values that mean "this volume takes no writes now", whatever was written
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}

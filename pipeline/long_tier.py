@@ -14,7 +14,8 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from pipeline.index import DATA_SCHEMA, LONG_PREFIX, SUFFIX, SegmentIndex, _h
+from pipeline.index import SegmentIndex
+from pipeline.index_files import DATA_SCHEMA, LONG_PREFIX, SUFFIX, _h
 from pipeline.records import IndexedSegment
 from pipeline.tubes import long_grid
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.index import escape_source
+from pipeline.index_files import escape_source
 from pipeline.video.recording import PART_SUFFIX, Recorder, parse_recording_name
 
 log = logging.getLogger(__name__)

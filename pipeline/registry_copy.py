@@ -21,7 +21,8 @@ from typing import Any
 
 from pipeline import metrics
 from pipeline.feeds import FEEDS_KEY, VERSION_KEY, read_registry, registry_lost
-from pipeline.index import TMP_PREFIX, SegmentIndex
+from pipeline.index import SegmentIndex
+from pipeline.index_files import TMP_PREFIX
 from pipeline.redis_server import as_client
 
 log = logging.getLogger(__name__)

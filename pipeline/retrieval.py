@@ -39,7 +39,8 @@ import pyarrow.fs as pafs
 os.environ.setdefault("LANCEDB_LOG", "error")
 from lancedb.index import FTS, IvfSq  # noqa: E402
 
-from pipeline.index import MARKER, check_number
+from pipeline.index import check_number
+from pipeline.index_files import MARKER
 from pipeline.retrieval_rows import rows_table, scope_filter, table_schema, unit_vector
 
 FOLDER = "_retrieval"

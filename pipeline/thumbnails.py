@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from pipeline.index import THUMBNAIL_PREFIX, SegmentIndex, _h
+from pipeline.index import SegmentIndex
+from pipeline.index_files import THUMBNAIL_PREFIX, _h
 from pipeline.records import Segment, source_of
 
 THUMBNAIL_MAX_WIDTH = 320

@@ -12,8 +12,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import index as index_mod
-from pipeline.index import COMPACT_AFTER, SegmentIndex, data_file_name, escape_source
+from pipeline import index_files
+from pipeline.index import SegmentIndex
+from pipeline.index_files import COMPACT_AFTER, data_file_name, escape_source
 from pipeline.records import IndexedSegment, Segment, Tubes, segment_id_for, source_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_files_written_before_source_sizes_still_read(tmp_path):
     import pyarrow as pa
 
     ix = SegmentIndex(tmp_path)
-    old_meta = pa.schema([f for f in index_mod.META_SCHEMA if f.name != "source_size"])
+    old_meta = pa.schema([f for f in index_files.META_SCHEMA if f.name != "source_size"])
     old = make_segment("cam1", 0.0)
     row = {k: v for k, v in old.to_row().items() if k != "source_size"}
     folder = tmp_path / escape_source("cam1")
@@ -149,7 +150,7 @@ def test_partitioned_by_source_with_odd_ids(tmp_path):
     for k, sid in enumerate(ODD_IDS):
         assert ix.add([make_segment(sid, 8.0 * j) for j in range(k % 3 + 1)]) == k % 3 + 1
     # one folder per source, all directly under root: nothing escaped the index, no two ids share a folder
-    folders = sorted(p.name for p in root.iterdir() if p.name != index_mod.MARKER)
+    folders = sorted(p.name for p in root.iterdir() if p.name != index_files.MARKER)
     assert folders == sorted(escape_source(s) for s in ODD_IDS) and len(set(folders)) == len(ODD_IDS)
     assert all(p.parent.parent == root for p in data_files(root))
     assert not (tmp_path / "escape").exists()
@@ -294,12 +295,12 @@ CRASHER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from test_index import make_segment
-    from pipeline import index
-    ix = index.SegmentIndex(sys.argv[1])
+    from pipeline.index import SegmentIndex
+    ix = SegmentIndex(sys.argv[1])
     ix.add([make_segment("cam1", 0.0)])
     def die(src, dst):                      # the worst moment: bytes on disk, not yet renamed into place
         os.kill(os.getpid(), signal.SIGKILL)
-    index.os.replace = die
+    os.replace = die
     ix.add([make_segment("cam1", 8.0)])
 """)
 
@@ -320,7 +321,7 @@ def test_crash_mid_write_leaves_nothing_visible(tmp_path):
     assert ix.add([make_segment("cam1", 0.0), make_segment("cam1", 8.0)]) == 1   # the re-run does what is missing
     assert same_bits(ix.tokens("cam1:8000"), make_segment("cam1", 8.0).tokens)
     assert ix.sweep(now=time.time()) == 0 and leftovers[0].exists()   # a fresh temp may be a live write
-    assert ix.sweep(now=time.time() + 2 * index_mod.STALE_TMP_S) == 0
+    assert ix.sweep(now=time.time() + 2 * index_files.STALE_TMP_S) == 0
     assert not leftovers[0].exists()                                   # an old one is a crash leftover
 
 
@@ -418,7 +419,7 @@ def test_an_unmounted_volume_leaves_an_empty_folder_that_is_not_an_index(tmp_pat
     """Unmounting leaves the bare mount point: it must not read as an empty index, nor take new writes."""
     mount = tmp_path / "mnt"
     ix = SegmentIndex(mount)
-    assert (mount / index_mod.MARKER).is_file() and ix.list("cam1") == []
+    assert (mount / index_files.MARKER).is_file() and ix.list("cam1") == []
     ix.add([make_segment("cam1", 0.0)])
     away = tmp_path / "volume-contents"
     mount.rename(away)
@@ -427,7 +428,7 @@ def test_an_unmounted_volume_leaves_an_empty_folder_that_is_not_an_index(tmp_pat
     for index in (ix, SegmentIndex(mount, create=False)):
         for call in (lambda: index.list("cam1"), index.sources, index.stats, index.sweep,
                      lambda: index.add([make_segment("cam2", 8.0)]), lambda: index.delete("cam1")):
-            with pytest.raises(index_mod.IndexUnavailable):
+            with pytest.raises(index_files.IndexUnavailable):
                 call()
     assert [p.name for p in mount.iterdir()] == ["lost+found"]   # nothing was written beneath the mount point
     (mount / "lost+found").rmdir()
@@ -460,13 +461,13 @@ def test_a_vanished_root_is_an_error_not_an_empty_index(tmp_path):
                  lambda: ix.tokens(segs[0].segment_id), lambda: ix.get(segs[0].segment_id),
                  lambda: ix.tokens(segs[0].segment_id, model_id=MODEL), lambda: ix.delete("cam1"),
                  lambda: ix.add([make_segment("cam1", 16.0)])):
-        with pytest.raises(index_mod.IndexUnavailable, match="index root .* is missing"):
+        with pytest.raises(index_files.IndexUnavailable, match="index root .* is missing"):
             call()
     assert not (tmp_path / "volume").exists()                  # the failed add recreated nothing
     late = SegmentIndex(root, create=False)                     # a worker or replica started while it is away
     for call in (lambda: late.list("cam1"), lambda: late.add([make_segment("cam1", 16.0)]),
                  lambda: ix.delete("cam1", before=100.0), ix.sweep):
-        with pytest.raises(index_mod.IndexUnavailable, match="index root .* is missing"):
+        with pytest.raises(index_files.IndexUnavailable, match="index root .* is missing"):
             call()
     assert not (tmp_path / "volume").exists()
     away.rename(tmp_path / "volume")                            # it comes back: everything indexed is still there

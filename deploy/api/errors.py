@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.auth import AuthError
-from pipeline.index import IndexUnavailable
+from pipeline.index_files import IndexUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from deploy.api.deps import ScopedRoute, ServiceContext, admin_key, metrics_key,
 from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline import metrics
-from pipeline.index import IndexUnavailable
+from pipeline.index_files import IndexUnavailable
 from pipeline.index_health import check_writable
 
 router = APIRouter(route_class=ScopedRoute)

@@ -10,7 +10,7 @@ from deploy.api.errors import error_responses
 from deploy.auth import Caller
 from pipeline.captioning import with_captions
 from pipeline.captions import CaptionStore
-from pipeline.index import escape_source
+from pipeline.index_files import escape_source
 from pipeline.records import source_of
 from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
