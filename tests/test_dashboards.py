@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.metrics import METRICS, RAY_PREFIX, exported_series_names
+from pipeline.metric_catalog import METRICS, exported_series_names
+from pipeline.metrics import RAY_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1] / "dashboards"
 DASHBOARD_FILES = sorted((ROOT / "grafana").glob("*.json"))
@@ -168,7 +169,7 @@ def test_dashboards_reference_only_exported_metrics_and_show_all_of_them(dashboa
             unknown = names - exported
             assert not unknown, f"{name}: {expr!r} references metrics tubescope does not export: {sorted(unknown)}"
             used |= names
-    # every metric pipeline/metrics.py defines is on some dashboard (a metric nobody can see is dead weight)
+    # every metric pipeline/metric_catalog.py defines is on some dashboard (a metric nobody can see is dead weight)
     unseen = [s.name for s in METRICS.values() if not set(s.series_names()) & used]
     assert not unseen, f"metrics shown on no dashboard: {unseen}"
 

@@ -243,14 +243,14 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "workload":
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline import metrics  # noqa: E402
+from pipeline import metric_catalog, metrics  # noqa: E402
 from test_dashboards import DASHBOARD_FILES, expressions  # noqa: E402
 
 
 def test_metric_names_follow_prometheus_conventions():
-    assert len(metrics.METRICS) >= 25
-    for spec in metrics.METRICS.values():
-        assert spec.name.startswith(metrics.PREFIX), spec.name
+    assert len(metric_catalog.METRICS) >= 25
+    for spec in metric_catalog.METRICS.values():
+        assert spec.name.startswith(metric_catalog.PREFIX), spec.name
         assert spec.kind in {"counter", "gauge", "histogram"}, spec
         assert spec.help.strip(), spec
         assert all(label.isidentifier() and not label.startswith("__") for label in spec.labels), spec
@@ -265,7 +265,7 @@ def test_metric_names_follow_prometheus_conventions():
             assert not spec.buckets, spec
         for word in ("_ms", "milliseconds", "_kb", "_mb", "minutes"):
             assert word not in spec.name, spec.name
-    names = metrics.exported_series_names()
+    names = metric_catalog.exported_series_names()
     assert "tubescope_encoder_batch_duration_seconds_bucket" in names and "tubescope_feed_up" in names
 
 
@@ -338,7 +338,7 @@ def test_decode_error_kinds_of_real_failures(tmp_path, video_factory):
     _, failed = expand_sources([str(tmp_path / "nothing-*.mp4"), str(tmp_path / "gone.mp4")])
     assert [metrics.decode_error_kind(f["error"]) for f in failed] == ["not_found", "not_found"]
     assert metrics.decode_error_kind("something new") == "other"
-    assert set(kinds.values()) <= set(metrics.DECODE_ERROR_KINDS)
+    assert set(kinds.values()) <= set(metric_catalog.DECODE_ERROR_KINDS)
 
 
 # ---------------------------------------------------------------- end to end through Prometheus
@@ -491,7 +491,7 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
         visible_s = time.monotonic() - t_ready
 
         def every_metric_exported():
-            missing = [s.name for s in metrics.METRICS.values()
+            missing = [s.name for s in metric_catalog.METRICS.values()
                        if not _prom_query(base, f'count({{__name__="{s.series_names()[-1]}"}})')]
             assert not missing, f"defined but never exported by the workload: {missing}"
             assert _prom_query(base, 'count({__name__=~"ray_.+", job="ray"})'), "Ray's own metrics are not scraped"
