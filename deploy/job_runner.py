@@ -113,7 +113,8 @@ def execute_job(job_id: str, paths: list[str], source_id: str | None, settings: 
     """Run one job to its end, keeping its status in Redis; returns the final state ("unrecorded" when Redis stayed
     away longer than REDIS_WAIT_S). Never raises for job errors."""
     from actors.encoder import VisionEncoder
-    from pipeline.archive import JobCancelled, expand_sources, index_archive
+    from pipeline.archive import JobCancelled, index_archive
+    from pipeline.archive_sources import expand_sources
     from pipeline.events import EventSink
     from pipeline.index import SegmentIndex
 

@@ -10,7 +10,8 @@ import torch
 
 import qwen2vl
 from actors.encoder import VisionEncoder
-from pipeline.archive import expand_sources, index_archive, upright_size
+from pipeline.archive import index_archive, upright_size
+from pipeline.archive_sources import expand_sources
 from pipeline.events import ERRORS_STREAM, SEGMENTS_STREAM, EventSink
 from pipeline.index import SegmentIndex
 from pipeline.settings import load_settings

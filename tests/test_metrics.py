@@ -318,7 +318,7 @@ def test_bad_arguments_raise_value_error(call, message):
 
 
 def test_decode_error_kinds_of_real_failures(tmp_path, video_factory):
-    from pipeline.archive import expand_sources
+    from pipeline.archive_sources import expand_sources
     from pipeline.video.files import decode_window
     from pipeline.video.media import DecodeError, probe
 
