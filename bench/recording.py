@@ -47,7 +47,8 @@ def make_video(path: Path, seconds: float, size: str = "640x360", fps: int = 25)
 def reader_share(video: Path, seconds: float, record_to: Path | None) -> float:
     """Share of one core the feed's reader used over `seconds` of a file feed."""
     from pipeline.video.recording import Recorder
-    from pipeline.video.stream import SamplerConfig, StreamSampler
+    from pipeline.video.sampler_config import SamplerConfig
+    from pipeline.video.stream import StreamSampler
 
     recorder = Recorder(record_to, chunk_seconds=60.0) if record_to is not None else None
     sampler = StreamSampler(SamplerConfig("bench", str(video)), recorder=recorder)

@@ -22,7 +22,7 @@ from pipeline.settings import Settings, load_settings
 from pipeline.video.hosts import HostPolicy, Service, check_host
 from pipeline.video.protocols import ALL_SCHEMES, check_protocol, check_regular_file, check_roots, validate_url
 from pipeline.video.segments import frames_per_segment
-from pipeline.video.stream import SamplerConfig
+from pipeline.video.sampler_config import SamplerConfig
 from qwen2vl.geometry import PATCH_AREA, TOKEN_AREA
 
 FEEDS_KEY = "tubescope:feeds"

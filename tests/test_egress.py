@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.video.egress import EgressProxy
 from pipeline.video.hosts import HostPolicy
-from pipeline.video.stream import UNREACHABLE, SamplerConfig, StreamSampler
+from pipeline.video.sampler_config import SamplerConfig
+from pipeline.video.stream import UNREACHABLE, StreamSampler
 from streams import make_stream_video, wait_for
 
 ONLY_127_0_0_1 = HostPolicy(allow=("127.0.0.1",))     # 127.0.0.2 is loopback too, so refused by this policy

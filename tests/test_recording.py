@@ -20,7 +20,8 @@ from pipeline.recordings import (list_recordings, recorder_for, source_folder, s
 from pipeline.settings import load_settings
 from pipeline.video.hosts import HostPolicy
 from pipeline.video.recording import Recorder, parse_recording_name
-from pipeline.video.stream import SamplerConfig, StreamSampler
+from pipeline.video.sampler_config import SamplerConfig
+from pipeline.video.stream import StreamSampler
 from streams import RtspServer, make_stream_video, wait_for
 from videos import encode_video
 

@@ -17,7 +17,8 @@ from pipeline.video.hosts import HostPolicy, Service
 from pipeline.video.protocols import (check_protocol, check_roots, ffmpeg_protocols, local_file_path, open_arguments,
                                       scheme_of, validate_url)
 from pipeline.video.segments import SegmentBuilder, SegmentQueue
-from pipeline.video.stream import UNREACHABLE, SamplerConfig, StreamSampler
+from pipeline.video.sampler_config import SamplerConfig
+from pipeline.video.stream import UNREACHABLE, StreamSampler
 from qwen2vl.processor import smart_resize
 from streams import HlsServer, RtspServer, TcpRelay, UdpSender, free_tcp_port, make_stream_video, wait_for
 

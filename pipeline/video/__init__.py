@@ -9,6 +9,7 @@ clocks and backoff, and the one segment rule. Never reads Settings: callers pass
     clock.py      PtsClock, RateSampler, Backoff for live sources
     segments.py   frames -> segments on the time grid (archives and feeds alike); the bounded segment queue
     stream.py     StreamSampler: one live source read in a thread
+    sampler_config.py  SamplerConfig: what a live reader is told, checked when built
 
 Public names resolve lazily, so `pipeline.video.protocols` loads without PyAV.
 """
@@ -24,7 +25,7 @@ _EXPORTS = {
     "PtsClock": "clock", "RateSampler": "clock", "Backoff": "clock",
     "SegmentBuilder": "segments", "SegmentQueue": "segments", "iter_segments": "segments",
     "segment_frames": "segments", "frames_per_segment": "segments",
-    "SamplerConfig": "stream", "StreamSampler": "stream",
+    "SamplerConfig": "sampler_config", "StreamSampler": "stream",
 }
 __all__ = sorted(_EXPORTS)
 
