@@ -1,7 +1,7 @@
 """API keys, roles and source scopes (deploy.auth), and the path rules of REST jobs (deploy.jobs).
 
 The scope each REST route declares is checked here; the same rules over real HTTP (the 401/403 matrix on every
-route) are in tests/test_api.py."""
+route) are in tests/api/test_keys_and_feeds.py."""
 from __future__ import annotations
 
 import os

@@ -117,7 +117,7 @@ def run_workload(args: dict) -> None:
     out["export_visible_s"] = time.monotonic() - t0
 
     # queries: the real Decoder in a Ray actor, as in its Serve replica; requests are recorded as the API's
-    # middleware records them (test_api covers that path over HTTP)
+    # middleware records them (tests/api covers that path over HTTP)
     from deploy.decoder import Decoder
 
     @ray.remote(num_cpus=0)

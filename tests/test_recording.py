@@ -1,6 +1,6 @@
 """Recording live feeds (pipeline/video/recording.py, pipeline/recordings.py) and clips made from recordings and
 archive files (pipeline/clips.py): real RTSP and file feeds read by a real StreamSampler, files checked with ffprobe
-and PyAV. The clip route over HTTP is in tests/test_api.py."""
+and PyAV. The clip route over HTTP is in tests/api/test_footage_routes.py."""
 from __future__ import annotations
 
 import contextlib
