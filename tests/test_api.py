@@ -512,6 +512,7 @@ def test_openai_errors_reach_the_clients_exceptions(served):
         {"type": "video_url", "video_url": {"url": f"tubescope://{SOURCE}?start=2"}},
         {"type": "text", "text": "What?"}]}]))
     refused(openai.UnprocessableEntityError, "start must be a time", **chat(url=f"tubescope://{SOURCE}?start=soon"))
+    assert refused(openai.APIStatusError, "request body over 4096 bytes", **chat(text="x" * 5000)).status_code == 413
     refused(openai.UnprocessableEntityError, "no footage", **chat(messages=[{"role": "user", "content": "What?"}]))
     refused(openai.UnprocessableEntityError, "messages", **chat(messages=[{"role": "tool", "content": "x"}]))
     assert openai_client(served).models.retrieve("model").id == "model"

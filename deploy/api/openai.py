@@ -37,6 +37,11 @@ class OpenAIRequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def openai_route(path: str) -> bool:
+    """Whether errors on `path` come in OpenAI's shape (the request guard's 413 too: deploy/api/middleware.py)."""
+    return path == "/v1/models" or path.startswith(("/v1/models/", "/v1/chat/"))
+
+
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None) -> JSONResponse:
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")

@@ -50,7 +50,7 @@ class ChatCompletionRequest(BaseModel):
                               json_schema_extra={"examples": [{
                                   "model": "tubescope",
                                   "messages": [{"role": "user", "content": [
-                                      {"type": "video_url", "video_url": {"url": "tubescope://lobby?start=-1h"}},
+                                      {"type": "video_url", "video_url": {"url": "tubescope://lobby?start=0&end=2"}},
                                       {"type": "text", "text": "Who came in through the door?"}]}],
                                   "max_tokens": 8}]})
 
