@@ -462,7 +462,9 @@ def test_openai_client_gets_the_answer_of_ask_plain_and_streamed(served):
                                         "max_new_tokens": 8}).json()
     client = openai_client(served)
     assert [m.id for m in client.models.list()] == ["model"]              # the checkpoint folder's name
-    out = client.chat.completions.create(**chat(model="model", max_tokens=8))
+    # the defaults some clients send are accepted
+    out = client.chat.completions.create(**chat(model="model", max_tokens=8, stop=None, presence_penalty=0,
+                                                frequency_penalty=0, logprobs=False, n=1))
     assert (out.object, out.model, out.choices[0].finish_reason) == ("chat.completion", "model", "length")
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == asked["answer"]
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (asked["timings"]["prompt_tokens"], 8)
@@ -513,6 +515,7 @@ def test_openai_errors_reach_the_clients_exceptions(served):
         {"type": "text", "text": "What?"}]}]))
     refused(openai.UnprocessableEntityError, "start must be a time", **chat(url=f"tubescope://{SOURCE}?start=soon"))
     assert refused(openai.APIStatusError, "request body over 4096 bytes", **chat(text="x" * 5000)).status_code == 413
+    assert refused(openai.UnprocessableEntityError, "not supported", **chat(stop=["."])).param == "stop"
     refused(openai.UnprocessableEntityError, "no footage", **chat(messages=[{"role": "user", "content": "What?"}]))
     refused(openai.UnprocessableEntityError, "messages", **chat(messages=[{"role": "tool", "content": "x"}]))
     assert openai_client(served).models.retrieve("model").id == "model"

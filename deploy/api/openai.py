@@ -167,6 +167,11 @@ def question_and_footage(body: ChatCompletionRequest) -> tuple[str, list[str], s
 def decoder_request(body: ChatCompletionRequest, context: ServiceContext, caller: Caller) -> dict:
     """The DecoderServer request of /v1/ask for this chat request (reads the index: call it off the event loop)."""
     s = context.settings
+    unsupported = {"stop": body.stop, "presence_penalty": body.presence_penalty,
+                   "frequency_penalty": body.frequency_penalty, "logprobs": body.logprobs}
+    for name, value in unsupported.items():
+        if value:                     # None, 0, false and [] are the defaults clients send
+            raise OpenAIRequestError(422, f"{name} is not supported: leave it out", name)
     question, names, start, end = question_and_footage(body)
     check_length("question", question, s.api_max_question_chars, "api_max_question_chars")
     start, end = check_window(start, end, s)

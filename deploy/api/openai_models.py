@@ -69,6 +69,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                                     # the caller's own label: not used
+    # what some clients send with their defaults: accepted at those defaults, refused otherwise (openai.py)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
 
 
 class OpenAIError(BaseModel):
