@@ -277,6 +277,8 @@ class Decoder:
         result = {"id": uuid.uuid4().hex, "answer": grounded.text, "boxes": boxes, "evidence": evidence,
                   "model": self.model_id, "timings": timings, "narrowed": narrowed, "plan": summary,
                   "generation": sampling.to_dict(),
+                  # "length": the answer ran into max_new_tokens before a stop token
+                  "finish_reason": "stop" if stream.stopped else "length",
                   "stream_entry": None}
         if self.events is not None and record:
             result["stream_entry"] = self.events.emit(ANSWERS_STREAM, {

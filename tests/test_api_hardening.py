@@ -26,6 +26,7 @@ from pipeline.settings import load_settings
 from services import start_redis
 from videos import encode_video
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/models/{model}")
 ADMIN = "admin-key-0123456789"
 READER = "reader-key-0123456789"
 METRICS_KEY = "metrics-label-key-0123456789"
@@ -67,6 +68,11 @@ def scoped_routes():
                 yield method, re.sub(r"\{[^}]+\}", "x", route.path), SCOPES[route.scope]
 
 
+def error_message(body: dict) -> str:
+    """The message of an error body: {"error": message}, or OpenAI's {"error": {"message": ...}} on its routes."""
+    return body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+
+
 # ---- keys before bodies ---------------------------------------------------------------------------------------------
 def test_keys_are_checked_before_the_body_on_every_route(app):
     """A malformed body must not be judged (422) before the caller is (401/403): the anonymous would learn the
@@ -79,7 +85,7 @@ def test_keys_are_checked_before_the_body_on_every_route(app):
         with http(app, None) as c:
             r = c.request(method, path, **malformed)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
-            assert r.json()["error"].startswith("missing API key") and r.headers["www-authenticate"] == "Bearer"
+            assert error_message(r.json()).startswith("missing API key") and r.headers["www-authenticate"] == "Bearer"
         if scope in ("admin", "metrics"):
             with http(app, READER) as c:
                 r = c.request(method, path, **malformed)
@@ -100,6 +106,7 @@ def test_openapi_documents_each_routes_error_statuses(app):
               [(m, route.path, SCOPES[route.scope]) for m in route.methods]}
     assert len(scopes) == sum(len(ops) for ops in spec["paths"].values())
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    openai_ref = {"$ref": "#/components/schemas/OpenAIErrorBody"}          # OpenAI's shape on its routes
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             statuses = set(op["responses"])
@@ -113,7 +120,8 @@ def test_openapi_documents_each_routes_error_statuses(app):
             assert "503" in statuses or path == "/metrics", where
             for status, response in op["responses"].items():
                 if status >= "400" and path != "/healthz":       # /healthz answers 503 with its own status body
-                    assert response["content"]["application/json"]["schema"] == error_ref, (where, status)
+                    assert response["content"]["application/json"]["schema"] == \
+                        (openai_ref if path in OPENAI_PATHS else error_ref), (where, status)
                     assert response["description"], (where, status)
     assert "HTTPValidationError" not in spec["components"]["schemas"]     # 422 is {"error": ...} like the rest
     assert spec["paths"]["/v1/feeds"]["post"]["responses"]["409"]["description"]
@@ -136,14 +144,17 @@ def numeric_fields(model: type[BaseModel]) -> list[str]:
 def test_request_models_refuse_json_booleans_as_numbers():
     models = request_models()
     assert {m.__name__ for m in models} == {"FeedCreate", "JobCreate", "SearchRequest", "AskRequest",
-                                            "SummarizeRequest", "AlertCreate"}
+                                            "SummarizeRequest", "AlertCreate", "ChatCompletionRequest"}
     fields = {(m, f) for m in models for f in numeric_fields(m)}
     assert {(m.__name__, f) for m, f in fields} >= {("FeedCreate", "fps"), ("FeedCreate", "max_pixels"),
                                                     ("SearchRequest", "limit"), ("SearchRequest", "start"),
                                                     ("AskRequest", "max_new_tokens"), ("AskRequest", "end"),
                                                     ("SummarizeRequest", "granularity"),
                                                     ("AlertCreate", "threshold"), ("AlertCreate", "cooldown_seconds"),
-                                                    ("AskRequest", "temperature"), ("AskRequest", "seed")}
+                                                    ("AskRequest", "temperature"), ("AskRequest", "seed"),
+                                                    ("ChatCompletionRequest", "max_tokens"),
+                                                    ("ChatCompletionRequest", "temperature"),
+                                                    ("ChatCompletionRequest", "top_k")}
     for model, field in fields:
         for value, refused in ((True, True), (False, True), (1, False)):
             try:

@@ -202,4 +202,5 @@ def test_every_route_declares_its_scope():
         "GET /v1/alerts/hits/stream": ["reader"], "GET /v1/alerts/{alert_id}": ["reader"],
         "DELETE /v1/alerts/{alert_id}": ["admin"],
         "GET /v1/sources/{source_id:path}/clip": ["reader"],
+        "POST /v1/chat/completions": ["reader"], "GET /v1/models": ["reader"], "GET /v1/models/{model}": ["reader"],
         "GET /": ["public"], "GET /console/{name}": ["public"]}

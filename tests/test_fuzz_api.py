@@ -67,7 +67,7 @@ def index_clip(url: str, clip, source_id: str, timeout_s: float = 120.0) -> None
 
 
 def server_error(response) -> str | None:
-    """Why a 5xx response breaks the rules, or None: only a documented 503 with an {"error": ...} body is fine."""
+    """Why a 5xx response breaks the rules, or None: only a documented 503 with an error body is fine."""
     if response.status_code < 500:
         return None
     if response.status_code == 503:
@@ -75,7 +75,10 @@ def server_error(response) -> str | None:
             body = response.json()
         except ValueError:
             body = None
-        if isinstance(body, dict) and isinstance(body.get("error") or body.get("status"), str):
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):                          # OpenAI's shape, on its routes
+            error = error.get("message")
+        if isinstance(body, dict) and isinstance(error or body.get("status"), str):
             return None
     return f"server error {response.status_code}: {response.text[:300]}"
 

@@ -1,13 +1,15 @@
 """create_api: the FastAPI app of the REST API, built from the routers of deploy.api.
 
-Errors are JSON {"error": message}; bodies over api_max_request_bytes are refused (413); every request is counted
-in the metrics. Every route is a ScopedRoute (deploy.api.deps): one declared scope, checked before the body is
-read; create_api refuses to build with any other kind of route.
+Errors are JSON {"error": message} (the OpenAI-compatible routes: OpenAI's shape, deploy/api/openai.py); bodies
+over api_max_request_bytes are refused (413); every request is counted in the metrics. Every route is a ScopedRoute
+(deploy.api.deps): one declared scope, checked before the body is read; create_api refuses to build with any other
+kind of route.
 """
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from deploy.api import alerts, ask, clips, console, feeds, health, jobs, search, segments, sources, summarize
+from deploy.api import (alerts, ask, clips, console, feeds, health, jobs, openai, search, segments, sources,
+                        summarize)
 from deploy.api.deps import ScopedRoute, ServiceContext
 from deploy.api.errors import install_error_handlers
 from deploy.api.middleware import RequestGuard
@@ -16,6 +18,7 @@ ROUTERS = (health.router, feeds.router, jobs.router, sources.router, search.rout
            alerts.router,
            segments.router,
            clips.router,
+           openai.router,
            console.router)
 
 

@@ -5,6 +5,7 @@ import time
 from fastapi import HTTPException
 
 from deploy.api.errors import error_response
+from deploy.api.openai import openai_route, reshaped
 from pipeline import metrics
 
 
@@ -33,7 +34,10 @@ class RequestGuard:
 
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(413, too_big)(scope, receive, send_counted)
+            refusal = error_response(413, too_big)
+            if openai_route(scope.get("path", "")):
+                refusal = reshaped(refusal)
+            await refusal(scope, receive, send_counted)
         else:
             received, body_done = 0, False
             deadline = t0 + self.body_timeout_s
