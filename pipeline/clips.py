@@ -4,13 +4,16 @@ file (docs/architecture.md, "Recordings and clips").
 The packets are copied, not re-encoded: the clip starts at the keyframe at or before `start` and ends with the
 packet that covers `end`, so it may hold a little more than asked; `Clip.start`/`Clip.end` say what it covers.
 `exact=True` decodes and re-encodes (H.264) only the frames inside the window. Recordings are joined while they
-follow each other (a gap over GAP_S or other codec parameters end the clip there). The MP4 has its index at the
+follow each other (a gap over GAP_S or other codec parameters end the clip there); the chunk a live feed is
+still writing is read up to its last complete fragment. The MP4 has its index at the
 front (faststart), so a browser plays it as it arrives, and it is a plain file, so HTTP range requests work.
 Clips are cached by what they are made of under `<data_dir>/clips` for CACHE_S.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import time
@@ -20,6 +23,7 @@ from fractions import Fraction
 import av
 
 from pipeline.recordings import archive_pointer, list_recordings
+from pipeline.video.recording import complete_length
 
 GAP_S = 1.0                     # recordings further apart than this are not joined into one clip
 CACHE_S = 600.0                 # a cached clip unused this long is removed
@@ -42,6 +46,7 @@ class Piece:
     """A file holding footage: source time = origin + stream time of a packet."""
     path: str
     origin: float
+    length: int | None = None   # the bytes to read (an open chunk's complete fragments); None: the whole file
 
 
 def make_clip(settings, source_id: str, start: float, end: float, exact: bool = False) -> Clip:
@@ -87,18 +92,28 @@ def footage(settings, source_id: str, start: float, end: float) -> list[Piece]:
             if f.start - run[-1].end > GAP_S:
                 break
             run.append(f)
-        return [Piece(f.path, f.start) for f in run]
+        return [piece for piece in map(_piece, run) if piece.length != 0]
     pointer = archive_pointer(settings, source_id)     # a local file that is still there (not an object-store URI)
     if pointer is None or "://" in pointer.path or not os.path.isfile(pointer.path):
         return []
     return [Piece(pointer.path, -pointer.media_start)]
 
 
+def _piece(f) -> Piece:
+    try:
+        return Piece(f.path, f.start, complete_length(f.path) if f.open else None)
+    except FileNotFoundError:                       # an open chunk that closed since the listing: read it next time
+        return Piece(f.path, f.start, 0)
+
+
 def _key(source_id: str, start: float, end: float, exact: bool, pieces: list[Piece]) -> str:
     parts = [source_id, repr(start), repr(end), str(exact)]
     for p in pieces:
-        st = os.stat(p.path)
-        parts += [p.path, str(st.st_size), str(st.st_mtime_ns)]
+        if p.length is not None:                    # an open chunk: the same fragments, the same clip
+            parts += [p.path, str(p.length)]
+        else:
+            st = os.stat(p.path)
+            parts += [p.path, str(st.st_size), str(st.st_mtime_ns)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
@@ -112,28 +127,67 @@ def _clean(cache) -> None:
             pass
 
 
-def _open_piece(piece: Piece, start: float):
-    """The piece opened at the keyframe at or before `start`; (None, None) when it cannot seek there (a time far
-    past its end)."""
-    container = av.open(piece.path)
-    stream = container.streams.video[0]
-    target = max(0.0, start - piece.origin)
-    try:
-        container.seek(int(Fraction(target) / stream.time_base), stream=stream, backward=True, any_frame=False)
-    except (OverflowError, av.error.FFmpegError):
-        container.close()
-        return None, None
-    return container, stream
+@contextlib.contextmanager
+def _opened(piece: Piece, start: float):
+    """The piece opened at the keyframe at or before `start`: (container, stream), or (None, None) when it cannot
+    seek there (a time far past its end)."""
+    source = piece.path
+    if piece.length is not None:
+        try:
+            source = _Prefix(open(piece.path, "rb"), piece.length)
+        except FileNotFoundError:                   # the open chunk closed since the listing: the clip ends here
+            yield None, None
+            return
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, _Prefix):
+            stack.enter_context(source)
+        container = stack.enter_context(av.open(source))
+        stream = container.streams.video[0]
+        target = max(0.0, start - piece.origin)
+        try:
+            container.seek(int(Fraction(target) / stream.time_base), stream=stream, backward=True, any_frame=False)
+        except (OverflowError, av.error.FFmpegError):
+            container, stream = None, None
+        yield container, stream
+
+
+class _Prefix(io.RawIOBase):
+    """The first `length` bytes of a file, for FFmpeg: an open chunk as far as its complete fragments go."""
+
+    def __init__(self, file, length: int):
+        super().__init__()
+        self._file, self._length = file, length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._file.tell()))
+        return self._file.readinto(memoryview(buffer)[:n]) if n else 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            offset, whence = self._length + offset, io.SEEK_SET
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _remux(out, pieces: list[Piece], start: float, end: float) -> tuple[float, float] | None:
     """Copy the packets from the keyframe at or before start to the one covering end; the covered times."""
     out_stream, template, first, last_dts, covered_end = None, None, None, None, None
     for piece in pieces:
-        container, stream = _open_piece(piece, start)
-        if container is None:
-            break
-        try:
+        with _opened(piece, start) as (container, stream):
+            if container is None:
+                break
             if template is not None and not _same_codec(template, stream):
                 break
             tb = stream.time_base
@@ -159,8 +213,6 @@ def _remux(out, pieces: list[Piece], start: float, end: float) -> tuple[float, f
                 out.mux(packet)
                 last_dts = dts
                 covered_end = max(covered_end or t, t + float((packet.duration or 0) * tb))
-        finally:
-            container.close()
     if first is None or covered_end <= start:             # the file ends before the window
         return None
     return first, covered_end
@@ -175,10 +227,9 @@ def _reencode(out, pieces: list[Piece], start: float, end: float) -> tuple[float
     """Decode the pieces and encode only the frames inside [start, end) (exact=True)."""
     out_stream, first, last_t, period = None, None, None, 1 / 30
     for piece in pieces:
-        container, stream = _open_piece(piece, start)
-        if container is None:
-            break
-        try:
+        with _opened(piece, start) as (container, stream):
+            if container is None:
+                break
             if stream.average_rate:
                 period = float(1 / stream.average_rate)
             for frame in container.decode(stream):
@@ -200,8 +251,6 @@ def _reencode(out, pieces: list[Piece], start: float, end: float) -> tuple[float
                 for packet in out_stream.encode(frame):
                     out.mux(packet)
                 last_t = t
-        finally:
-            container.close()
     if out_stream is None:
         return None
     for packet in out_stream.encode(None):

@@ -4,10 +4,12 @@
 Layout, under the index root (a local folder; recording is off on an object-store root):
 
     _recordings/source=<escaped source_id>/<start_ms>-<end_ms>.mp4   a live feed's recording (pipeline/video/recording.py)
+    _recordings/source=<escaped source_id>/.<start_ms>.<tag>.part     its open chunk, readable to its last fragment
     _recordings/source=<escaped source_id>/_archive.json              an archive source: {path, media_start}
 
 The leading underscore keeps the folder out of the footage listing. Retention treats recordings like the index:
-the same maximum age, and their bytes count toward the same byte budget (sweep_recordings).
+the same maximum age, and their bytes count toward the same byte budget (sweep_recordings). An open chunk left by a
+crash (unchanged for STALE_PART_S) is sealed: cut after its last complete fragment and given its final name.
 """
 from __future__ import annotations
 
@@ -18,21 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.index_files import escape_source
-from pipeline.video.recording import PART_SUFFIX, Recorder, parse_recording_name
+from pipeline.video.recording import PART_SUFFIX, Recorder, parse_part_name, parse_recording_name, seal_part
 
 log = logging.getLogger(__name__)
 
 RECORDINGS_DIR = "_recordings"
 ARCHIVE_POINTER = "_archive.json"
-STALE_PART_S = 3600.0           # a .part this old is a crash leftover
+STALE_PART_S = 3600.0           # a .part unchanged this long is a crash leftover
 
 
 @dataclass(frozen=True)
 class RecordingFile:
     path: str
     start: float                # epoch seconds of its first frame
-    end: float                  # epoch seconds of the end of its last frame
+    end: float                  # epoch seconds of the end of its last frame; an open chunk: of its last write
     bytes: int
+    open: bool = False          # the chunk being written: read it only up to complete_length
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,20 @@ def recorder_for(feed: dict, settings) -> Recorder | None:
 
 def list_recordings(settings, source_id: str, start: float | None = None,
                     end: float | None = None) -> list[RecordingFile]:
-    """The recording files of a source that overlap [start, end), in time order."""
+    """The recording files of a source that overlap [start, end), in time order, open chunks included."""
     folder = source_folder(settings, source_id)
     out = []
     for entry in _scan(folder):
-        times = parse_recording_name(entry.name)
+        times, is_open = parse_recording_name(entry.name), False
+        if times is None and (part_start := parse_part_name(entry.name)) is not None:
+            try:
+                st = entry.stat()
+            except FileNotFoundError:               # closed and renamed since the listing
+                continue
+            times, is_open = (part_start, max(part_start, st.st_mtime)), True
         if times is None or (start is not None and times[1] <= start) or (end is not None and times[0] >= end):
             continue
-        out.append(RecordingFile(entry.path, times[0], times[1], entry.stat().st_size))
+        out.append(RecordingFile(entry.path, times[0], times[1], entry.stat().st_size, is_open))
     return sorted(out, key=lambda f: f.start)
 
 
@@ -147,8 +156,8 @@ def _scan_dirs(root: Path | None) -> list[Path]:
 
 
 def sweep_recordings(settings, doomed: list[RecordingFile], max_age_s: float | None, now: float) -> int:
-    """Delete `doomed`, every recording that ended more than max_age_s ago, and stale .part files; returns files
-    deleted."""
+    """Delete `doomed` and every recording that ended more than max_age_s ago, seal the open chunks a crash left and
+    delete other stale .part files; returns files deleted."""
     deleted = 0
     for f in all_recordings(settings):
         if f in doomed or (max_age_s is not None and f.end < now - max_age_s):
@@ -156,7 +165,7 @@ def sweep_recordings(settings, doomed: list[RecordingFile], max_age_s: float | N
     for folder in _scan_dirs(recordings_root(settings)):
         for entry in _scan(folder):
             if entry.name.endswith(PART_SUFFIX) and entry.stat().st_mtime < now - STALE_PART_S:
-                _unlink(entry.path)
+                _seal_or_unlink(entry.path)
     return deleted
 
 
@@ -166,3 +175,12 @@ def _unlink(path: str) -> int:
         return 1
     except FileNotFoundError:
         return 0
+
+
+def _seal_or_unlink(path: str) -> None:
+    try:
+        if seal_part(path) is not None:
+            log.info("sealed the recording %s left unfinished", path)
+    except (OSError, ValueError) as e:               # unreadable (av's errors are both): nothing to keep
+        log.warning("removing the unreadable recording %s: %s", path, e)
+        _unlink(path)

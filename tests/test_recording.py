@@ -19,7 +19,7 @@ from pipeline.recordings import (list_recordings, recorder_for, source_folder, s
                                  write_archive_pointer)
 from pipeline.settings import load_settings
 from pipeline.video.hosts import HostPolicy
-from pipeline.video.recording import Recorder, parse_recording_name
+from pipeline.video.recording import Recorder, complete_length, parse_recording_name
 from pipeline.video.sampler_config import SamplerConfig
 from pipeline.video.stream import StreamSampler
 from streams import RtspServer, make_stream_video, wait_for
@@ -217,3 +217,57 @@ def test_retention_ages_recordings_out_and_removes_crash_leftovers(file_recordin
     assert sweep_recordings(settings, [files[-1]], max_age_s=10.5, now=now) == 2   # the first by age, the last named
     assert [f.path for f in list_recordings(settings, "cam")] == [f.path for f in files[1:-1]]
     assert not (folder / ".stale.part").exists()
+
+
+# ---- the open chunk -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def open_chunk(tmp_path_factory):
+    """A 10 s file feed recorded in 30 s chunks: after 4 s of it, while the first chunk is still being written, a
+    clip of its last 3 s is made and the open chunk is copied (what a crash would leave)."""
+    root = tmp_path_factory.mktemp("open-chunk")
+    source = make_stream_video(root / "src.mp4", seconds=10.0, width=160, height=120)
+    settings = load_settings(data_dir=root / "data")
+    seen = {}
+
+    def scenario(sampler, recorder):
+        wait_for(lambda: list_recordings(settings, "cam"), 10, 0.05, "the open chunk to be listed")
+        time.sleep(4.0)
+        seen["now"] = now = time.time()
+        seen["clip"] = make_clip(settings, "cam", now - 3.0, now)
+        seen["files"], seen["closed"] = list_recordings(settings, "cam"), recorder.files
+        crashed = source_folder(settings, "crashed")
+        crashed.mkdir(parents=True)
+        seen["copy"] = Path(shutil.copy(seen["files"][0].path, crashed))
+
+    run_feed(str(source), source_folder(settings, "cam"), 0, chunk_seconds=30.0, until=scenario)
+    return {"source": source, "settings": settings, **seen}
+
+
+def test_a_clip_of_the_last_seconds_of_a_live_feed_reads_the_chunk_still_being_written(open_chunk):
+    clip, now, [part] = open_chunk["clip"], open_chunk["now"], open_chunk["files"]
+    assert open_chunk["closed"] == 0 and part.open and os.path.basename(part.path).endswith(".part")
+    assert clip.start <= now - 3.0 and clip.start == pytest.approx(now - 3.0, abs=1.05)    # the keyframe before
+    assert clip.end == pytest.approx(now, abs=1.6)         # up to the last complete fragment (1 s) and its flush
+    assert float(ffprobe(clip.path, "format=duration")) == pytest.approx(clip.end - clip.start, abs=0.05)
+    with av.open(clip.path) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == pytest.approx((clip.end - clip.start) * 25, abs=1) and frames[0].width == 160
+    offset = round((clip.start - part.start) * 25)                     # the source's own packets, from a keyframe
+    assert packets(clip.path) == packets(open_chunk["source"])[offset:offset + len(frames)]
+
+
+def test_an_open_chunk_is_read_to_its_last_complete_fragment_and_a_crash_left_one_is_sealed(open_chunk, tmp_path):
+    settings, copy = open_chunk["settings"], open_chunk["copy"]
+    whole = complete_length(copy)
+    os.truncate(copy, whole - 100)                                      # cut inside the last fragment
+    assert 0 < complete_length(copy) < whole - 100
+    [part] = list_recordings(settings, "crashed")
+    clip = make_clip(settings, "crashed", part.start, part.start + 10)
+    assert clip.start == pytest.approx(part.start, abs=0.01) and 1.0 <= clip.end - clip.start < 4.5
+    assert float(ffprobe(clip.path, "format=duration")) == pytest.approx(clip.end - clip.start, abs=0.05)
+    os.utime(copy, (0, 0))                                              # its writer is long gone
+    sweep_recordings(settings, [], max_age_s=None, now=time.time())
+    [sealed] = list_recordings(settings, "crashed")
+    assert not sealed.open and sealed.start == part.start and sealed.end == pytest.approx(clip.end, abs=0.002)
+    assert float(ffprobe(sealed.path, "format=duration")) == pytest.approx(sealed.end - sealed.start, abs=0.05)
+    assert [n for n in os.listdir(copy.parent)] == [os.path.basename(sealed.path)]

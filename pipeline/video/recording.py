@@ -5,11 +5,13 @@ StreamSampler (pipeline/video/stream.py) hands every demuxed packet to a Recorde
 
     connect -> begin(stream)   packet -> write(packet, clock)   disconnect -> end()
 
-A file starts at a keyframe and holds about `chunk_seconds`; it is written as `<folder>/.<n>.part` and renamed, once
-closed, to `<start_ms>-<end_ms>.mp4`, where the two numbers are the epoch milliseconds (the times segments carry,
-from the feed's PtsClock) of its first frame and of the end of its last one. So a listing of the folder is the
-index of the recording, and a crash leaves no visible partial file. A new connection, pts that go backwards or
-jump (a looped file, a restarted sender) and a change of codec parameters start a new file.
+A file starts at a keyframe and holds about `chunk_seconds`. It is a fragmented MP4 (a fragment at every keyframe
+and at least every FRAGMENT_US), so the file being written is readable up to its last complete fragment: it is
+named `.<start_ms>.<tag>.part` once the clock knows its start (`.<tag>.part` before), and renamed, once closed, to
+`<start_ms>-<end_ms>.mp4`, where the numbers are the epoch milliseconds (the times segments carry, from the feed's
+PtsClock) of its first frame and of the end of its last one. So a listing of the folder is the index of the
+recording, the open chunk included (clips read it up to `complete_length`). A new connection, pts that go
+backwards or jump (a looped file, a restarted sender) and a change of codec parameters start a new file.
 
 A write that fails (a full disk, a read-only volume) pauses recording: the open file is dropped, `error` says why,
 and recording starts again at the first keyframe after `retry_s`. Reading and indexing never see the failure.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import struct
 import time
 
 import av
@@ -29,6 +32,9 @@ SUFFIX = ".mp4"
 PART_SUFFIX = ".part"
 MAX_JUMP_S = 10.0                 # a larger forward pts jump inside one connection starts a new file
 RETRY_S = 10.0                    # after a failed write, recording waits this long before trying again
+FRAGMENT_US = 1_000_000           # longest fragment: how far the open chunk's readable end may lag behind the feed
+MUXER_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": str(FRAGMENT_US),
+                 "flush_packets": "1"}     # each fragment reaches the file as it is cut, not when a buffer fills
 
 
 def recording_name(start: float, end: float) -> str:
@@ -46,6 +52,59 @@ def parse_recording_name(name: str) -> tuple[float, float] | None:
     return int(start) / 1000.0, int(end) / 1000.0
 
 
+def part_name(start: float, tag: str) -> str:
+    """The file name of an open chunk that starts at epoch seconds `start`; `tag` keeps writers apart."""
+    return f".{round(start * 1000)}.{tag}{PART_SUFFIX}"
+
+
+def parse_part_name(name: str) -> float | None:
+    """The start (epoch seconds) of an open chunk's file name; None for any other name."""
+    if not name.startswith(".") or not name.endswith(PART_SUFFIX):
+        return None
+    start, sep, _ = name[1:-len(PART_SUFFIX)].partition(".")
+    return int(start) / 1000.0 if sep and start.isdigit() else None
+
+
+def complete_length(path: str | os.PathLike) -> int:
+    """The bytes of a fragmented MP4 up to the end of its last complete fragment (its last whole `mdat` box); 0 when
+    it holds none. A file being written may end inside a box: what follows the last whole one is not read."""
+    length, offset = 0, 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while offset + 8 <= size:
+            f.seek(offset)
+            box_size, kind = struct.unpack(">I4s", f.read(8))
+            if box_size == 1 and offset + 16 <= size:
+                box_size = struct.unpack(">Q", f.read(8))[0]
+            if box_size < 8 or offset + box_size > size:       # 0 ("to the end") or cut short: not complete
+                break
+            offset += box_size
+            if kind == b"mdat":
+                length = offset
+    return length
+
+
+def seal_part(path: str) -> str | None:
+    """Finish an open chunk its writer left (a crash): cut it after its last complete fragment and give it its final
+    name; the new path, or None (the file removed) when it holds no complete fragment or no start in its name."""
+    start = parse_part_name(os.path.basename(path))
+    length = complete_length(path) if start is not None else 0
+    end = None
+    if length:
+        os.truncate(path, length)
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            times = [(p.pts, p.pts + (p.duration or 0)) for p in container.demux(stream) if p.pts is not None]
+            if times:
+                end = start + float((max(t[1] for t in times) - min(t[0] for t in times)) * stream.time_base)
+    if end is None:
+        os.unlink(path)
+        return None
+    final = os.path.join(os.path.dirname(path), recording_name(start, end))
+    os.replace(path, final)
+    return final
+
+
 class Recorder:
     """Writes one source's packets into MP4 chunks under `folder`. Used from the reading thread only; status() may
     be called from any thread (it reads plain attributes)."""
@@ -60,6 +119,7 @@ class Recorder:
         self._out = None                  # the open output container, its stream and its .part path
         self._out_stream = None
         self._part: str | None = None
+        self._tag = ""
         self._first_pts: int | None = None          # input pts of the file's first packet
         self._last_dts: int | None = None
         self._end_pts: int | None = None            # the end (pts + duration) of the latest packet
@@ -103,14 +163,18 @@ class Recorder:
             if not packet.is_keyframe or time.monotonic() < self._paused_until:
                 return
             self._open(packet)
-        if self._start_epoch is None:
-            self._start_epoch = clock.epoch(float(self._first_pts * tb))
         pts, dts, duration = packet.pts, packet.dts, packet.duration or 0
         packet.stream = self._out_stream
         packet.pts, packet.dts = pts - self._first_pts, dts - self._first_pts
         self._out.mux(packet)
         self._last_dts = dts
         self._end_pts = max(self._end_pts or 0, pts + duration)
+        if self._start_epoch is None:                   # (after a mux: the file exists once its header is written)
+            self._start_epoch = clock.epoch(float(self._first_pts * tb))
+            if self._start_epoch is not None:           # now clips can place it: a name with its start
+                named = os.path.join(self.folder, part_name(self._start_epoch, self._tag))
+                os.replace(self._part, named)
+                self._part = named
 
     def _must_split(self, packet, tb) -> bool:
         if packet.dts <= self._last_dts or float((packet.dts - self._last_dts) * tb) > MAX_JUMP_S:
@@ -119,8 +183,9 @@ class Recorder:
 
     def _open(self, packet) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        self._part = os.path.join(self.folder, f".{os.getpid()}-{id(self)}-{next(self._names)}{PART_SUFFIX}")
-        self._out = av.open(self._part, "w", format="mp4")
+        self._tag = f"{os.getpid()}-{id(self)}-{next(self._names)}"
+        self._part = os.path.join(self.folder, f".{self._tag}{PART_SUFFIX}")
+        self._out = av.open(self._part, "w", format="mp4", options=MUXER_OPTIONS)
         try:
             self._out_stream = self._out.add_stream_from_template(self._input)
         except Exception:
