@@ -5,9 +5,11 @@
 
 Starts `tubescope serve` (a closed local Ray, the embedded Redis, the tiny model) on a fresh data dir, registers N
 file feeds over REST (local files play at real time and loop, as a camera would), and every `--every` seconds
-samples the resident memory of the whole process tree (the service, Ray's GCS and raylet, every worker) and the
-feeds' counters. Reported: RSS over time, the slope of a least-squares line over the second half of the run (MB per
-minute; a bounded service tends to 0 once its caches and queues are full), segments indexed and dropped. On a small
+samples the memory of the whole process tree (the service, Ray's GCS and raylet, every worker) and the feeds'
+counters. Reported: RSS and USS over time (RSS also counts the pages of Ray's shared object store each worker has
+touched, so it climbs while the store fills; USS, the memory no other process shares, is what a leak grows), the
+slope of a least-squares line through USS over the second half of the run (MB per minute; a bounded service tends to
+0 once its caches and queues are full), USS per process, segments indexed and dropped. On a small
 machine the feeds outrun the encoder: that must show as counted drops, never as memory growth.
 """
 from __future__ import annotations
@@ -38,23 +40,26 @@ def make_video(path: Path, seconds: float, size: str, fps: int = 25) -> Path:
     return path
 
 
-def tree_rss_mb(pid: int) -> float:
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, USS) of the process tree in MB. RSS counts the pages of Ray's shared object store each worker touched
+    (once per worker), so it grows while the store fills; USS (memory no other process shares) is what leaks."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
+        return 0.0, 0.0
+    rss = uss = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
+            info = p.memory_full_info()
+            rss, uss = rss + info.rss, uss + info.uss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total / 2**20
+    return rss / 2**20, uss / 2**20
 
 
 def rss_by_process(pid: int) -> dict[str, float]:
-    """MB per process of the tree, keyed by what it is (a Ray worker's actor or task name, else its command)."""
+    """USS in MB per process of the tree, keyed by what it is (a Ray worker's actor or task name, else its command)."""
     out: dict[str, float] = {}
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -65,7 +70,7 @@ def rss_by_process(pid: int) -> dict[str, float]:
             cmd = p.cmdline()
             name = cmd[0] if cmd and cmd[0].startswith("ray::") else " ".join(cmd)[:60]
             key = f"{name} [{p.pid}]"
-            out[key] = round(p.memory_info().rss / 2**20, 1)
+            out[key] = round(p.memory_full_info().uss / 2**20, 1)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
@@ -124,7 +129,8 @@ def main() -> None:
             while (elapsed := time.time() - start) < args.seconds:
                 status = c.get("/v1/status").json().get("feeds", {})      # feed id -> its reader's status
                 status = {k: v for k, v in status.items() if isinstance(v, dict)}
-                sample = {"t": round(elapsed, 1), "rss_mb": round(tree_rss_mb(service.pid), 1),
+                rss, uss = tree_memory_mb(service.pid)
+                sample = {"t": round(elapsed, 1), "rss_mb": round(rss, 1), "uss_mb": round(uss, 1),
                           "segments": sum(s.get("segments_produced", 0) or 0 for s in status.values()),
                           "drops": sum(s.get("drops", 0) or 0 for s in status.values())}
                 samples.append(sample)
@@ -141,18 +147,18 @@ def main() -> None:
             service.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
-    half = [(s["t"], s["rss_mb"]) for s in samples if s["t"] >= args.seconds / 2]
+    half = [(s["t"], s["uss_mb"]) for s in samples if s["t"] >= args.seconds / 2]
     print(json.dumps({
         "bench": "soak", "machine": f"{platform.machine()} {os.cpu_count()} cpus", "feeds": args.feeds,
         "size": args.size, "seconds": args.seconds,
-        "rss_mb_first": samples[0]["rss_mb"] if samples else None,
-        "rss_mb_max": max((s["rss_mb"] for s in samples), default=None),
-        "rss_mb_last": samples[-1]["rss_mb"] if samples else None,
-        "slope_mb_per_min_second_half": slope_mb_per_min(half),
+        "rss_mb_first_last": [samples[0]["rss_mb"], samples[-1]["rss_mb"]] if samples else None,
+        "uss_mb_first_max_last": [samples[0]["uss_mb"], max(s["uss_mb"] for s in samples), samples[-1]["uss_mb"]]
+        if samples else None,
+        "uss_slope_mb_per_min_second_half": slope_mb_per_min(half),
         "segments_produced": samples[-1]["segments"] if samples else 0,
         "drops": samples[-1]["drops"] if samples else 0,
         "indexed_segments": indexed, "samples": samples,
-        "rss_mb_by_process": {k: [(first_by_process or {}).get(k), v] for k, v in sorted(
+        "uss_mb_by_process_after_warmup_and_at_end": {k: [(first_by_process or {}).get(k), v] for k, v in sorted(
             last_by_process.items(), key=lambda kv: -kv[1])},
         "feeds_last_error": {k: v.get("last_error") for k, v in feeds_status.items()},
     }, indent=2))
