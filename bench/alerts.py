@@ -10,7 +10,7 @@ config). Every alert watches every feed with a threshold no score reaches below 
 0, so each live segment is scored against 8 questions in the follower's batched call. Latency per hit is the
 entry's Redis timestamp minus the segment's t1 (its last frame plus one sample period); hits of segments that end
 during the warm-up are left out. The indexing share (segment end -> indexed, `latency_s` of tubescope:segments) is
-reported beside it. Goal (issue 14): p95 <= 3 s on this machine.
+reported beside it. Goal: p95 <= 3 s on this machine (docs/architecture.md, "Standing alerts").
 """
 from __future__ import annotations
 
