@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.video.sampler_config import SamplerConfig
+from pipeline.video.stream import StreamSampler
 from services import RAY_TEST_CPUS, RayLocal, start_local_ray, start_redis
+from streams import LOOPBACK, SMALL, make_stream_video
 from videos import VideoSpec, encode_video
 
 RAY_TEST_TIMEOUT_S = 180
@@ -109,3 +112,27 @@ def ray_local() -> RayLocal:
     cluster = start_local_ray(RAY_TEST_CPUS)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def stream_video(tmp_path_factory):
+    """3 s of 320x240 H.264 at 25 fps, a keyframe every second."""
+    return make_stream_video(tmp_path_factory.mktemp("streams") / "g25.mp4", seconds=3.0)
+
+
+@pytest.fixture
+def samplers():
+    """Start StreamSamplers (small frames, loopback allowed) by samplers(url, **config); all are stopped at the end
+    whatever happens."""
+    made = []
+
+    def make(url, source_id="cam", on_event=None, **kw):
+        s = StreamSampler(SamplerConfig(source_id=source_id, url=str(url), **{**SMALL, "hosts": LOOPBACK, **kw}),
+                          on_event=on_event)
+        made.append(s)
+        s.start()
+        return s
+
+    yield make
+    for s in made:
+        s.stop(timeout_s=10)

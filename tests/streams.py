@@ -27,6 +27,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from pipeline.video.hosts import HostPolicy
+
 GST_PYTHON = "/usr/bin/python3"        # Debian's interpreter: it has PyGObject (gi); the venv does not
 FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
 APT_HINT = ("apt-get install -y --no-install-recommends gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
@@ -372,3 +374,10 @@ class _Command(_Server):
 
 __all__ = ["APT_HINT", "HlsServer", "RtspServer", "TcpRelay", "UdpSender", "free_tcp_port", "free_udp_port",
            "make_stream_video", "wait_for"]
+
+
+# Reader settings the stream tests share: small frames keep them light on 2 cores; the test servers listen on
+# 127.0.0.1, which feeds read only when allowed; retries fast enough for a test to watch several.
+SMALL = dict(min_pixels=4 * 784, max_pixels=64 * 784)
+LOOPBACK = HostPolicy(allow=("127.0.0.1",))
+FAST_RETRY = dict(backoff_initial_s=0.2, backoff_max_s=1.0, open_timeout_s=2.0, read_timeout_s=2.0)
