@@ -32,7 +32,6 @@ STREAM_SOURCES = {"448x448": (448, 448), "720p": (720, 1280)}
 TEXT_IDS = 5000                   # prompt text: ordinary token ids below this
 
 
-
 def log(message: str) -> None:
     print(f"[serve_gpu {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
