@@ -220,6 +220,7 @@ def tower_report(run: Run, ours: dict, ref: dict | None) -> dict:
 def streams_ours(run: Run, model) -> dict:
     from actors.encoder import VisionEncoder
 
+    log(f"[{run.size}] streams: writing the tower's checkpoint and loading it as the encoder actors do")
     folder = write_vision_checkpoint(model, run.workdir / f"vision-{run.size}")
     budget = Settings.model_fields["encoder_token_budget"].default
     encoder = VisionEncoder(str(folder), token_budget=budget, dtype=run.dtype, device=str(run.device),
