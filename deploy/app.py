@@ -315,6 +315,11 @@ def _gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
+def decoder_actor_options(settings: Settings, cluster_gpus: float) -> dict[str, Any]:
+    """A decoder replica's reservation: decoder_gpus GPUs (its layers split over them) when the cluster has GPUs."""
+    return {"num_cpus": settings.decoder_cpus, **({"num_gpus": settings.decoder_gpus} if cluster_gpus >= 1 else {})}
+
+
 def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool = True, live: bool = True):
     """The Serve application: ApiIngress bound to DecoderServer, RetentionService, (feeds=True) FeedService and
     (settings.captions) CaptionService.
@@ -338,7 +343,7 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
     decoder_opts: dict[str, Any] = dict(
         num_replicas=settings.decoder_replicas, max_ongoing_requests=settings.decoder_max_ongoing_requests,
         max_queued_requests=settings.decoder_max_queued_requests,
-        ray_actor_options={"num_cpus": settings.decoder_cpus, **({"num_gpus": 1} if _gpus() >= 1 else {})})
+        ray_actor_options=decoder_actor_options(settings, _gpus()))
     decoder = serve.deployment(DecoderServer).options(name=DECODER, **decoder_opts).bind(
         settings, str(model_path), settings.redis_url)
     feed_service = None

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     # the decoder deployment (Ray Serve)
     decoder_replicas: int = Field(1, ge=1)
     decoder_cpus: float = Field(0.25, ge=0)       # per replica; a fraction leaves room for Serve and Ray Data on 2 CPUs
+    # GPUs per replica when the cluster has GPUs; >1 splits the decoder's layers over them (qwen2vl/placement.py)
+    decoder_gpus: int = Field(1, ge=1, le=16)
     decoder_max_ongoing_requests: int = Field(1, ge=1)   # per replica; more wait in Serve's queue
     decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503

@@ -10,12 +10,16 @@ its layer's device by the first write, so nothing else in the model knows about 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .config import Qwen2VLConfig
 
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# The share of a GPU's memory the weights may take; the rest holds the KV caches of concurrent questions and
+# cached prefixes, and activations (qwen2vl/sizes.py counts GPUs per size with it).
+WEIGHT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,21 @@ def _balanced_counts(n_layers: int, layer_bytes: int, fixed: list[int]) -> list[
     return counts[::-1]
 
 
+def plan_gpus(config: Qwen2VLConfig | str | Path, gpus: int, dtype: torch.dtype) -> DeviceMap | None:
+    """The layers over cuda:0..gpus-1 (the GPUs Ray gave this process), None for one GPU. Each GPU may hold
+    WEIGHT_SHARE of its memory in weights; ValueError when fewer GPUs are visible or the model does not fit."""
+    if gpus == 1:
+        return None
+    if not isinstance(config, Qwen2VLConfig):
+        config = Qwen2VLConfig.from_json(config)
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ValueError(f"{gpus} GPUs asked for but this process sees {visible}")
+    memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+    return plan_devices(config, [f"cuda:{i}" for i in range(gpus)], dtype=dtype,
+                        memory_per_device=int(memory * WEIGHT_SHARE))
+
+
 def place_(model, device_map: DeviceMap):
     """Move a built Qwen2VL's parts to their devices (tests and small models; a checkpoint loads straight onto
     them: qwen2vl/checkpoint.py load_pretrained(device_map=...)). Returns the model."""
@@ -172,4 +191,4 @@ def place_(model, device_map: DeviceMap):
     return model
 
 
-__all__ = ["DeviceMap", "PartBytes", "Stage", "part_bytes", "place_", "plan_devices"]
+__all__ = ["WEIGHT_SHARE", "DeviceMap", "PartBytes", "Stage", "part_bytes", "place_", "plan_devices", "plan_gpus"]
