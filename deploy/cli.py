@@ -107,6 +107,18 @@ def model_sizes(ctx: click.Context, prompt_tokens: int | None, answer_tokens: in
     click.echo(gpu_table(gpu_memory_gib), nl=False)
 
 
+@model_group.command("configs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to write into (default: deploy/sizes of this checkout)")
+def model_configs(out: Path | None) -> None:
+    """Write the Serve and KubeRay configs of each released size (deploy/sizes/<size>/serve.yaml and
+    rayservice.yaml), made from deploy/serve.yaml and deploy/kuberay/rayservice.yaml."""
+    from deploy.size_configs import SIZES_DIR, write_all
+
+    for path in write_all(out or SIZES_DIR):
+        click.echo(path)
+
+
 # ---- index / segments ----------------------------------------------------------------------------------------------
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True)
