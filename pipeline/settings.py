@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
 
     # ---- live feeds -------------------------------------------------------------------------------------------
+    # registered feeds per live encoder actor (each its own vision tower, and GPU: gpus_per_encoder rule); the
+    # actors follow the feed count, as many as the free CPUs or GPUs allow
+    feeds_per_live_encoder: int = Field(8, ge=1)
     feed_queue_segments: int = Field(4, ge=1)     # per-feed queue (reader; live indexer while writes fail); drops oldest
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
     feed_schemes: list[str] = list(NETWORK_SCHEMES)   # network schemes of the protocol table, or fewer
