@@ -39,7 +39,8 @@ def check_reader_capacity(settings: Settings, feeds: int, total_cpus: float) -> 
         raise ValueError(
             f"no capacity left for another feed reader: each claims {READER_CPUS:g} CPU, and the cluster's "
             f"{total_cpus:g} CPUs hold {capacity} beside the service's own {service_cpus(settings, capacity):g} "
-            f"(decoder, live encoders, room for one archive task); {feeds} feed(s) are registered. Remove a feed or add CPUs")
+            f"(decoder, live encoders, room for one archive task); {feeds} feed(s) are registered. Remove a feed or "
+            "add CPUs")
 
 
 __all__ = ["check_reader_capacity", "reader_capacity", "service_cpus"]

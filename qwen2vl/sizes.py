@@ -93,4 +93,5 @@ def markdown_table(rows: list[dict]) -> str:
         f"| {r['kv_per_1k_tokens_mib']:.1f} MiB | {r['per_question_gib']:.2f} GiB |\n" for r in rows)
 
 
-__all__ = ["SIZES", "gpu_table", "gpus_needed", "kv_bytes_per_token", "markdown_table", "parameter_counts", "released_config", "serving_table"]
+__all__ = ["SIZES", "gpu_table", "gpus_needed", "kv_bytes_per_token", "markdown_table", "parameter_counts",
+           "released_config", "serving_table"]
