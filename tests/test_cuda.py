@@ -205,6 +205,7 @@ def test_split_over_two_gpus_equals_one_gpu(tmp_path):
     a, b = whole(ids, use_cache=True), split(ids, use_cache=True)
     assert b.logits.device == torch.device("cuda:1")
     assert torch.equal(a.logits, b.logits.to("cuda:0"))
-    assert [b.past_key_values.layer(i)[0].device.index for i in range(4)] == \
-        [plan.layers[i].index for i in range(4)]
+    on_layer_devices = [plan.layers[i].index for i in range(4)]
+    for cache in (b.past_key_values, b.past_key_values.clone(spare=4), b.past_key_values.repeat(2)):
+        assert [cache.layer(i)[0].device.index for i in range(4)] == on_layer_devices
     assert torch.equal(whole.generate(ids, max_new_tokens=12), split.generate(ids, max_new_tokens=12))
