@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import ray
 import redis as redis_lib
@@ -34,7 +35,9 @@ LIVE_INDEXER_CPUS = 0.5        # the live encoder's claim (deploy/capacity.py co
 class LiveIndexer:
     """One per service. `start()` runs the pull/encode/index loop in a thread; `stop()` ends it."""
 
-    def __init__(self, settings, model_path: str, redis_url: str, namespace: str = "tubescope"):
+    def __init__(self, settings, model_path: str, redis_url: str, namespace: str = "tubescope",
+                 shard: tuple[int, int] = (0, 1)):
+        """shard: (index, count): this actor pulls the feeds pipeline.live.shard_feeds gives index of count."""
         from actors.encoder import VisionEncoder
         from pipeline.events import EventSink
         from pipeline.index import SegmentIndex
@@ -53,6 +56,7 @@ class LiveIndexer:
                                  max_held_per_feed=settings.feed_queue_segments)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shard = shard
         self._feeds: list[str] = []                 # the last registry read from Redis (feed ids)
         self._handles: dict[str, object] = {}       # feed id -> its reader actor
         self._pulls: dict[ray.ObjectRef, str] = {}  # outstanding pulls, at most one per feed
@@ -74,10 +78,44 @@ class LiveIndexer:
         self.events.close()
         return True
 
+    def set_shard(self, index: int, count: int) -> bool:
+        """Pull the feeds of live encoder `index` of `count` from the next round on (the pool changed size)."""
+        from pipeline.live import shard_feeds
+
+        shard_feeds([], index, count)               # ValueError for a shard that does not exist
+        self._shard = (index, count)
+        return True
+
+    def drain(self, timeout_s: float = 30.0) -> dict:
+        """End the loop, then finish what this actor holds: the replies of its outstanding pulls are encoded and
+        every held segment written, retried until `timeout_s`; what still waits then is counted lost (writes
+        failing all that time). The actor is then stopped; returns its status."""
+        from pipeline.live import RETRY_MAX_S
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while (self._pulls or self.core.held_count) and time.monotonic() < deadline:
+            segments = []
+            if self._pulls:
+                ready, _ = ray.wait(list(self._pulls), num_returns=len(self._pulls),
+                                    timeout=max(0.0, min(ROUND_DEADLINE_S, deadline - time.monotonic())))
+                segments = self._take(ready)
+            self.core.process(segments)
+            if self.core.held_count and not self._pulls:
+                time.sleep(min(RETRY_MAX_S, max(0.0, deadline - time.monotonic()), 0.5))
+        for ref in self._pulls:                     # a reader that never answered keeps those segments queued
+            ray.cancel(ref)
+        self._pulls.clear()
+        self.core.give_up("live encoder removed while index writes fail")
+        self.stop()
+        return self.status()
+
     def status(self) -> dict:
         return {"running": bool(self._thread and self._thread.is_alive()), "rounds": self.rounds,
                 "segments": self.core.segments, "errors": self.core.errors, **self.core.status(),
-                "last_error": self.last_error, "registry_error": self.registry_error,
+                "shard": list(self._shard), "last_error": self.last_error, "registry_error": self.registry_error,
                 "pending_pulls": sorted(self._pulls.values()), "events": self.events.stats(),
                 "last_latency_s": self.core.last_latency_s, "encoder_batches": self.core.encoder.stats.batches,
                 "encoder_fill": self.core.encoder.stats.mean_fill}
@@ -109,9 +147,11 @@ class LiveIndexer:
         return self._handles[feed_id]
 
     def _pull(self) -> list[Segment]:
+        from pipeline.live import shard_feeds
+
         waiting = set(self._pulls.values())
         fresh = []
-        for feed_id in self._registry():
+        for feed_id in shard_feeds(self._registry(), *self._shard):
             handle = None if feed_id in waiting else self._handle(feed_id)
             if handle is not None:
                 ref = handle.next_segments.remote(MAX_SEGMENTS_PER_FEED, PULL_TIMEOUT_S)
@@ -124,6 +164,10 @@ class LiveIndexer:
         older = [ref for ref in self._pulls if ref not in fresh_set]
         if older:                         # replies of earlier rounds that came since: taken, never dropped
             ready += ray.wait(older, num_returns=len(older), timeout=0)[0]
+        return self._take(ready)
+
+    def _take(self, ready: list) -> list[Segment]:
+        """The segments of answered pulls; a dead reader's handle is looked up again next round."""
         segments: list[Segment] = []
         for ref in ready:
             feed_id = self._pulls.pop(ref)
@@ -147,3 +191,99 @@ class LiveIndexer:
                 log.exception("live indexing round failed")
                 self._stop.wait(1.0)
             self.rounds += 1
+
+
+def live_encoder_options(gpus_per_encoder: float, cluster_gpus: float) -> dict:
+    """What one live encoder actor reserves: a GPU share (gpus_per_encoder) when the cluster has GPUs, as the
+    archive encoders do (pipeline/archive.py), and its CPU claim."""
+    return {"num_cpus": LIVE_INDEXER_CPUS, "num_gpus": float(gpus_per_encoder) if cluster_gpus >= 1 else 0.0}
+
+
+class LiveEncoderPool:
+    """The service's LiveIndexer actors: `scale(feeds)` keeps one per `feeds_per_live_encoder` registered feeds, as
+    many as the cluster's free GPUs (or CPUs, without GPUs) allow, and at least one. Actors are added before the
+    others hand feeds over and removed after the others took them, and a removed one drains (LiveIndexer.drain)
+    before it ends, so resizing loses no segment (docs/architecture.md, "Live indexing")."""
+
+    def __init__(self, settings, model_path: str, redis_url: str, namespace: str = "tubescope",
+                 start_timeout_s: float = 300.0, drain_timeout_s: float = 30.0):
+        self.settings, self.model_path, self.redis_url, self.namespace = settings, model_path, redis_url, namespace
+        self.start_timeout_s, self.drain_timeout_s = start_timeout_s, drain_timeout_s
+        self.options = live_encoder_options(settings.gpus_per_encoder, ray.cluster_resources().get("GPU", 0.0))
+        self.actors: list = []
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def scale(self, feeds: int) -> int:
+        """Resize the pool for `feeds` registered feeds; returns the number of actors."""
+        from pipeline.live import live_encoder_count
+
+        with self._lock:
+            target = live_encoder_count(feeds, self.settings.feeds_per_live_encoder, self._most())
+            if target > len(self.actors):
+                self._grow(target)
+            elif target < len(self.actors):
+                self._shrink(target)
+            return len(self.actors)
+
+    def _most(self) -> int:
+        """Actors the cluster holds: these plus what its free resources start (Ray's view at this moment)."""
+        free = ray.available_resources()
+        most = []
+        for resource, key in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+            if self.options[resource] > 0:
+                most.append(len(self.actors) + int(free.get(key, 0.0) / self.options[resource] + 1e-9))
+        return max(1, min(most)) if most else max(1, len(self.actors))
+
+    def _grow(self, target: int) -> None:
+        started = []
+        for i in range(len(self.actors), target):
+            actor = LiveIndexer.options(**self.options).remote(self.settings, self.model_path, self.redis_url,
+                                                               self.namespace, (i, target))
+            try:
+                ray.get(actor.start.remote(), timeout=self.start_timeout_s)     # its tower is loaded
+            except Exception as e:  # noqa: BLE001 - not schedulable or failed to load: fewer actors, said so
+                self.last_error = f"live encoder {i} did not start: {type(e).__name__}: {e}"[:500]
+                log.error("%s", self.last_error)
+                ray.kill(actor, no_restart=True)
+                break
+            started.append(actor)
+        self.actors += started
+        self._reshard()
+
+    def _shrink(self, target: int) -> None:
+        leaving, self.actors = self.actors[target:], self.actors[:target]
+        self._reshard()                             # the others pull the leavers' feeds before they drain
+        for actor in leaving:
+            try:
+                ray.get(actor.drain.remote(self.drain_timeout_s), timeout=self.drain_timeout_s + 30)
+            except Exception as e:  # noqa: BLE001 - a dead actor had nothing left to drain
+                self.last_error = f"live encoder did not drain: {type(e).__name__}: {e}"[:500]
+            ray.kill(actor, no_restart=True)
+
+    def _reshard(self) -> None:
+        count = len(self.actors)
+        ray.get([a.set_shard.remote(i, count) for i, a in enumerate(self.actors)], timeout=60)
+
+    def status(self, timeout_s: float = 5.0) -> dict:
+        """The actors' statuses summed up, and each one's."""
+        statuses = []
+        for actor in list(self.actors):
+            try:
+                statuses.append(ray.get(actor.status.remote(), timeout=timeout_s))
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                statuses.append({"running": False, "error": f"{type(e).__name__}: {e}"})
+        return {"running": bool(statuses) and all(st["running"] for st in statuses), "encoders": len(statuses),
+                "segments": sum(st.get("segments", 0) for st in statuses),
+                "errors": sum(st.get("errors", 0) for st in statuses), "reserves": dict(self.options),
+                "last_error": self.last_error, "actors": statuses}
+
+    def stop(self) -> None:
+        with self._lock:
+            for actor in self.actors:
+                try:
+                    ray.get(actor.stop.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - shutting down anyway
+                    pass
+                ray.kill(actor, no_restart=True)
+            self.actors = []

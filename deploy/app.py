@@ -2,7 +2,7 @@
 
     ApiIngress   (the FastAPI app of deploy.api; OpenAPI at /docs)  -- auth, limits, feeds, jobs, sources
        |-- DecoderServer  (deploy.decoder.Decoder: one model load per replica; search and ask)
-       `-- FeedService    (FeedSupervisor.run in a thread + the LiveIndexer actor: feeds resume after a restart)
+       `-- FeedService    (FeedSupervisor.run in a thread + the live encoder pool: feeds resume after a restart)
 
 `build_app(settings)` returns the bound Serve application; `run_app` starts it on a local Ray and waits until
 /healthz answers; `stop_app` shuts Serve down. deploy/serve.yaml names `deploy.app:app_from_env` for clusters.
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "tubescope"
 API, DECODER, FEEDS, RETENTION, CAPTIONS, ALERTS = "Api", "Decoder", "Feeds", "Retention", "Captions", "Alerts"   # deployment names (serve.yaml overrides them by name)
-LIVE_INDEXER_NAME = "tubescope-live-indexer"
 STATUS_TIMEOUT_S = 5.0
 
 
@@ -117,7 +116,8 @@ class DecoderServer:
 
 
 class FeedService:
-    """Runs FeedSupervisor.run in a thread (registry -> running FeedReaders) and, optionally, the LiveIndexer actor.
+    """Runs FeedSupervisor.run in a thread (registry -> running FeedReaders) and, optionally, the LiveIndexer actors
+    (actors/live.py LiveEncoderPool), as many as the feeds need.
 
     It is a Serve deployment of one replica, so a restarted or redeployed app resumes every registered feed."""
 
@@ -126,29 +126,37 @@ class FeedService:
 
         self.supervisor = FeedSupervisor(redis_url, settings)
         self.live = None
+        self._stop, self._wake = threading.Event(), threading.Event()
         if live:
-            from actors.live import LiveIndexer
+            from actors.live import LiveEncoderPool
 
-            self.live = LiveIndexer.options(name=LIVE_INDEXER_NAME, namespace=NAMESPACE).remote(
-                settings, model_path, redis_url)
-            self.live.start.remote()
+            self.live = LiveEncoderPool(settings, model_path, redis_url, NAMESPACE)
+            threading.Thread(target=self._scale_live, args=(settings.feed_reconcile_seconds,), name="live-scale",
+                             daemon=True).start()
         self._thread = threading.Thread(target=self.supervisor.run, args=(settings.feed_reconcile_seconds,),
                                         name="feed-supervisor", daemon=True)
         self._thread.start()
 
+    def _scale_live(self, interval_s: float) -> None:
+        """The live encoders follow the feeds that have a reader, in a thread of their own: starting or draining
+        an actor takes seconds that the readers' reconcile should not wait for."""
+        while not self._stop.is_set():
+            try:
+                self.live.scale(len(self.supervisor.readers()))
+            except Exception:  # noqa: BLE001 - Ray hiccup: the pool keeps its size, the next round retries
+                log.exception("live encoder scaling failed")
+            self._wake.wait(interval_s)
+            self._wake.clear()
+
     def reconcile_now(self) -> bool:
         """Start the supervisor's next round now (a feed was added or removed) instead of after its interval."""
         self.supervisor.wake()
+        self._wake.set()
         return True
 
     def status(self) -> dict:
         feeds = self.supervisor.statuses(STATUS_TIMEOUT_S)
-        live = None
-        if self.live is not None:
-            try:
-                live = ray.get(self.live.status.remote(), timeout=STATUS_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - reported, not raised
-                live = {"running": False, "error": f"{type(e).__name__}: {e}"}
+        live = None if self.live is None else self.live.status(STATUS_TIMEOUT_S)
         return {"feeds": feeds, "live_indexer": live}
 
     def __del__(self):
@@ -158,12 +166,10 @@ class FeedService:
         self.supervisor.stop()
         thread.join(timeout=10)
         self.supervisor.stop_all()
+        self._stop.set()
+        self._wake.set()
         if self.live is not None:
-            try:
-                ray.get(self.live.stop.remote(), timeout=30)
-                ray.kill(self.live, no_restart=True)
-            except Exception:  # noqa: BLE001 - shutting down anyway
-                pass
+            self.live.stop()
 
 
 class RetentionService:
@@ -315,6 +321,11 @@ def _gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
+def decoder_actor_options(settings: Settings, cluster_gpus: float) -> dict[str, Any]:
+    """A decoder replica's reservation: decoder_gpus GPUs (its layers split over them) when the cluster has GPUs."""
+    return {"num_cpus": settings.decoder_cpus, **({"num_gpus": settings.decoder_gpus} if cluster_gpus >= 1 else {})}
+
+
 def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool = True, live: bool = True):
     """The Serve application: ApiIngress bound to DecoderServer, RetentionService, (feeds=True) FeedService and
     (settings.captions) CaptionService.
@@ -338,7 +349,7 @@ def build_app(settings: Settings, *, model_path: str | None = None, feeds: bool 
     decoder_opts: dict[str, Any] = dict(
         num_replicas=settings.decoder_replicas, max_ongoing_requests=settings.decoder_max_ongoing_requests,
         max_queued_requests=settings.decoder_max_queued_requests,
-        ray_actor_options={"num_cpus": settings.decoder_cpus, **({"num_gpus": 1} if _gpus() >= 1 else {})})
+        ray_actor_options=decoder_actor_options(settings, _gpus()))
     decoder = serve.deployment(DecoderServer).options(name=DECODER, **decoder_opts).bind(
         settings, str(model_path), settings.redis_url)
     feed_service = None

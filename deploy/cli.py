@@ -91,15 +91,32 @@ def model_pull(ctx: click.Context, repo_id: str, revision: str | None) -> None:
 @click.option("--prompt-tokens", type=int, default=None,
               help="tokens of one question's prompt (default: ask_token_budget + 64)")
 @click.option("--answer-tokens", type=int, default=None, help="tokens of one answer (default: api_max_new_tokens)")
+@click.option("--gpu-memory-gib", type=click.FloatRange(min=1), default=80.0, show_default=True,
+              help="memory of one GPU, for the GPUs each decoder replica needs")
 @click.pass_context
-def model_sizes(ctx: click.Context, prompt_tokens: int | None, answer_tokens: int | None) -> None:
+def model_sizes(ctx: click.Context, prompt_tokens: int | None, answer_tokens: int | None,
+                gpu_memory_gib: float) -> None:
     """GPU memory of the released sizes (2B, 7B, 72B) in bf16 and fp32: weights of a decoder replica and of an
-    encoder actor, KV cache per 1,000 cached visual tokens, and per concurrent question (a markdown table)."""
-    from qwen2vl.sizes import markdown_table, serving_table
+    encoder actor, KV cache per 1,000 cached visual tokens, and per concurrent question (a markdown table); then
+    how many GPUs of --gpu-memory-gib a decoder replica splits its layers over (decoder_gpus)."""
+    from qwen2vl.sizes import gpu_table, markdown_table, serving_table
 
     settings = current_settings(ctx)
     click.echo(markdown_table(serving_table(prompt_tokens or settings.ask_token_budget + 64,
-                                            answer_tokens or settings.api_max_new_tokens)), nl=False)
+                                            answer_tokens or settings.api_max_new_tokens)))
+    click.echo(gpu_table(gpu_memory_gib), nl=False)
+
+
+@model_group.command("configs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to write into (default: deploy/sizes of this checkout)")
+def model_configs(out: Path | None) -> None:
+    """Write the Serve and KubeRay configs of each released size (deploy/sizes/<size>/serve.yaml and
+    rayservice.yaml), made from deploy/serve.yaml and deploy/kuberay/rayservice.yaml."""
+    from deploy.size_configs import SIZES_DIR, write_all
+
+    for path in write_all(out or SIZES_DIR):
+        click.echo(path)
 
 
 # ---- index / segments ----------------------------------------------------------------------------------------------

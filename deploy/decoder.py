@@ -50,6 +50,7 @@ from qwen2vl.dtypes import resolve_dtype
 from qwen2vl.generate import generate
 from qwen2vl.grounding import MARKERS as GROUNDING_MARKERS, Grounded, parse_grounding
 from qwen2vl.onednn_linear import use_onednn_linears_
+from qwen2vl.placement import plan_gpus
 from qwen2vl.processor import Processor
 
 MAX_NEW_TOKENS = 1024             # per question; larger requests are refused (ValueError)
@@ -68,7 +69,9 @@ class Decoder:
         self.device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype = resolve_dtype(settings.decoder_dtype if dtype is None else dtype, self.device)
-        self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device)
+        self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device,
+                                     device_map=None if self.device.type != "cuda" else
+                                     plan_gpus(self.model_path / "config.json", settings.decoder_gpus, dtype))
         self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
         self.model.argmax_head()          # built now (fp32 only), not inside the first question's timings
         use_onednn_linears_(self.model.model.layers)    # fp32 CPU matmuls through oneDNN (qwen2vl/onednn_linear)
@@ -207,7 +210,8 @@ class Decoder:
         stream = TextStream(self.processor.tokenizer, None, self.model.generation_config.eos_token_id)
         with self._lock:
             generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
-                     streamer=stream.put, **answer_sampling(self.model.generation_config).generate_kwargs(self.device))
+                     streamer=stream.put,
+                     **answer_sampling(self.model.generation_config).generate_kwargs(self.model.output_device))
         return stream.text
 
     def stats(self) -> dict:
@@ -260,7 +264,7 @@ class Decoder:
             suffix = torch.tensor([plan.suffix_ids], device=self.device)
             new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
                                streamer=stream.put, prompt_ids=torch.tensor([plan.input_ids], device=self.device),
-                               **sampling.generate_kwargs(self.device))[0].tolist()
+                               **sampling.generate_kwargs(self.model.output_device))[0].tolist()
         stream.finish()
         t_end = time.perf_counter()
 

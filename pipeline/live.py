@@ -81,6 +81,17 @@ class LiveIndexing:
             self._trim(source_id)
         return written
 
+    def give_up(self, error: str) -> int:
+        """Count everything still waiting as lost, with `error` as the cause (an actor that ends while writes fail);
+        returns how many segments that was."""
+        lost = 0
+        for source_id, held in list(self.held.items()):
+            if held:
+                self._count_lost(source_id, len(held), error)
+                lost += len(held)
+        self.held.clear()
+        return lost
+
     def status(self) -> dict:
         return {"held": {s: len(q) for s, q in self.held.items() if q}, "lost": dict(self.lost),
                 "write_errors": {s: f.error for s, f in self.failures.items()}}
@@ -164,6 +175,22 @@ class LiveIndexing:
         if self.events is not None:
             self.events.emit(ERRORS_STREAM, {"stage": "live-index", "kind": kind, "source_id": source_id,
                                              "segments": str(segments), "error": error, "time": time.time()})
+
+
+def live_encoder_count(feeds: int, feeds_per_encoder: int, most: int) -> int:
+    """Live encoder actors for `feeds` registered feeds: one per `feeds_per_encoder` begun, at most `most`, and at
+    least one, so a new feed is encoded without waiting for a tower to load."""
+    return max(1, min(most, -(-feeds // feeds_per_encoder)))
+
+
+def shard_feeds(feed_ids: list[str], index: int, count: int) -> list[str]:
+    """The feeds live encoder `index` of `count` pulls: every count-th of the sorted ids. Each actor reads the
+    registry itself and they agree without talking; while they disagree (a count or a registry changing) a feed may
+    have two pullers or none for a round, which loses nothing: a reader hands each segment out once and keeps it
+    queued until asked (docs/architecture.md, "Live indexing")."""
+    if not 0 <= index < count:
+        raise ValueError(f"live encoder {index} of {count} does not exist")
+    return sorted(feed_ids)[index::count]
 
 
 def _record(tubes, grid_thw, tokens, model_id: str) -> IndexedSegment:

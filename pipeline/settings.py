@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
 
     # ---- live feeds -------------------------------------------------------------------------------------------
+    # registered feeds per live encoder actor (each its own vision tower, and GPU: gpus_per_encoder rule); the
+    # actors follow the feed count, as many as the free CPUs or GPUs allow
+    feeds_per_live_encoder: int = Field(8, ge=1)
     feed_queue_segments: int = Field(4, ge=1)     # per-feed queue (reader; live indexer while writes fail); drops oldest
     feed_reconnect_max_seconds: float = Field(30.0, gt=0)  # cap of the exponential reconnect backoff
     feed_schemes: list[str] = list(NETWORK_SCHEMES)   # network schemes of the protocol table, or fewer
@@ -155,6 +158,8 @@ class Settings(BaseSettings):
     # the decoder deployment (Ray Serve)
     decoder_replicas: int = Field(1, ge=1)
     decoder_cpus: float = Field(0.25, ge=0)       # per replica; a fraction leaves room for Serve and Ray Data on 2 CPUs
+    # GPUs per replica when the cluster has GPUs; >1 splits the decoder's layers over them (qwen2vl/placement.py)
+    decoder_gpus: int = Field(1, ge=1, le=16)
     decoder_max_ongoing_requests: int = Field(1, ge=1)   # per replica; more wait in Serve's queue
     decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503

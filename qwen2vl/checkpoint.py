@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from .config import Qwen2VLConfig, TextConfig, VisionConfig
 from .model import GenerationDefaults, Qwen2VL
+from .placement import DeviceMap
 from .vision import VisionTransformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -20,8 +21,12 @@ NAME_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model.
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Qwen2VL:
-    """A Qwen2VL from a local HF-layout folder (config.json + model.safetensors or shards + index), in eval mode."""
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    device_map: DeviceMap | None = None) -> Qwen2VL:
+    """A Qwen2VL from a local HF-layout folder (config.json + model.safetensors or shards + index), in eval mode.
+
+    device_map (qwen2vl/placement.py): each tensor goes straight to its part's device instead of `device`; a map
+    without a vision tower leaves `model.visual` None."""
     path = Path(path)
     config = _read_config(path)
 
@@ -29,16 +34,23 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     # non-persistent buffers (rotary tables) exist, then its parameters are replaced by the loaded ones.
     with torch.device("meta"):
         model = Qwen2VL(config)
-    with torch.device(device):
-        model.visual = VisionTransformer(config.vision)
+    visual_device = device if device_map is None else device_map.visual
+    if visual_device is not None:
+        with torch.device(visual_device):
+            model.visual = VisionTransformer(config.vision)
+    else:
+        model.visual = None
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tied = config.text.tie_word_embeddings
-    state = _read_state_dict(path, expected, tied, dtype, device)
+    placement = (lambda name: device) if device_map is None else device_map.device_of
+    state = _read_state_dict(path, expected, tied, dtype, placement, skip="visual." if visual_device is None else None)
     if tied:   # no lm_head tensor in tied files (docs/model.md §10): share the embedding
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if device_map is not None:
+        model.model.split_points = device_map.split_points()
     model.generation_config = read_generation_config(path, config)
     return model.eval().requires_grad_(False)
 
@@ -52,7 +64,7 @@ def load_vision(path: str | Path, dtype: torch.dtype = torch.float32,
     with torch.device(device):
         visual = VisionTransformer(config.vision)
     expected = {f"visual.{name}": t.shape for name, t in visual.state_dict().items()}
-    state = _read_state_dict(path, expected, False, dtype, device, only="visual.")
+    state = _read_state_dict(path, expected, False, dtype, lambda name: device, only="visual.")
     visual.load_state_dict({name[len("visual."):]: t for name, t in state.items()}, strict=True, assign=True)
     return visual.eval().requires_grad_(False)
 
@@ -66,15 +78,16 @@ def _read_config(path: Path) -> Qwen2VLConfig:
     return Qwen2VLConfig.from_json(config_file)
 
 
-def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, device,
-                     only: str | None = None) -> dict[str, torch.Tensor]:
-    """only: read just the tensors whose (original) name starts with this prefix; the others are not opened."""
+def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, placement,
+                     only: str | None = None, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """placement: a tensor's (original) name -> its device. only: read just the tensors whose name starts with this
+    prefix; skip: leave out those that do (neither kind is read)."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for stored_name in f.keys():
                 name = original_name(stored_name)
-                if only is not None and not name.startswith(only):
+                if (only is not None and not name.startswith(only)) or (skip is not None and name.startswith(skip)):
                     continue
                 if tied and name == "lm_head.weight":
                     continue                      # some tied files carry a copy; the tie wins
@@ -87,8 +100,9 @@ def _read_state_dict(path: Path, expected: dict, tied: bool, dtype, device,
                 if tuple(tensor.shape) != tuple(expected[name]):
                     raise ValueError(f"shape mismatch for {stored_name} in {file.name}: file has "
                                      f"{tuple(tensor.shape)}, config.json implies {tuple(expected[name])}")
-                state[name] = tensor.to(device=device, dtype=dtype)
-    missing = [n for n in expected if n not in state and not (tied and n == "lm_head.weight")]
+                state[name] = tensor.to(device=placement(name), dtype=dtype)
+    missing = [n for n in expected if n not in state and not (tied and n == "lm_head.weight")
+               and not (skip is not None and n.startswith(skip))]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint {path} is missing tensors: {', '.join(missing[:5])}{more}")

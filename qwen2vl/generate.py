@@ -73,11 +73,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             else:
                 scores = out.logits[:, -1].float()                      # (B, V)
                 if repetition_penalty != 1.0:
-                    scores = _penalize_repeats(scores, seen, repetition_penalty)
+                    scores = _penalize_repeats(scores, seen.to(scores.device), repetition_penalty)
                 if do_sample:
                     token = _sample(scores, temperature, top_k, top_p, generator)
                 else:
                     token = scores.argmax(dim=-1)
+            token = token.to(finished.device)       # from the output layer's device (placement: the last one)
             token = torch.where(finished, torch.full_like(token, pad_id), token)   # (B,)
             new_tokens.append(token)
             put(token)

@@ -66,6 +66,16 @@ class Qwen2VL(nn.Module):
             self._argmax_head = (version, head)
         return self._argmax_head[1]
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go (the embeddings' device)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where logits and final hidden states come out (the output layer's device)."""
+        return self.lm_head.weight.device
+
     def new_cache(self) -> KVCache:
         return KVCache(self.config.text.num_hidden_layers)
 
@@ -137,7 +147,7 @@ class Qwen2VL(nn.Module):
                                    image_embeds, video_embeds, prefill=past == 0)
         position_ids, rope_deltas = self._positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                                     position_ids, rope_deltas, cache, past)
-        hidden = self.model(inputs_embeds, position_ids, key_mask, cache)                 # (B, S, D)
+        hidden = self.model(inputs_embeds, position_ids, key_mask, cache).to(self.output_device)   # (B, S, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]                                            # output layer only where asked
         if cache is not None:

@@ -62,6 +62,29 @@ def serving_table(prompt_tokens: int, answer_tokens: int) -> list[dict]:
     return rows
 
 
+def gpus_needed(config: Qwen2VLConfig, dtype: torch.dtype, gpu_bytes: int) -> int:
+    """GPUs of `gpu_bytes` each that one decoder replica splits its layers over (qwen2vl/placement.py): the fewest on
+    which no GPU holds more than WEIGHT_SHARE of its memory in weights. ValueError when no count does."""
+    from .placement import WEIGHT_SHARE, plan_devices
+
+    for n in range(1, config.text.num_hidden_layers + 1):
+        try:
+            plan_devices(config, [f"cuda:{i}" for i in range(n)], dtype=dtype,
+                         memory_per_device=int(gpu_bytes * WEIGHT_SHARE))
+        except ValueError:
+            continue
+        return n
+    raise ValueError(f"no number of {gpu_bytes / 2**30:.0f} GiB GPUs holds this model's layers")
+
+
+def gpu_table(gpu_gib: float) -> str:
+    """Markdown: GPUs of `gpu_gib` GiB per decoder replica for each size and dtype."""
+    rows = "".join(f"| Qwen2-VL-{size}-Instruct | {name} | "
+                   f"{gpus_needed(released_config(size), dtype, int(gpu_gib * 2**30))} |\n"
+                   for size in SIZES for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")))
+    return f"| checkpoint | dtype | GPUs of {gpu_gib:g} GiB per decoder replica |\n|---|---|---|\n" + rows
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| checkpoint | dtype | decoder weights | encoder weights | KV per 1k cached tokens | per concurrent "
             "question |\n|---|---|---|---|---|---|\n")
@@ -70,4 +93,5 @@ def markdown_table(rows: list[dict]) -> str:
         f"| {r['kv_per_1k_tokens_mib']:.1f} MiB | {r['per_question_gib']:.2f} GiB |\n" for r in rows)
 
 
-__all__ = ["SIZES", "kv_bytes_per_token", "markdown_table", "parameter_counts", "released_config", "serving_table"]
+__all__ = ["SIZES", "gpu_table", "gpus_needed", "kv_bytes_per_token", "markdown_table", "parameter_counts",
+           "released_config", "serving_table"]

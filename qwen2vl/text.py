@@ -186,6 +186,8 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # {first layer of a range on another device: that device}, set by qwen2vl/placement.py; empty on one device
+        self.split_points: dict[int, torch.device] = {}
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -196,9 +198,13 @@ class TextDecoder(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section, inputs_embeds.dtype)
         attn_bias, is_causal = attention_bias(key_mask, batch, seq, past, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            device = self.split_points.get(i)
+            if device is not None:          # a range on another device begins: carry what its layers read
+                x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+                attn_bias = None if attn_bias is None else attn_bias.to(device)
             x = layer(x, cos, sin, attn_bias, is_causal, cache)
-        return self.norm(x)
+        return self.norm(x.to(self.norm.weight.device))
 
 
 def attention_bias(key_mask: torch.Tensor | None, batch: int, seq: int, past: int, dtype: torch.dtype,

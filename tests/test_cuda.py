@@ -185,3 +185,27 @@ def test_encoder_actor_on_cuda_matches_cpu(tmp_path):
     scale = max(w.abs().max().item() for w in want)
     err = max((b.float() - w.float()).abs().max().item() for b, w in zip(bf16, want))
     assert err <= VISION_BF16_TOL * max(1.0, scale), f"bf16 max abs diff {err} at output scale {scale}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@torch.no_grad()
+def test_split_over_two_gpus_equals_one_gpu(tmp_path):
+    """The decoder's layers over cuda:0 and cuda:1 (qwen2vl/placement.py): each layer's cache on its layer's
+    device, logits and greedy tokens equal to the whole model on cuda:0 (same kernels, same summation order)."""
+    from qwen2vl.checkpoint import write_tiny_checkpoint, tiny_config
+    from qwen2vl.placement import plan_devices
+
+    folder = write_tiny_checkpoint(tmp_path, seed=9, num_hidden_layers=4)
+    plan = plan_devices(tiny_config(num_hidden_layers=4), ["cuda:0", "cuda:1"], dtype=torch.float32,
+                        visual="cuda:0")
+    whole = qwen2vl.load_pretrained(folder, device="cuda:0")
+    split = qwen2vl.load_pretrained(folder, device_map=plan)
+    assert {p.device.index for p in split.model.layers.parameters()} == {0, 1}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]], device="cuda:0")
+    a, b = whole(ids, use_cache=True), split(ids, use_cache=True)
+    assert b.logits.device == torch.device("cuda:1")
+    assert torch.equal(a.logits, b.logits.to("cuda:0"))
+    on_layer_devices = [plan.layers[i].index for i in range(4)]
+    for cache in (b.past_key_values, b.past_key_values.clone(spare=4), b.past_key_values.repeat(2)):
+        assert [cache.layer(i)[0].device.index for i in range(4)] == on_layer_devices
+    assert torch.equal(whole.generate(ids, max_new_tokens=12), split.generate(ids, max_new_tokens=12))

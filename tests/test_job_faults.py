@@ -87,8 +87,8 @@ def _claim_until(free_cpus):
 
 
 def test_reader_capacity_leaves_room_for_an_archive_task():
-    s = load_settings()                            # decoder 0.25 + live indexer 0.5 + one archive task 0.25
-    assert reader_capacity(s, 2) == 4 and reader_capacity(s, 16) == 60 and reader_capacity(s, 0.5) == 0
+    s = load_settings()         # decoder 0.25 + a live encoder (0.5) per 8 feeds + one archive task 0.25
+    assert reader_capacity(s, 2) == 4 and reader_capacity(s, 16) == 48 and reader_capacity(s, 0.5) == 0
     check_reader_capacity(s, 3, 2)
     with pytest.raises(ValueError, match="no capacity left for another feed reader.*4 feed"):
         check_reader_capacity(s, 4, 2)

@@ -75,3 +75,68 @@ def test_live_feed_segments_are_indexed_within_seconds(ray_local, redis_server, 
         ray.get(indexer.stop.remote(), timeout=60)
         ray.kill(indexer)
         sup.stop_all()
+
+
+def test_live_encoder_count_shards_and_reservation():
+    from actors.live import LIVE_INDEXER_CPUS, live_encoder_options
+    from pipeline.live import live_encoder_count, shard_feeds
+
+    assert [live_encoder_count(n, 8, 4) for n in (0, 1, 8, 9, 17, 100)] == [1, 1, 1, 2, 3, 4]
+    assert live_encoder_count(5, 1, 1) == 1                     # bounded by what the cluster holds
+    feeds = ["c", "a", "d", "b", "e"]
+    shards = [shard_feeds(feeds, i, 2) for i in range(2)]
+    assert shards == [["a", "c", "e"], ["b", "d"]]              # every feed once, balanced
+    with pytest.raises(ValueError, match="live encoder 2 of 2 does not exist"):
+        shard_feeds(feeds, 2, 2)
+    # with GPUs in the cluster each actor reserves its GPU share, like an archive encoder; without, only its CPUs
+    assert live_encoder_options(1.0, cluster_gpus=4.0) == {"num_cpus": LIVE_INDEXER_CPUS, "num_gpus": 1.0}
+    assert live_encoder_options(0.5, cluster_gpus=1.0)["num_gpus"] == 0.5
+    assert live_encoder_options(1.0, cluster_gpus=0.0) == {"num_cpus": LIVE_INDEXER_CPUS, "num_gpus": 0.0}
+
+
+@pytest.mark.timeout(240)
+def test_live_encoders_follow_the_feed_count_and_lose_no_segment(ray_local, redis_server, tmp_path):
+    """One live encoder per feed (feeds_per_live_encoder=1): a second feed starts a second actor, which takes that
+    feed over; removing the first feed removes an actor, whose feed moves back to the one left after it drained.
+    The moved feed's segments have no gap across both moves."""
+    from actors.live import LiveEncoderPool
+
+    model = qwen2vl.write_tiny_checkpoint(tmp_path / "tiny")
+    settings = load_settings(data_dir=tmp_path / "data", model_path=model, segment_seconds=1.0,
+                             min_pixels=4 * 784, max_pixels=64 * 784, feeds_per_live_encoder=1)
+    r = redis_server.client()
+    video = str(make_stream_video(tmp_path / "lobby.mp4", seconds=2.0))
+    sup = FeedSupervisor(redis_server.url, settings, sampler_options=SMALL_FEEDS, events=False)
+    pool = LiveEncoderPool(settings, str(model), redis_server.url)
+    index = SegmentIndex(settings.index_root)
+
+    def indexed(feed_id: str, at_least: int):
+        return wait_for(lambda: (lambda rows: rows if len(rows) >= at_least else None)(index.list(feed_id)), 60,
+                        what=f"{at_least} segments of {feed_id}")
+
+    def rescale() -> int:
+        sup.reconcile()
+        return pool.scale(len(sup.readers()))
+
+    try:
+        add_feed(r, video, feed_id="a", settings=settings)
+        assert rescale() == 1
+        add_feed(r, video, feed_id="b", settings=settings)
+        sup.reconcile()
+        before = len(indexed("b", 2))                              # pulled by the one actor so far
+        assert pool.scale(len(sup.readers())) == 2
+        status = pool.status()
+        assert status["running"] and [a["shard"] for a in status["actors"]] == [[0, 2], [1, 2]]
+        wait_for(lambda: pool.status()["actors"][1]["segments"] >= 2 or None, 60, what="the new actor indexing b")
+
+        remove_feed(r, "a")
+        assert rescale() == 1                                      # the actor pulling b drains and ends
+        after = len(indexed("b", before + 6))
+        status = pool.status()
+        assert status["encoders"] == 1 and status["actors"][0]["shard"] == [0, 1] and not status["actors"][0]["lost"]
+        t0s = sorted(row["t0"] for row in index.list("b"))
+        gaps = [round(later - earlier, 3) for earlier, later in zip(t0s, t0s[1:]) if later - earlier > 1.05]
+        assert not gaps, (gaps, after)
+    finally:
+        pool.stop()
+        sup.stop_all()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from click.testing import CliRunner, Result
 
 from deploy.cli import cli
@@ -286,14 +287,14 @@ def test_sigterm_stops_serve_cleanly(server):
 
 
 # ---- cluster deployment files --------------------------------------------------------------------------------------
-def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
+def _check_deploys_the_app(config: dict, service: dict, monkeypatch) -> dict:
+    """The checks every cluster config pair passes; returns the application's env vars."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import app as app_module
     from pipeline.settings import load_settings
 
-    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)                  # what `serve deploy` validates
     [application] = schema.applications
     module, attr = application.import_path.split(":")
@@ -307,20 +308,55 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
         monkeypatch.setenv(name, value)
     settings = load_settings()
     assert settings.redis_url and settings.index_dir
+    [decoder] = [d for d in application.deployments if d.name == app_module.DECODER]
+    assert decoder.ray_actor_options.num_gpus == settings.decoder_gpus     # what it reserves, it splits over
 
-    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
     assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}
     workers = cluster["workerGroupSpecs"]
-    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers
-               for c in w["template"]["spec"]["containers"])
+    node_gpus = [int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for w in workers
+                 for c in w["template"]["spec"]["containers"]]
+    assert max(node_gpus) >= settings.decoder_gpus                     # one node holds a whole replica
     # every Ray container (the app is built, and replicas run, on any node) reads the keys from a Secret
     for group in [cluster["headGroupSpec"], *workers]:
         for container in group["template"]["spec"]["containers"]:
             [keys] = [e for e in container["env"] if e["name"] == "TUBESCOPE_API_KEYS"]
             assert set(keys) == {"name", "valueFrom"} and keys["valueFrom"]["secretKeyRef"]["name"]
+    return env_vars
+
+
+def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    _check_deploys_the_app(config, service, monkeypatch)
+
+
+@pytest.mark.parametrize("size", ["2B", "7B", "72B"])
+def test_each_size_has_configs_that_deploy_the_same_app(size, monkeypatch, tmp_path):
+    """deploy/sizes/<size>/ are what `tubescope model configs` makes from the base pair (so they cannot drift
+    from it), name the size's checkpoint and dtype, and give a decoder replica the GPUs qwen2vl/sizes.py says it
+    needs on 80 GiB GPUs (the 72B: 4, on one node)."""
+    import yaml
+
+    from qwen2vl.sizes import gpus_needed, released_config
+
+    r = CliRunner().invoke(cli, ["model", "configs", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    folder = ROOT / "deploy" / "sizes" / size.lower()
+    for name in ("serve.yaml", "rayservice.yaml"):
+        assert (folder / name).read_text() == (tmp_path / size.lower() / name).read_text(), \
+            f"deploy/sizes/{size.lower()}/{name} is stale: run `tubescope model configs`"
+    config = yaml.safe_load((folder / "serve.yaml").read_text())
+    service = yaml.safe_load((folder / "rayservice.yaml").read_text())
+    env = _check_deploys_the_app(config, service, monkeypatch)
+    assert env["TUBESCOPE_MODEL_PATH"].endswith(f"/Qwen2-VL-{size}-Instruct")
+    assert env["TUBESCOPE_DECODER_DTYPE"] == "bfloat16"
+    assert int(env["TUBESCOPE_DECODER_GPUS"]) == gpus_needed(released_config(size), torch.bfloat16, 80 * 2**30) \
+        == (4 if size == "72B" else 1)
 
 
 def test_serve_on_a_taken_port_fails_fast(tmp_path):

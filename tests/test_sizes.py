@@ -26,5 +26,26 @@ def test_readme_sizing_table_is_the_computed_one(tmp_path, monkeypatch):
     monkeypatch.setenv("TUBESCOPE_DATA_DIR", str(tmp_path))
     out = CliRunner().invoke(cli, ["model", "sizes"])
     assert out.exit_code == 0, out.output
-    assert out.output in README.read_text()
+    serving, gpus = out.output.split("\n\n")          # the memory table, then GPUs per decoder replica
+    assert serving + "\n" in README.read_text() and gpus in README.read_text()
+    assert "| Qwen2-VL-72B-Instruct | bf16 | 4 |" in gpus
     assert re.search(r"Qwen2-VL-7B-Instruct \| bf16 \| 14\.2 GiB", out.output)
+
+
+def test_gpus_per_decoder_replica():
+    """Weights take at most half of each GPU (qwen2vl/placement.py WEIGHT_SHARE): the 72B in bf16 on four 80 GiB
+    GPUs, the 2B and 7B on one."""
+    from qwen2vl.sizes import gpus_needed
+
+    gib80 = 80 * 2**30
+    assert [gpus_needed(released_config(s), torch.bfloat16, gib80) for s in ("2B", "7B", "72B")] == [1, 1, 4]
+    assert gpus_needed(released_config("7B"), torch.float32, 40 * 2**30) == 2
+
+
+def test_decoder_replica_reserves_decoder_gpus_only_when_the_cluster_has_gpus():
+    from deploy.app import decoder_actor_options
+    from pipeline.settings import Settings
+
+    settings = Settings(decoder_gpus=4, decoder_cpus=1.0)
+    assert decoder_actor_options(settings, 8.0) == {"num_cpus": 1.0, "num_gpus": 4}
+    assert decoder_actor_options(settings, 0.0) == {"num_cpus": 1.0}
