@@ -84,6 +84,9 @@ _SPECS = [
                "Time since the oldest segment still waiting for a caption was indexed (0: none waiting)"),
     # ---- queries (label endpoint = the route, status = the HTTP status code)
     MetricSpec("tubescope_requests_total", "counter", "API requests", ("endpoint", "status")),
+    MetricSpec("tubescope_http_header_timeouts_total", "counter",
+               "Connections closed by the HTTP proxy because their request head did not arrive within "
+               "api_header_timeout_seconds"),
     MetricSpec("tubescope_request_duration_seconds", "histogram", "API request latency", ("endpoint",), SLOW_SECONDS),
     MetricSpec("tubescope_ask_duration_seconds", "histogram", "Time to answer a question (all tokens)", (),
                SLOW_SECONDS),
