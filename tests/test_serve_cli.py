@@ -291,6 +291,7 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import app as app_module
+    from deploy import header_deadline
     from pipeline.settings import load_settings
 
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
@@ -310,7 +311,14 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
 
     service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
-    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
+    service_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert service_config["applications"] == config["applications"]
+    # every proxy (any node) inherits the controller's env, which arms the request-head deadline
+    assert service_config["controller_options"] == config["controller_options"]
+    proxy_env = schema.controller_options.runtime_env["env_vars"]
+    monkeypatch.setenv(header_deadline.TIMEOUT_ENV, proxy_env[header_deadline.TIMEOUT_ENV])
+    assert proxy_env[header_deadline.PROXY_CALLBACK_ENV] == header_deadline.CALLBACK
+    assert header_deadline.header_timeout_from_env() == load_settings().api_header_timeout_seconds
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}
     workers = cluster["workerGroupSpecs"]
