@@ -21,7 +21,7 @@ from ray import serve
 from deploy.api.deps import ServiceContext
 from deploy.api.main import create_api
 from deploy.auth import Authorizer
-from deploy.header_deadline import proxy_env
+from deploy.http_deadlines import proxy_env
 from pipeline.index_files import IndexUnavailable
 from pipeline.retrieval import RetrievalUnavailable
 from pipeline.settings import Settings
@@ -382,7 +382,7 @@ def http_options(settings: Settings, host: str, port: int) -> dict:
 
 def controller_options(settings: Settings) -> dict:
     """The Serve controller's runtime_env, which the proxies it starts inherit: it makes each proxy install the
-    request-head deadline (api_header_timeout_seconds, deploy/header_deadline.py) before its uvicorn starts."""
+    request-head deadline (api_header_timeout_seconds, deploy/http_deadlines.py) before its uvicorn starts."""
     return {"runtime_env": {"env_vars": proxy_env(settings.api_header_timeout_seconds)}}
 
 

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     # own limit: Serve's request timeout can be lifted by a client header, and uvicorn has none for bodies)
     api_body_timeout_seconds: float = Field(30.0, gt=0)
     # slow clients: a connection's complete request head within this many seconds of connecting (or of its next
-    # request's first byte), else 408 and closed (Serve's proxy, deploy/header_deadline.py)
+    # request's first byte), else 408 and closed (Serve's proxy, deploy/http_deadlines.py)
     api_header_timeout_seconds: float = Field(10.0, gt=0, allow_inf_nan=False)
     api_keep_alive_seconds: int = Field(90, ge=1)        # an idle kept-alive connection is closed after this (Serve)
     api_request_timeout_seconds: float | None = Field(None, gt=0)   # end to end, streamed answers too (Serve)

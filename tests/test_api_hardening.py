@@ -229,7 +229,7 @@ def test_idle_kept_alive_connections_are_closed(app):
 
 
 def test_a_trickled_or_silent_request_head_is_408_and_closed_while_others_are_served(app):
-    """Serve's proxy keeps the request-head deadline (deploy/header_deadline.py): a slowloris client, one header
+    """Serve's proxy keeps the request-head deadline (deploy/http_deadlines.py): a slowloris client, one header
     byte a second, and a client that sends nothing are cut off after api_header_timeout_seconds; nobody waits."""
     trickled, silent = raw_connection(app), raw_connection(app)
     trickled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -261,7 +261,7 @@ def test_a_trickled_or_silent_request_head_is_408_and_closed_while_others_are_se
         silent.close()
     with http(app) as c:                     # counted by the proxy process, exported through Ray
         deadline = time.time() + 30
-        while not re.search(r"^tubescope_http_header_timeouts_total(\{[^}]*\})? ([2-9]|\d\d)",
+        while not re.search(r'^tubescope_http_timeouts_total\{[^}]*phase="head"[^}]*\} ([2-9]|\d\d)',
                             text := c.get("/metrics").text, re.M):
             assert time.time() < deadline, text[-3000:]
             time.sleep(0.5)

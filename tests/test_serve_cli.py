@@ -291,7 +291,7 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import app as app_module
-    from deploy import header_deadline
+    from deploy import http_deadlines
     from pipeline.settings import load_settings
 
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
@@ -316,9 +316,9 @@ def test_serve_yaml_and_rayservice_deploy_the_same_app(monkeypatch):
     # every proxy (any node) inherits the controller's env, which arms the request-head deadline
     assert service_config["controller_options"] == config["controller_options"]
     proxy_env = schema.controller_options.runtime_env["env_vars"]
-    monkeypatch.setenv(header_deadline.TIMEOUT_ENV, proxy_env[header_deadline.TIMEOUT_ENV])
-    assert proxy_env[header_deadline.PROXY_CALLBACK_ENV] == header_deadline.CALLBACK
-    assert header_deadline.header_timeout_from_env() == load_settings().api_header_timeout_seconds
+    monkeypatch.setenv(http_deadlines.TIMEOUT_ENV, proxy_env[http_deadlines.TIMEOUT_ENV])
+    assert proxy_env[http_deadlines.PROXY_CALLBACK_ENV] == http_deadlines.CALLBACK
+    assert http_deadlines.header_timeout_from_env() == load_settings().api_header_timeout_seconds
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}
     workers = cluster["workerGroupSpecs"]

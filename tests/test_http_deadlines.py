@@ -1,6 +1,6 @@
-"""The request-head deadline (deploy/header_deadline.py) on both of uvicorn's HTTP protocols, httptools and h11, over
-real sockets to a real uvicorn server in a thread of this process (no Ray); the Serve proxy that installs it is
-tested over HTTP in tests/test_api_hardening.py."""
+"""The slow-client deadlines (deploy/http_deadlines.py: request head, send stall) on both of uvicorn's HTTP
+protocols, httptools and h11, over real sockets to a real uvicorn server in a thread of this process (no Ray); the
+Serve proxy that installs them is tested over HTTP in tests/test_api_hardening.py."""
 from __future__ import annotations
 
 import socket
@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 from uvicorn.importer import import_from_string
 
-from deploy import header_deadline
+from deploy import http_deadlines
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
 from raw_http import read_response, read_responses, read_until_closed
@@ -21,7 +21,15 @@ KEEP_ALIVE_S = 3
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
+BIG_BYTES, CHUNK = 8 << 20, 1 << 20           # more than the kernel's socket buffers hold on loopback
+
+
 async def answer_ok(scope, receive, send):
+    if scope["path"] == "/big":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % BIG_BYTES)]})
+        for offset in range(0, BIG_BYTES, CHUNK):
+            await send({"type": "http.response.body", "body": b"x" * CHUNK, "more_body": offset + CHUNK < BIG_BYTES})
+        return
     body = b'{"ok": true}'
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
@@ -30,7 +38,7 @@ async def answer_ok(scope, receive, send):
 
 @pytest.fixture(scope="module", params=["h11", "httptools"])
 def port(request):
-    protocol = import_from_string(header_deadline.PROTOCOLS[request.param])
+    protocol = import_from_string(http_deadlines.PROTOCOLS[request.param])
     protocol = type(protocol.__name__, (protocol,), {"header_timeout_s": HEADER_TIMEOUT_S})
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(answer_ok, host="127.0.0.1", port=port, http=protocol, lifespan="off",
@@ -99,26 +107,58 @@ def test_pipelined_and_split_heads_are_answered(port):
         assert read_response(sock).startswith(b"HTTP/1.1 200")
 
 
+def big_download(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # before connecting: a small window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+    return sock
+
+
+def received(sock: socket.socket) -> int:
+    """Bytes read until the connection ends or the whole response (head and body) is in."""
+    total = 0
+    try:
+        while total < BIG_BYTES + 100 and (chunk := sock.recv(1 << 20)):
+            total += len(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return total
+
+
+def test_a_client_that_stops_reading_a_response_is_dropped(port):
+    with big_download(port) as sock:
+        time.sleep(KEEP_ALIVE_S + 2)          # reads nothing: its output waits on the server past the keep-alive
+        assert received(sock) < BIG_BYTES      # dropped (reset) before the whole response was taken
+
+
+def test_a_slow_but_reading_client_gets_the_whole_response(port):
+    with big_download(port) as sock:
+        time.sleep(KEEP_ALIVE_S / 2)           # a pause shorter than the keep-alive, then reads
+        assert received(sock) > BIG_BYTES
+
+
 def test_install_puts_both_protocols_in_uvicorns_table(monkeypatch):
     from uvicorn import config
 
     monkeypatch.setattr(config, "HTTP_PROTOCOLS", dict(config.HTTP_PROTOCOLS))
-    deadline = header_deadline.HeaderDeadline
+    deadline = http_deadlines.HttpDeadlines
     monkeypatch.setattr(deadline, "header_timeout_s", deadline.header_timeout_s)
-    monkeypatch.setenv(header_deadline.TIMEOUT_ENV, "2.5")
-    assert header_deadline.install() == []               # Serve's callback contract: a list of middlewares
-    assert header_deadline.HeaderDeadline.header_timeout_s == 2.5
+    monkeypatch.setenv(http_deadlines.TIMEOUT_ENV, "2.5")
+    assert http_deadlines.install() == []               # Serve's callback contract: a list of middlewares
+    assert http_deadlines.HttpDeadlines.header_timeout_s == 2.5
     for name in ("auto", "h11", "httptools"):
         cls = import_from_string(config.HTTP_PROTOCOLS[name])
-        assert issubclass(cls, header_deadline.HeaderDeadline), name
-    assert import_from_string(config.HTTP_PROTOCOLS["auto"]).__name__ == "HttpToolsWithHeaderDeadline"
+        assert issubclass(cls, http_deadlines.HttpDeadlines), name
+    assert import_from_string(config.HTTP_PROTOCOLS["auto"]).__name__ == "HttpToolsWithDeadlines"
     for bad in ("0", "-1", "nan", "inf", "soon"):
-        monkeypatch.setenv(header_deadline.TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=header_deadline.TIMEOUT_ENV):
-            header_deadline.install()
-    monkeypatch.delenv(header_deadline.TIMEOUT_ENV)
-    header_deadline.install()
-    assert header_deadline.HeaderDeadline.header_timeout_s == 10.0          # the settings' default
+        monkeypatch.setenv(http_deadlines.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=http_deadlines.TIMEOUT_ENV):
+            http_deadlines.install()
+    monkeypatch.delenv(http_deadlines.TIMEOUT_ENV)
+    http_deadlines.install()
+    assert http_deadlines.HttpDeadlines.header_timeout_s == 10.0          # the settings' default
 
 
 def test_the_setting_is_checked_and_reaches_the_proxy_env(tmp_path):
@@ -126,7 +166,7 @@ def test_the_setting_is_checked_and_reaches_the_proxy_env(tmp_path):
 
     settings = load_settings(data_dir=tmp_path, api_header_timeout_seconds=3)
     env = controller_options(settings)["runtime_env"]["env_vars"]
-    assert env == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deploy.header_deadline:install",
+    assert env == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deploy.http_deadlines:install",
                    "TUBESCOPE_API_HEADER_TIMEOUT_SECONDS": "3.0"}
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="api_header_timeout_seconds"):
