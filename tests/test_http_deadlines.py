@@ -4,54 +4,26 @@ Serve proxy that installs them is tested over HTTP in tests/test_api_hardening.p
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 from uvicorn.importer import import_from_string
 
 from deploy import http_deadlines
-from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
-from raw_http import read_response, read_responses, read_until_closed
+from raw_http import BIG_BYTES, big_download, read_response, read_responses, read_until_closed, received, serving
 
 HEADER_TIMEOUT_S = 1.0
 KEEP_ALIVE_S = 3
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
-BIG_BYTES, CHUNK = 8 << 20, 1 << 20           # more than the kernel's socket buffers hold on loopback
-
-
-async def answer_ok(scope, receive, send):
-    if scope["path"] == "/big":
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % BIG_BYTES)]})
-        for offset in range(0, BIG_BYTES, CHUNK):
-            await send({"type": "http.response.body", "body": b"x" * CHUNK, "more_body": offset + CHUNK < BIG_BYTES})
-        return
-    body = b'{"ok": true}'
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
-
-
 @pytest.fixture(scope="module", params=["h11", "httptools"])
 def port(request):
     protocol = import_from_string(http_deadlines.PROTOCOLS[request.param])
     protocol = type(protocol.__name__, (protocol,), {"header_timeout_s": HEADER_TIMEOUT_S})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(answer_ok, host="127.0.0.1", port=port, http=protocol, lifespan="off",
-                                           timeout_keep_alive=KEEP_ALIVE_S, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    with serving(protocol, KEEP_ALIVE_S) as port:
+        yield port
 
 
 def connect(port: int) -> socket.socket:
@@ -105,26 +77,6 @@ def test_pipelined_and_split_heads_are_answered(port):
         time.sleep(HEADER_TIMEOUT_S * 1.5)               # idle between requests: still open
         sock.sendall(GET)
         assert read_response(sock).startswith(b"HTTP/1.1 200")
-
-
-def big_download(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # before connecting: a small window
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
-    return sock
-
-
-def received(sock: socket.socket) -> int:
-    """Bytes read until the connection ends or the whole response (head and body) is in."""
-    total = 0
-    try:
-        while total < BIG_BYTES + 100 and (chunk := sock.recv(1 << 20)):
-            total += len(chunk)
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return total
 
 
 def test_a_client_that_stops_reading_a_response_is_dropped(port):
