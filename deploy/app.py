@@ -21,6 +21,7 @@ from ray import serve
 from deploy.api.deps import ServiceContext
 from deploy.api.main import create_api
 from deploy.auth import Authorizer
+from deploy.http_deadlines import proxy_env
 from pipeline.index_files import IndexUnavailable
 from pipeline.retrieval import RetrievalUnavailable
 from pipeline.settings import Settings
@@ -385,11 +386,15 @@ def app_from_env(args: dict | None = None):
 
 
 def http_options(settings: Settings, host: str, port: int) -> dict:
-    """Serve's HTTP proxy options. Its uvicorn has no timeout for a request's headers (the keep-alive timer starts
-    after a response), so a client that trickles headers holds a connection until it stops: bodies are bounded by
-    the app (api_body_timeout_seconds), headers only by a reverse proxy in front (docs/architecture.md, "REST API")."""
+    """Serve's HTTP proxy options. The request-head deadline is not among them: see controller_options."""
     return {"host": host, "port": port, "keep_alive_timeout_s": settings.api_keep_alive_seconds,
             "request_timeout_s": settings.api_request_timeout_seconds}
+
+
+def controller_options(settings: Settings) -> dict:
+    """The Serve controller's runtime_env, which the proxies it starts inherit: it makes each proxy install the
+    request-head deadline (api_header_timeout_seconds, deploy/http_deadlines.py) before its uvicorn starts."""
+    return {"runtime_env": {"env_vars": proxy_env(settings.api_header_timeout_seconds)}}
 
 
 def run_app(settings: Settings, *, host: str | None = None, port: int | None = None, feeds: bool = True,
@@ -407,7 +412,8 @@ def run_app(settings: Settings, *, host: str | None = None, port: int | None = N
     logging_config = {"log_level": "WARNING"} if quiet else None
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options=http_options(settings, host, port), logging_config=logging_config)
+    serve.start(http_options=http_options(settings, host, port), controller_options=controller_options(settings),
+                logging_config=logging_config)
     serve.run(build_app(settings, model_path=model_path, feeds=feeds, live=live), name=APP_NAME,
               route_prefix="/", blocking=False, logging_config=logging_config)
     url = f"http://{host}:{port}"

@@ -16,6 +16,7 @@ FILL_RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.5, 2.0, 
 
 PIPELINES = ("live", "archive")
 RETENTION_REASONS = ("age", "size")
+HTTP_TIMEOUT_PHASES = ("head", "send")
 DECODE_ERROR_KINDS = ("not_found", "empty", "corrupt", "unsupported", "frame_size", "io", "packet", "other")
 
 
@@ -84,6 +85,10 @@ _SPECS = [
                "Time since the oldest segment still waiting for a caption was indexed (0: none waiting)"),
     # ---- queries (label endpoint = the route, status = the HTTP status code)
     MetricSpec("tubescope_requests_total", "counter", "API requests", ("endpoint", "status")),
+    MetricSpec("tubescope_http_timeouts_total", "counter",
+               "Connections the HTTP proxy closed for a slow client: phase head = the request head did not arrive "
+               "within api_header_timeout_seconds, send = nothing of a waiting response read for "
+               "api_keep_alive_seconds", ("phase",)),
     MetricSpec("tubescope_request_duration_seconds", "histogram", "API request latency", ("endpoint",), SLOW_SECONDS),
     MetricSpec("tubescope_ask_duration_seconds", "histogram", "Time to answer a question (all tokens)", (),
                SLOW_SECONDS),

@@ -27,7 +27,8 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from pipeline.metric_catalog import DECODE_ERROR_KINDS, METRICS, PIPELINES, PREFIX, RETENTION_REASONS
+from pipeline.metric_catalog import (DECODE_ERROR_KINDS, HTTP_TIMEOUT_PHASES, METRICS, PIPELINES, PREFIX,
+                                     RETENTION_REASONS)
 
 log = logging.getLogger("tubescope.metrics")
 
@@ -324,6 +325,12 @@ def record_query(endpoint: str, status: int | str, seconds: float) -> None:
     _export("tubescope_request_duration_seconds", "observe", _number("seconds", seconds), {"endpoint": endpoint})
 
 
+def record_http_timeout(phase: str) -> None:
+    """One connection closed by Serve's HTTP proxy for a slow client (deploy/http_deadlines.py): its request head
+    came too late ("head"), or it read nothing of a waiting response for too long ("send")."""
+    _inc("tubescope_http_timeouts_total", 1, {"phase": _label("phase", phase, HTTP_TIMEOUT_PHASES)})
+
+
 def record_ask(ttft_s: float | None, total_s: float, new_tokens: int, cache_hit: bool | None) -> None:
     """One answered question: time to first token (None when no token came), total time, tokens generated, and
     whether the video-prefix KV came from the cache (None: no cache lookup was made)."""
@@ -391,6 +398,6 @@ def node_exposition(timeout_s: float = 3.0) -> str:
 __all__ = ["node_exposition", "RAY_PREFIX",
            "configure", "decode_error_kind", "enabled", "record_ask", "record_decode_error",
            "record_encoder_batch", "record_events_dropped", "record_feed_status", "record_feed_stopped",
-           "record_index_source", "record_index_sources", "record_live_latency", "record_live_lost",
+           "record_http_timeout", "record_index_source", "record_index_sources", "record_live_latency", "record_live_lost",
            "record_outbox_depth", "record_query", "record_registry_restored", "record_retention_deletions",
            "record_search", "record_segments_indexed", "source_label"]

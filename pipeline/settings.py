@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     # slow clients: the whole request body within this many seconds of the request's headers, else 408 (the app's
     # own limit: Serve's request timeout can be lifted by a client header, and uvicorn has none for bodies)
     api_body_timeout_seconds: float = Field(30.0, gt=0)
+    # slow clients: a connection's complete request head within this many seconds of connecting (or of its next
+    # request's first byte), else 408 and closed (Serve's proxy, deploy/http_deadlines.py)
+    api_header_timeout_seconds: float = Field(10.0, gt=0, allow_inf_nan=False)
     api_keep_alive_seconds: int = Field(90, ge=1)        # an idle kept-alive connection is closed after this (Serve)
     api_request_timeout_seconds: float | None = Field(None, gt=0)   # end to end, streamed answers too (Serve)
     feed_reconcile_seconds: float = Field(5.0, gt=0)     # how often the feed supervisor syncs readers with the registry

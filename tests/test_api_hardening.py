@@ -2,13 +2,12 @@
 service, no captions), real Redis that one test stops, a real archive job.
 
 Keys before bodies (over the app's whole route table), the error statuses in the OpenAPI, JSON booleans refused as
-numbers, slow bodies (408) and idle connections closed while others are served, source ids hashed in the metrics,
-and a Redis outage answered 503 with Retry-After. The Redis outage test is last: it stops the app's Redis.
+numbers, slow bodies and slow request heads (408) and idle connections closed while others are served, source ids
+hashed in the metrics, and a Redis outage answered 503 with Retry-After. The Redis outage test is last: it stops the app's Redis.
 """
 from __future__ import annotations
 
 import re
-import select
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ from deploy.api.main import ROUTERS
 from deploy.app import run_app, stop_app
 from pipeline.redis_server import free_port
 from pipeline.settings import load_settings
+from raw_http import read_response, read_until_closed
 from services import start_redis
 from videos import encode_video
 
@@ -31,7 +31,8 @@ ADMIN = "admin-key-0123456789"
 READER = "reader-key-0123456789"
 METRICS_KEY = "metrics-label-key-0123456789"
 BODY_TIMEOUT_S = 2.0
-KEEP_ALIVE_S = 2
+KEEP_ALIVE_S = 4
+HEADER_TIMEOUT_S = 1.5
 RETRY_AFTER_S = 3
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,6 +48,7 @@ def app(tmp_path_factory, ray_local):
         min_pixels=4 * 784, max_pixels=16 * 784, captions=False, decoder_cpus=0,
         api_keys=[{"key": ADMIN, "role": "admin"}, {"key": READER, "role": "reader"}],
         api_body_timeout_seconds=BODY_TIMEOUT_S, api_keep_alive_seconds=KEEP_ALIVE_S,
+        api_header_timeout_seconds=HEADER_TIMEOUT_S,
         api_retry_after_seconds=RETRY_AFTER_S, metrics_source_key=METRICS_KEY)
     port = free_port()
     url = run_app(settings, host="127.0.0.1", port=port, feeds=False, live=False)
@@ -176,19 +178,6 @@ def raw_connection(app) -> socket.socket:
     return socket.create_connection(("127.0.0.1", app["port"]), timeout=10)
 
 
-def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection; and when it closed (seconds from now)."""
-    t0, data = time.monotonic(), b""
-    while time.monotonic() - t0 < limit_s:
-        ready, _, _ = select.select([sock], [], [], 0.1)
-        if ready:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data, time.monotonic() - t0
-            data += chunk
-    raise AssertionError(f"the server kept the connection open for {limit_s} s; it sent {data[:200]!r}")
-
-
 def stalled_post(app, body_sent: bytes) -> socket.socket:
     sock = raw_connection(app)
     sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + ADMIN.encode() +
@@ -239,24 +228,58 @@ def test_idle_kept_alive_connections_are_closed(app):
         sock.close()
 
 
-def test_clients_trickling_headers_do_not_hold_up_others(app):
-    """Serve's uvicorn has no timeout for request headers (docs/architecture.md, "Slow clients"); what the
-    service must keep is that such connections cost a socket each and nobody else waits for them."""
-    slow = [raw_connection(app) for _ in range(20)]
+def test_a_trickled_or_silent_request_head_is_408_and_closed_while_others_are_served(app):
+    """Serve's proxy keeps the request-head deadline (deploy/http_deadlines.py): a slowloris client, one header
+    byte a second, and a client that sends nothing are cut off after api_header_timeout_seconds; nobody waits."""
+    trickled, silent = raw_connection(app), raw_connection(app)
+    trickled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    stop = threading.Event()
+
+    def trickle():
+        for byte in b"X-Slow: " + b"a" * 60:
+            if stop.wait(1.0):
+                return
+            try:
+                trickled.sendall(bytes([byte]))
+            except OSError:
+                return
+    threading.Thread(target=trickle, daemon=True).start()
     try:
-        for sock in slow:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
-        for _ in range(3):
-            for sock in slow:
-                sock.sendall(b"a")
-            with http(app, None) as c:
-                t0 = time.monotonic()
-                assert c.get("/healthz").status_code == 200
-                assert time.monotonic() - t0 < 2.0
-            time.sleep(0.5)
+        with http(app, None) as c:
+            t0 = time.monotonic()
+            assert c.get("/healthz").status_code == 200
+            assert time.monotonic() - t0 < HEADER_TIMEOUT_S
+        for sock in (trickled, silent):
+            data, closed_after = read_until_closed(sock, HEADER_TIMEOUT_S + 10)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), data[:300]
+            assert b"connection: close" in head.lower() and b"api_header_timeout_seconds" in body, data
+            assert closed_after < HEADER_TIMEOUT_S + 1.5
     finally:
-        for sock in slow:
-            sock.close()
+        stop.set()
+        trickled.close()
+        silent.close()
+    with http(app) as c:                     # counted by the proxy process, exported through Ray
+        deadline = time.time() + 30
+        while not re.search(r'^tubescope_http_timeouts_total\{[^}]*phase="head"[^}]*\} ([2-9]|\d\d)',
+                            text := c.get("/metrics").text, re.M):
+            assert time.time() < deadline, text[-3000:]
+            time.sleep(0.5)
+
+
+def test_a_kept_alive_connection_waits_idle_up_to_the_keep_alive_not_the_head_deadline(app):
+    """Between requests the keep-alive timeout rules: the head deadline starts at the next request's first byte."""
+    sock = raw_connection(app)
+    try:
+        for pause in (0.0, HEADER_TIMEOUT_S + 1.0):
+            time.sleep(pause)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200"), pause
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")          # then a head that never ends: cut off
+        data, closed_after = read_until_closed(sock, HEADER_TIMEOUT_S + 10)
+        assert data.startswith(b"HTTP/1.1 408") and closed_after < HEADER_TIMEOUT_S + 1.5, data[:200]
+    finally:
+        sock.close()
 
 
 # ---- metrics name no source -----------------------------------------------------------------------------------------

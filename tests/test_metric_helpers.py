@@ -55,6 +55,7 @@ m.record_events_dropped(2)
 m.record_index_source("cam", 3, 1000)
 m.record_retention_deletions(1, "age")
 m.record_query("/v1/ask", 200, 0.3)
+m.record_http_timeout("head")
 m.record_ask(0.1, 0.5, 12, True)
 m.record_search(0.05)
 assert not m.enabled()
@@ -76,6 +77,7 @@ print("ok")
     (lambda: metrics.record_encoder_batch(float("nan"), 0.1, 100, 2), "fill"),
     (lambda: metrics.record_decode_error("mystery"), "kind"),
     (lambda: metrics.record_retention_deletions(1, "whim"), "reason"),
+    (lambda: metrics.record_http_timeout("body"), "phase"),
     (lambda: metrics.record_feed_status("cam", [1, 2]), "mapping"),
     (lambda: metrics.record_feed_status("cam", {"frames_decoded": -3}), "frames_decoded"),
     (lambda: metrics.record_index_source("cam", 1.5, 10), "segments"),

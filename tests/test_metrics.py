@@ -1,8 +1,9 @@
 """tubescope metrics end to end through a real Prometheus (naming and the helpers without Ray: test_metric_helpers.py).
 
 The end-to-end test runs a real workload (an archive job and two live feeds with the tiny model, a retention
-sweep, an event outbox that overflows, and real asks and a search by the Decoder in a Ray actor, as in its Serve replica)
-in a subprocess that starts its own Ray with a known metrics export port and a 1 s report interval. A real
+sweep, an event outbox that overflows, real asks and a search by the Decoder in a Ray actor, as in its Serve replica,
+and two slow HTTP clients cut off by the proxy's protocol in a Ray worker) in a subprocess that starts its own Ray
+with a known metrics export port and a 1 s report interval. A real
 Prometheus scrapes that port with dashboards/prometheus.yml (targets rewritten); then every PromQL expression of
 every dashboard panel must return data, and the exported values must equal what the workload did.
 
@@ -14,6 +15,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -181,6 +183,23 @@ def run_workload(args: dict) -> None:
             wait_for(lambda: sender.stats()["failed"] == hits, 30, 0.1, "the refused webhook deliveries")
             return hits
 
+    @ray.remote(num_cpus=0)
+    def slow_http_clients() -> None:
+        """The proxy's HTTP protocol (deploy/http_deadlines.py) in a Ray worker, as in Serve's proxy: one client
+        sends no request head, one reads nothing of its response; both are cut off, one count each."""
+        from uvicorn.importer import import_from_string
+
+        from deploy.http_deadlines import PROTOCOLS
+        from raw_http import big_download, read_until_closed, received, serving
+
+        protocol = type("Proxy", (import_from_string(PROTOCOLS["auto"]),), {"header_timeout_s": 0.5})
+        with serving(protocol, keep_alive_s=1) as port:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as silent, big_download(port) as stalled:
+                read_until_closed(silent, 10)
+                time.sleep(3)
+                received(stalled)
+
+    ray.get(slow_http_clients.remote())
     replica = DecoderReplica.remote()
     out["asks"] = ray.get(replica.run.remote())
     assert any(hit for hit, _ in out["asks"]) and not all(hit for hit, _ in out["asks"]), out["asks"]
@@ -375,6 +394,8 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
             assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(asks))}
             assert _values(base, "sum by (status) (tubescope_requests_total)", "status") == \
                 {"200": float(len(asks) + 1), "404": 1.0, "500": 1.0}
+            assert _values(base, "sum by (phase) (tubescope_http_timeouts_total)", "phase") == \
+                {"head": 1.0, "send": 1.0}
             assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == \
                 {"lobby": 1.0, "dead": 0.0, "door": 1.0}
             lobby = done["lobby"]

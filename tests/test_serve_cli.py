@@ -293,6 +293,7 @@ def _check_deploys_the_app(config: dict, service: dict, monkeypatch) -> dict:
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import app as app_module
+    from deploy import http_deadlines
     from pipeline.settings import load_settings
 
     schema = ServeDeploySchema.model_validate(config)                  # what `serve deploy` validates
@@ -312,7 +313,14 @@ def _check_deploys_the_app(config: dict, service: dict, monkeypatch) -> dict:
     assert decoder.ray_actor_options.num_gpus == settings.decoder_gpus     # what it reserves, it splits over
 
     assert service["kind"] == "RayService"
-    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == config["applications"]
+    service_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert service_config["applications"] == config["applications"]
+    # every proxy (any node) inherits the controller's env, which arms the request-head deadline
+    assert service_config["controller_options"] == config["controller_options"]
+    proxy_env = schema.controller_options.runtime_env["env_vars"]
+    monkeypatch.setenv(http_deadlines.TIMEOUT_ENV, proxy_env[http_deadlines.TIMEOUT_ENV])
+    assert proxy_env[http_deadlines.PROXY_CALLBACK_ENV] == http_deadlines.CALLBACK
+    assert http_deadlines.header_timeout_from_env() == load_settings().api_header_timeout_seconds
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}
     workers = cluster["workerGroupSpecs"]
