@@ -70,8 +70,9 @@ def rayservice(variant: SizeVariant) -> dict:
     """deploy/kuberay/rayservice.yaml with the same applications as serve_config and the size's GPU node."""
     service = yaml.safe_load(RAYSERVICE_FILE.read_text())
     spec = service["spec"]
-    apps = yaml.safe_load(spec["serveConfigV2"])["applications"]
-    spec["serveConfigV2"] = yaml.safe_dump({"applications": _applications(apps, variant)}, sort_keys=False)
+    serve_v2 = yaml.safe_load(spec["serveConfigV2"])
+    serve_v2["applications"] = _applications(serve_v2["applications"], variant)
+    spec["serveConfigV2"] = yaml.safe_dump(serve_v2, sort_keys=False)
     service["metadata"]["name"] = f"tubescope-{variant.size.lower()}"
     [group] = spec["rayClusterConfig"]["workerGroupSpecs"]
     node = variant.node
