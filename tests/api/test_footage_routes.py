@@ -334,10 +334,14 @@ def test_an_unwritable_index_is_503_in_healthz(served):
     assert not [p for p in Path(served["settings"].index_root).iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_ask_and_search_with_images(served):
-    """/v1/ask over images alone and /v1/search by a segment's own thumbnail, which ranks that segment first."""
+def test_ask_and_search_with_images(served, tmp_path):
+    """/v1/ask over images alone and /v1/search by a segment's own thumbnail, which ranks that segment first; the
+    client and CLI send image files."""
     import base64
 
+    from click.testing import CliRunner
+
+    from deploy.cli import cli
     with http(served, READER) as c:
         jpeg = c.get(f"/v1/segments/{SOURCE}%3A2000/thumbnail").content
         image = base64.b64encode(jpeg).decode()
@@ -352,6 +356,17 @@ def test_ask_and_search_with_images(served):
         err(c.post("/v1/ask", json={"question": "What?", "images": ["A" * 21_852]}), 413, "api_max_image_bytes")
         err(c.post("/v1/ask", json={"question": "What?", "images": [base64.b64encode(b"text").decode()]}), 422,
             "not an image")
+    photo = tmp_path / "thumb.jpg"
+    photo.write_bytes(jpeg)
+    client = TubescopeClient(served["url"], READER)
+    assert client.search(image=photo, sources=[SOURCE], limit=1)[0]["segment_id"] == f"{SOURCE}:2000"
+    assert client.ask("What is this?", images=[photo], max_new_tokens=2)["answer"] == asked.json()["answer"]
+    result = CliRunner().invoke(cli, ["search", "--image", str(photo), "-s", SOURCE, "--limit", "1", "--json",
+                                      "--url", served["url"], "--key", READER])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["segment_id"] == f"{SOURCE}:2000", result.output
+    result = CliRunner().invoke(cli, ["ask", "What is this?", "--image", str(photo), "--max-new-tokens", "2",
+                                      "--no-stream", "--url", served["url"], "--key", READER])
+    assert result.exit_code == 0 and "plan: the images only" in result.output, result.output
 
 
 def test_ask_limits_and_bad_requests(served):
