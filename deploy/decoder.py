@@ -142,9 +142,8 @@ class Decoder:
 
     def search_window(self, query: str | None, sources: list[str], start: float | None = None,
                       end: float | None = None, limit: int = 10, image: bytes | None = None) -> dict:
-        """{"results": search's list, "coverage": how the window's segments were considered (see _ranked)}.
-        image (an encoded image file): the segments most like it (deploy.image_search); with a query too, the
-        image's best search_candidates are reranked by the query's yes/no score."""
+        """{"results": search's list, "coverage": how the window's segments were considered (see _ranked)}. image: the
+        segments most like it (deploy.image_search); with a query too, its best candidates reranked by the query."""
         t_start = time.perf_counter()
         if image is None or query is not None:
             check_question(query)
@@ -247,9 +246,7 @@ class Decoder:
         if on_token is not None and not callable(on_token):
             raise ValueError("on_token must be a callable taking a text piece, or None")
 
-        if len(images) > self.settings.api_max_images:
-            raise ValueError(f"{len(images)} images; the limit is {self.settings.api_max_images} (api_max_images)")
-        image_tokens = [self.images.tokens(data) for data in images]       # the tower, once per distinct image
+        image_tokens = self.images.tokens_of(images, self.settings.api_max_images)   # the tower: once per image
         if sources or not images:
             rows = list_window(self.index, sources, start, end, self.model_id)
             window = self._plan(question, rows, start, end, with_captions)

@@ -100,6 +100,12 @@ class ImageEncoder:
         self._cache_lock = threading.Lock()
         self.tower_runs = 0
 
+    def tokens_of(self, images: list[bytes], limit: int) -> list[ImageTokens]:
+        """Tokens of each image, in order; ValueError past `limit` images (api_max_images)."""
+        if len(images) > limit:
+            raise ValueError(f"{len(images)} images; the limit is {limit} (api_max_images)")
+        return [self.tokens(data) for data in images]
+
     def tokens(self, data: bytes) -> ImageTokens:
         digest = hashlib.sha256(data).hexdigest()
         cached = self._get(digest)
