@@ -64,13 +64,13 @@ class DecoderServer:
             return {"error": str(e), "status": 422}
 
     def search(self, req: dict) -> dict:
-        return self._call(self.decoder.search_window, req["query"], req["sources"], start=req.get("start"),
-                          end=req.get("end"), limit=req["limit"])
+        return self._call(self.decoder.search_window, req.get("query"), req["sources"], start=req.get("start"),
+                          end=req.get("end"), limit=req["limit"], image=req.get("image"))
 
     def ask(self, req: dict) -> dict:
         return self._call(self.decoder.ask, req["question"], req["sources"], start=req.get("start"),
                           end=req.get("end"), max_new_tokens=req.get("max_new_tokens"),
-                          generation=req.get("generation"))
+                          generation=req.get("generation"), images=req.get("images"))
 
     def score_segments(self, req: dict) -> dict:
         """Standing alerts: scores of new segments for their alerts' queries, on this replica's model (no copy)."""
@@ -80,7 +80,7 @@ class DecoderServer:
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
         return self._streamed("ask", lambda put: self._call(
             self.decoder.ask, req["question"], req["sources"], start=req.get("start"), end=req.get("end"),
-            max_new_tokens=req.get("max_new_tokens"), generation=req.get("generation"),
+            max_new_tokens=req.get("max_new_tokens"), generation=req.get("generation"), images=req.get("images"),
             on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)})))
 
     def summarize_stream(self, req: dict):

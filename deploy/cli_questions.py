@@ -25,7 +25,9 @@ def _window(start: str | None, end: str | None) -> str:
 
 @cli.command("ask")
 @click.argument("question")
-@click.option("-s", "--source", "sources", multiple=True, required=True, help="source id (repeat for several)")
+@click.option("-s", "--source", "sources", multiple=True, help="source id (repeat for several)")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="an image file to ask about, shown before the footage (repeat for several)")
 @window_options
 @click.option("--max-new-tokens", type=int, default=None, help="answer length cap (default: the server's)")
 @click.option("--temperature", type=float, default=None, help="0: greedy (default: the checkpoint's)")
@@ -36,9 +38,11 @@ def _window(start: str | None, end: str | None) -> str:
 @click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
 @click.option("--json", "as_json", is_flag=True, help="print the whole answer record as JSON")
 @api_options
-def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens, temperature, top_p, top_k,
-            repetition_penalty, seed, stream: bool, as_json: bool, url: str, key: str | None) -> None:
-    """Ask QUESTION over the footage of the given sources in [start, end)."""
+def ask_cmd(question: str, sources: tuple[str, ...], images: tuple[str, ...], start, end, max_new_tokens, temperature,
+            top_p, top_k, repetition_penalty, seed, stream: bool, as_json: bool, url: str, key: str | None) -> None:
+    """Ask QUESTION over the images and the footage of the given sources in [start, end)."""
+    if not sources and not images:
+        raise click.UsageError("give footage (-s SOURCE) or an image (--image PATH), or both")
     with _api(url, key) as api:
         live = stream and not as_json
         if live:
@@ -46,7 +50,7 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
         out = _api_call(lambda: api.ask(question, list(sources), start=start, end=end, max_new_tokens=max_new_tokens,
                                         on_token=(lambda t: click.echo(t, nl=False)) if live else None,
                                         temperature=temperature, top_p=top_p, top_k=top_k,
-                                        repetition_penalty=repetition_penalty, seed=seed))
+                                        repetition_penalty=repetition_penalty, seed=seed, images=list(images)))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -58,7 +62,9 @@ def ask_cmd(question: str, sources: tuple[str, ...], start, end, max_new_tokens,
     for line in box_lines(out.get("boxes", [])):
         click.echo(line)
     plan = out.get("plan")
-    if plan:
+    if plan and plan["kind"] == "none":
+        click.echo("plan: the images only, no footage")
+    elif plan:
         click.echo(f"plan: {plan['kind']}: {plan['tubes']} tubes at {', '.join(plan['resolutions'])}, "
                    f"{plan['segments']} of {plan['window_segments']} segments"
                    + (f", {plan['caption_lines']} caption lines of the rest" if plan.get("caption_lines") else ""))
@@ -93,17 +99,22 @@ def summarize_cmd(sources: tuple[str, ...], start, end, granularity, as_json: bo
 
 
 @cli.command("search")
-@click.argument("query")
+@click.argument("query", required=False)
 @click.option("-s", "--source", "sources", multiple=True, help="source id (repeat; default: every source)")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False),
+              help="an image file: the segments most like it (with QUERY too: reranked by the query)")
 @window_options
 @click.option("--limit", type=int, default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @api_options
-def search_cmd(query: str, sources: tuple[str, ...], start, end, limit: int, as_json: bool, url: str,
-               key: str | None) -> None:
-    """Rank indexed segments for QUERY."""
+def search_cmd(query: str | None, sources: tuple[str, ...], image: str | None, start, end, limit: int,
+               as_json: bool, url: str, key: str | None) -> None:
+    """Rank indexed segments for QUERY, or by likeness to an image (--image)."""
+    if query is None and image is None:
+        raise click.UsageError("give a QUERY, an --image, or both")
     with _api(url, key) as api:
-        rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit))
+        rows = _api_call(lambda: api.search(query, list(sources) or None, start=start, end=end, limit=limit,
+                                            image=image))
     print_rows(rows, as_json,
                lambda r: f"{r['score']:.4f}\t{r['source']}\t{r['start']} - {r['end']}\t{r['segment_id']}"
                          f"\t{r.get('caption') or ''}",

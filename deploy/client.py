@@ -5,8 +5,10 @@ status and the server's message.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -44,6 +46,11 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
             data.append(line[5:].lstrip())
     if data:
         yield event, json.loads("\n".join(data))
+
+
+def image_base64(path: str | Path) -> str:
+    """An image file as the API takes it: its bytes in base64 (the server checks that they are an image)."""
+    return base64.b64encode(Path(path).read_bytes()).decode()
 
 
 class TubescopeClient:
@@ -135,20 +142,27 @@ class TubescopeClient:
                 os.unlink(tmp)
         return {"path": path, "start": covered[0], "end": covered[1], "bytes": os.path.getsize(path)}
 
-    def search(self, query: str, sources: list[str] | None = None, start: float | str | None = None,
-               end: float | str | None = None, limit: int | None = None) -> list[dict]:
-        body = {k: v for k, v in dict(query=query, sources=sources, start=start, end=end, limit=limit).items()
+    def search(self, query: str | None = None, sources: list[str] | None = None, start: float | str | None = None,
+               end: float | str | None = None, limit: int | None = None,
+               image: str | Path | None = None) -> list[dict]:
+        """Segments ranked for the query, or the segments most like the image file (both: the image's best
+        candidates reranked by the query)."""
+        body = {k: v for k, v in dict(query=query, sources=sources, start=start, end=end, limit=limit,
+                                      image=None if image is None else image_base64(image)).items()
                 if v is not None}
         return self._call("POST", "/v1/search", json=body)["results"]
 
-    def ask(self, question: str, sources: list[str], start: float | str | None = None, end: float | str | None = None,
-            max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None,
-            **generation) -> dict:
+    def ask(self, question: str, sources: list[str] = (), start: float | str | None = None,
+            end: float | str | None = None, max_new_tokens: int | None = None,
+            on_token: Callable[[str], None] | None = None, images: list[str | Path] = (), **generation) -> dict:
         """The answer record (answer, boxes, evidence, plan, ...); with on_token the answer is streamed (SSE) and each
-        token (clean text: a box's label, never its markup) handed to on_token. generation: temperature, top_p,
-        top_k, repetition_penalty, seed (the checkpoint's own when not given)."""
-        body = {k: v for k, v in dict(question=question, sources=list(sources), start=start, end=end,
-                                      max_new_tokens=max_new_tokens, **generation).items() if v is not None}
+        token (clean text: a box's label, never its markup) handed to on_token. images: image files asked about
+        (shown before the footage; sources may then be empty). generation: temperature, top_p, top_k,
+        repetition_penalty, seed (the checkpoint's own when not given)."""
+        body = {k: v for k, v in dict(question=question, sources=list(sources) or None, start=start, end=end,
+                                      max_new_tokens=max_new_tokens,
+                                      images=[image_base64(i) for i in images] or None, **generation).items()
+                if v is not None}
         if on_token is None:
             return self._call("POST", "/v1/ask", json=body)
         return self._stream("/v1/ask", body, {"token": lambda data: on_token(data["text"])})

@@ -7,15 +7,16 @@ Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
           they fit the visual-token budget, else the long tier (all tubes, or tubes sampled evenly), else the best
           segments by search with the captions of the rest as text (never silently truncated: `plan`, `narrowed`
           and `evidence` say exactly what the model saw)
-  prompt  chat template; per source run one video block of the stored tokens, preceded by its time label;
+  prompt  chat template; uploaded images first (their tokens from the vision tower, once per image:
+          deploy.images), then per source run one video block of the stored tokens, preceded by its time label;
           temporal M-RoPE ids from the tubes' times (deploy.footage)
   prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
           forward over the prefix (no output layer at all) which is then cached; then the question
   decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token (clean text: a box's label, never its
           markup; deploy.boxes places the boxes on the footage shown)
   record  one entry in the Redis stream tubescope:answers (through the EventSink), whose id the result carries
-The vision tower is dropped at load: indexed footage is never re-encoded. One lock serialises model calls (CPU
-threads gain nothing from running two forwards at once); cached prefixes are cloned before being extended.
+The vision tower runs only on uploaded images: indexed footage is never re-encoded. One lock serialises model calls
+(CPU threads gain nothing from running two forwards at once); cached prefixes are cloned before being extended.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from deploy.boxes import answer_boxes
 from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
                             group_blocks, list_window)
 from deploy.generation import answer_sampling
+from deploy.image_search import ImageRanker
+from deploy.images import ImageEncoder
 from deploy.plans import WindowPlan, caption_lines, plan_window
 from deploy.prefix_cache import PrefixCache
 from deploy.search import SegmentRanker, evenly_spaced
@@ -72,7 +75,6 @@ class Decoder:
         self.model = load_pretrained(self.model_path, dtype=dtype, device=self.device,
                                      device_map=None if self.device.type != "cuda" else
                                      plan_gpus(self.model_path / "config.json", settings.decoder_gpus, dtype))
-        self.model.visual = None          # answers come from stored tokens only; frees the tower's memory
         self.model.argmax_head()          # built now (fp32 only), not inside the first question's timings
         use_onednn_linears_(self.model.model.layers)    # fp32 CPU matmuls through oneDNN (qwen2vl/onednn_linear)
         self.processor = Processor.from_pretrained(self.model_path)
@@ -90,6 +92,8 @@ class Decoder:
         self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
+        self.images = ImageEncoder(self.model, self.processor, self._lock, settings.api_max_image_pixels)
+        self.image_ranker = ImageRanker(self._segment_tokens, self.model_id, settings.search_image_segments)
         self.captions = CaptionStore(index)
         self.thumbnails = ThumbnailStore(index)
         self.long_tier = LongTier(index, settings.long_pixels) if settings.long_pixels else None
@@ -108,8 +112,9 @@ class Decoder:
     # ---- public -----------------------------------------------------------------------------------------------
     def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
             max_new_tokens: int | None = None, on_token: Callable[[str], None] | None = None, record: bool = True,
-            with_captions: bool = False, generation: dict | None = None) -> dict:
-        """Answer `question` over the footage of `sources` in [start, end) (None = unbounded).
+            with_captions: bool = False, generation: dict | None = None, images: list[bytes] | None = None) -> dict:
+        """Answer `question` over `images` (encoded image files, shown first) and the footage of `sources` in
+        [start, end) (None = unbounded); sources may be empty when images are given.
 
         max_new_tokens None: the checkpoint's max_new_tokens, else api_default_new_tokens (at most
         api_max_new_tokens). generation: overrides of the checkpoint's sampling (deploy/generation.py FIELDS).
@@ -121,7 +126,7 @@ class Decoder:
         t_start = time.perf_counter()
         try:
             result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record,
-                               with_captions, generation)
+                               with_captions, generation, images or [])
         except Exception:
             self._count("failed")
             raise
@@ -138,15 +143,25 @@ class Decoder:
         """Segments of the window ranked for `query`: [{source, segment_id, t0, t1, score, caption}], best first."""
         return self.search_window(query, sources, start, end, limit)["results"]
 
-    def search_window(self, query: str, sources: list[str], start: float | None = None, end: float | None = None,
-                      limit: int = 10) -> dict:
-        """{"results": search's list, "coverage": how the window's segments were considered (see _ranked)}."""
+    def search_window(self, query: str | None, sources: list[str], start: float | None = None,
+                      end: float | None = None, limit: int = 10, image: bytes | None = None) -> dict:
+        """{"results": search's list, "coverage": how the window's segments were considered (see _ranked)}. image: the
+        segments most like it (deploy.image_search); with a query too, its best candidates reranked by the query."""
         t_start = time.perf_counter()
-        check_question(query)
+        if image is None or query is not None:
+            check_question(query)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
             raise ValueError(f"limit must be an int in [1, {MAX_SEARCH_LIMIT}], got {limit!r}")
         rows = list_window(self.index, sources, start, end, self.model_id)
-        ranked, coverage = self._ranked(query, rows, start, end)
+        image_tokens = self.images.tokens(image) if image is not None else None
+        if image_tokens is None:
+            ranked, coverage = self._ranked(query, rows, start, end)
+        else:
+            ranked, coverage = self.image_ranker.rank(image_tokens.tokens, rows)
+            if query is not None:
+                candidates = [r for r, _ in ranked[:self.settings.search_candidates]]
+                ranked = self.ranker.rerank(query, candidates, self._segment_tokens)
+                coverage["reranked"] = len(candidates)
         self._count("searches")
         tz = self.settings.time_zone
         results = [with_times({"source": r["source_id"], "segment_id": r["segment_id"], "t0": r["t0"], "t1": r["t1"],
@@ -154,7 +169,8 @@ class Decoder:
         results = self.thumbnails.with_urls(results)                 # one folder listing per source
         metrics.record_search(time.perf_counter() - t_start)
         if self.events is not None:          # search results and their evidence go to Redis too
-            self.events.emit(SEARCHES_STREAM, {"query": query, "results": results, "model": self.model_id,
+            self.events.emit(SEARCHES_STREAM, {"query": query, "image": image_tokens and image_tokens.digest,
+                                               "results": results, "model": self.model_id,
                                                "sources": list(dict.fromkeys([sources] if isinstance(sources, str)
                                                                              else sources)),
                                                "start": start, "end": end, "coverage": coverage})
@@ -217,12 +233,12 @@ class Decoder:
     def stats(self) -> dict:
         with self._count_lock:
             counts = dict(self.counts)
-        return {"model": self.model_id, "prefix_cache": self.prefix_cache.stats(),
+        return {"model": self.model_id, "prefix_cache": self.prefix_cache.stats(), "images": self.images.stats(),
                 "segments_scored": self.ranker.segments_scored, **counts}
 
     # ---- one question ---------------------------------------------------------------------------------------------
     def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record, with_captions,
-             generation) -> dict:
+             generation, images) -> dict:
         check_question(question)
         sampling = answer_sampling(self.model.generation_config, generation)
         if max_new_tokens is None:
@@ -234,13 +250,17 @@ class Decoder:
         if on_token is not None and not callable(on_token):
             raise ValueError("on_token must be a callable taking a text piece, or None")
 
-        rows = list_window(self.index, sources, start, end, self.model_id)
-        window = self._plan(question, rows, start, end, with_captions)
+        image_tokens = self.images.tokens_of(images, self.settings.api_max_images)   # the tower: once per image
+        if sources or not images:
+            rows = list_window(self.index, sources, start, end, self.model_id)
+            window = self._plan(question, rows, start, end, with_captions)
+        else:                                                             # a question about the images alone
+            rows, window = [], WindowPlan(kind="none", rows=[], window_segments=0)
         narrowed = window.tubes < sum(int(r["grid_thw"][0]) for r in rows)
         plan = build_prompt(self.processor, group_blocks(window.rows, self.tube_seconds,
                                                          self.settings.max_gap_seconds),
                             question, self.model.config, self.prompt_memo, notes=window.notes,
-                            notes_title=window.notes_title)
+                            notes_title=window.notes_title, images=image_tokens)
         t_selected = time.perf_counter()
 
         key = plan.prefix_key(self.model_id, self.dtype)
@@ -345,9 +365,11 @@ class Decoder:
     def _segment_tokens(self, segment_id: str) -> torch.Tensor:
         return self.index.tokens(segment_id, self.model_id)                    # fp16 (n, D)
 
-    def _plan_tokens(self, plan: PromptPlan) -> torch.Tensor:
-        """Stored visual tokens of the plan's rows in prompt order, (n_visual, D) in the model dtype: a long-tier row
-        reads the segment's long tier and keeps the tubes the plan chose."""
+    def _plan_tokens(self, plan: PromptPlan) -> torch.Tensor | None:
+        """Stored visual tokens of the plan's rows in prompt order, (n_visual, D) in the model dtype (None without
+        footage): a long-tier row reads the segment's long tier and keeps the tubes the plan chose."""
+        if not plan.segments:
+            return None
         parts = []
         for r in plan.segments:
             if r.get("tier") != "long":
@@ -360,10 +382,11 @@ class Decoder:
             parts.append(tokens)
         return torch.cat(parts).to(self.device, self.dtype)
 
-    def _prefill_prefix(self, plan: PromptPlan, embeds: torch.Tensor):
-        """KV of the video prefix, without any output layer (nothing reads the prefix's logits)."""
+    def _prefill_prefix(self, plan: PromptPlan, embeds: torch.Tensor | None):
+        """KV of the vision prefix (images, then footage), without any output layer (nothing reads its logits)."""
+        images = torch.cat([im.tokens for im in plan.images]) if plan.images else None
         return prefill_kv(self.model, torch.tensor([plan.prefix_ids], device=self.device), embeds,
-                          plan.prefix_positions.to(self.device), plan.prefix_rope_deltas.to(self.device))
+                          plan.prefix_positions.to(self.device), plan.prefix_rope_deltas.to(self.device), images)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._count_lock:

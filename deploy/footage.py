@@ -7,9 +7,10 @@ Pure functions over index metadata (docs/architecture.md, "Temporal positions"):
 - `temporal_ids` gives each tube of a block the id round(elapsed / tube_seconds), where elapsed is measured from the
   block's first tube with every gap longer than max_gap_seconds shortened to max_gap_seconds. One contiguous clip
   therefore gets 0, 1, 2, ... exactly as the reference get_rope_index; gaps keep their spacing up to the cap.
-- `build_prompt` renders the chat template: per block a time label then the video, then the question; it splits
-  the ids into the video prefix (through the last <|vision_end|>) and the question suffix, so the prefix KV can be
-  reused across questions. Special tokens split BPE, so prefix + suffix ids equal the ids of the whole text.
+- `build_prompt` renders the chat template: the uploaded images (deploy/images.py) first, then per block a time
+  label and the video, then the question; it splits the ids into the vision prefix (through the last
+  <|vision_end|>) and the question suffix, so the prefix KV can be reused across questions. Special tokens split
+  BPE, so prefix + suffix ids equal the ids of the whole text.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 import torch
 
 from pipeline.times import EPOCH_THRESHOLD_S
-from qwen2vl.chat import VIDEO_PLACEHOLDER
+from qwen2vl.chat import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from qwen2vl.rope import get_rope_index
 
 VISION_END = "<|vision_end|>"
@@ -202,10 +203,15 @@ class PromptPlan:
     blocks: list[VideoBlock]
     prefix_ids: list[int]                  # through the last <|vision_end|>: what the prefix KV cache holds
     suffix_ids: list[int]                  # the question, end of turn and assistant header
-    video_grid_thw: torch.Tensor           # (n_blocks, 3) long
+    video_grid_thw: torch.Tensor | None    # (n_blocks, 3) long; None without footage
     video_temporal_ids: list[torch.Tensor]  # one (t,) long per block
     prefix_positions: torch.Tensor         # (3, 1, len(prefix_ids))
     prefix_rope_deltas: torch.Tensor       # (1, 1)
+    images: list = field(default_factory=list)   # deploy.images.ImageTokens, in prompt order (before the blocks)
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        return torch.tensor([im.grid_thw for im in self.images], dtype=torch.long) if self.images else None
 
     @property
     def input_ids(self) -> list[int]:
@@ -221,15 +227,15 @@ class PromptPlan:
 
     @property
     def visual_tokens(self) -> int:
-        return sum(b.n_tokens for b in self.blocks)
+        return sum(b.n_tokens for b in self.blocks) + sum(im.n_tokens for im in self.images)
 
     def prefix_key(self, model_id: str, dtype: torch.dtype) -> tuple:
-        """What the prefix KV depends on: model, segments with their tier and tubes, positions, dtype (and a digest
-        of the prefix ids, which holds the labels and any caption lines)."""
+        """What the prefix KV depends on: model, images (their bytes' digests), segments with their tier and tubes,
+        positions, dtype (and a digest of the prefix ids, which holds the labels and any caption lines)."""
         digest = hashlib.sha1(torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
         tiers = tuple((r.get("tier", "full"), tuple(r.get("tubes", ()))) for r in self.segments)
         return (model_id, tuple(self.segment_ids), tiers, tuple(tuple(b.temporal_ids) for b in self.blocks),
-                str(dtype), digest)
+                str(dtype), digest, tuple(im.digest for im in self.images))
 
 
 def check_question(question) -> str:
@@ -252,9 +258,10 @@ WINDOW_NOTES = "Captions of this footage, by time:"
 
 
 def render_messages(blocks: list[VideoBlock], question: str, notes: list[str] = (),
-                    notes_title: str = UNSEEN_NOTES) -> list[dict]:
-    """The user turn: caption lines of footage not shown (if any), each block's label and video, the question."""
-    content: list[dict] = []
+                    notes_title: str = UNSEEN_NOTES, n_images: int = 0) -> list[dict]:
+    """The user turn: the images, caption lines of footage not shown (if any), each block's label and video, the
+    question."""
+    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
     if notes:
         content.append({"type": "text", "text": notes_title + "\n" + "\n".join(notes) + "\n"})
     for block in blocks:
@@ -289,40 +296,48 @@ class PrefixMemo:
 
 
 def build_prompt(processor, blocks: list[VideoBlock], question: str, config,
-                 memo: PrefixMemo | None = None, notes: list[str] = (), notes_title: str = UNSEEN_NOTES) -> PromptPlan:
-    """Chat-template prompt over `blocks` then `question`, split into prefix/suffix ids, with prefix positions.
+                 memo: PrefixMemo | None = None, notes: list[str] = (), notes_title: str = UNSEEN_NOTES,
+                 images: list = ()) -> PromptPlan:
+    """Chat-template prompt over `images`, then `blocks`, then `question`, split into prefix/suffix ids, with
+    prefix positions.
 
-    `processor` is a qwen2vl.Processor (expands each video pad from its grid alone); `config` a Qwen2VLConfig.
-    notes: caption lines placed before the blocks (inside the cached prefix) under notes_title: of footage the
-    blocks do not show (retrieval plans), or of the window's own footage (summaries).
+    `processor` is a qwen2vl.Processor (expands each image and video pad from its grid alone); `config` a
+    Qwen2VLConfig. images: deploy.images.ImageTokens (only their grids and digests are read here), each an image
+    item of the reference layout (temporal position constant, model.md §8). notes: caption lines placed before the
+    blocks (inside the cached prefix) under notes_title: of footage the blocks do not show (retrieval plans), or of
+    the window's own footage (summaries).
     """
     check_question(question)
-    if not blocks:
-        raise ValueError("a prompt needs at least one video block")
+    if not blocks and not images:
+        raise ValueError("a prompt needs at least one video block or image")
     notes = [strip_markers(n) for n in notes]          # a caption must never smuggle a special token in
-    text = processor.apply_chat_template(render_messages(blocks, question, notes, notes_title),
+    text = processor.apply_chat_template(render_messages(blocks, question, notes, notes_title, len(images)),
                                          add_generation_prompt=True)
     cut = text.rindex(VISION_END) + len(VISION_END)
-    if text.count(VIDEO_PLACEHOLDER) != len(blocks):
-        raise ValueError("the chat template did not emit one video placeholder per block")
-    grid = torch.tensor([b.grid_thw for b in blocks], dtype=torch.long)
+    if text.count(VIDEO_PLACEHOLDER) != len(blocks) or text.count(IMAGE_PLACEHOLDER) != len(images):
+        raise ValueError("the chat template did not emit one placeholder per image and video block")
+    grid = torch.tensor([b.grid_thw for b in blocks], dtype=torch.long) if blocks else None
+    image_grid = torch.tensor([im.grid_thw for im in images], dtype=torch.long) if images else None
     tids = [torch.tensor(b.temporal_ids, dtype=torch.long) for b in blocks]
-    memo_key = (text[:cut], tuple(b.grid_thw for b in blocks), tuple(tuple(b.temporal_ids) for b in blocks))
+    memo_key = (text[:cut], tuple(b.grid_thw for b in blocks), tuple(tuple(b.temporal_ids) for b in blocks),
+                tuple(im.grid_thw for im in images))
     cached = memo.get(memo_key) if memo is not None else None
     if cached is None:
-        prefix_ids = processor.encode_with_grids(text[:cut], video_grid_thw=grid, return_tensors=None)["input_ids"][0]
-        positions, deltas = get_rope_index(torch.tensor([prefix_ids]), None, grid, config=config,
-                                           video_temporal_ids=tids)
+        prefix_ids = processor.encode_with_grids(text[:cut], image_grid_thw=image_grid, video_grid_thw=grid,
+                                                 return_tensors=None)["input_ids"][0]
+        positions, deltas = get_rope_index(torch.tensor([prefix_ids]), image_grid, grid, config=config,
+                                           video_temporal_ids=tids if blocks else None)
         cached = (prefix_ids, positions, deltas)
         if memo is not None:
             memo.put(memo_key, cached)
     prefix_ids, positions, deltas = cached
     suffix_ids = processor.tokenizer.encode(text[cut:])
     return PromptPlan(blocks=blocks, prefix_ids=list(prefix_ids), suffix_ids=suffix_ids, video_grid_thw=grid,
-                      video_temporal_ids=tids, prefix_positions=positions, prefix_rope_deltas=deltas)
+                      video_temporal_ids=tids, prefix_positions=positions, prefix_rope_deltas=deltas,
+                      images=list(images))
 
 
 def full_positions(plan: PromptPlan, config) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (3, 1, S) and rope_deltas of the whole prompt (prefix + suffix), as one get_rope_index call."""
-    return get_rope_index(torch.tensor([plan.input_ids]), None, plan.video_grid_thw, config=config,
-                          video_temporal_ids=plan.video_temporal_ids)
+    return get_rope_index(torch.tensor([plan.input_ids]), plan.image_grid_thw, plan.video_grid_thw, config=config,
+                          video_temporal_ids=plan.video_temporal_ids if plan.blocks else None)

@@ -60,12 +60,13 @@ def split_cache(cache: KVCache) -> list[KVCache]:
 
 
 @torch.no_grad()
-def prefill_kv(model, input_ids: torch.Tensor, video_embeds: torch.Tensor, position_ids: torch.Tensor,
-               rope_deltas: torch.Tensor) -> KVCache:
-    """KV cache of a prompt prefix (B, S) with its video tokens, skipping the output layer entirely: nothing reads
-    the prefix's logits, and at a 152k vocabulary they would cost more than the decoder layers of small models."""
+def prefill_kv(model, input_ids: torch.Tensor, video_embeds: torch.Tensor | None, position_ids: torch.Tensor,
+               rope_deltas: torch.Tensor, image_embeds: torch.Tensor | None = None) -> KVCache:
+    """KV cache of a prompt prefix (B, S) with its video (and image) tokens, skipping the output layer entirely:
+    nothing reads the prefix's logits, and at a 152k vocabulary they would cost more than the decoder layers of small
+    models."""
     cache = model.new_cache()
-    inputs_embeds = model.embed(input_ids, video_embeds=video_embeds)                 # (B, S, D)
+    inputs_embeds = model.embed(input_ids, video_embeds=video_embeds, image_embeds=image_embeds)   # (B, S, D)
     model.model(inputs_embeds, position_ids, None, cache)                             # fills the cache
     cache.key_mask, cache.rope_deltas = None, rope_deltas
     return cache

@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     caption_cpus: float = Field(0.0, ge=0)        # CPUs Ray reserves per caption actor (GPUs: gpus_per_encoder rule)
     caption_poll_seconds: float = Field(2.0, gt=0)   # how often an idle caption service looks for new segments
     search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
+    search_image_segments: int = Field(2048, ge=1)     # segments a search by image compares; more are sampled
 
     # ---- live feeds -------------------------------------------------------------------------------------------
     # registered feeds per live encoder actor (each its own vision tower, and GPU: gpus_per_encoder rule); the
@@ -154,6 +155,11 @@ class Settings(BaseSettings):
     api_default_new_tokens: int = Field(128, ge=1)            # ask: max_new_tokens when the request names none
     api_max_search_results: int = Field(100, ge=1)            # search: limit ceiling (422)
     api_max_job_paths: int = Field(1_000, ge=1)               # jobs: paths per request (422)
+    # images of asks and searches (docs/architecture.md, "Images"); the routes that take them allow bodies of
+    # api_max_request_bytes plus api_max_images base64 images of api_max_image_bytes
+    api_max_images: int = Field(4, ge=1, le=64)               # images per request (422)
+    api_max_image_bytes: int = Field(8 << 20, ge=1024)        # one image's encoded bytes (413)
+    api_max_image_pixels: int = Field(7680 * 4320, ge=56 * 56)   # one image's width x height before resizing (422)
     job_uri_schemes: list[str] = []               # pyarrow.fs URI schemes jobs may read (e.g. ["s3", "gs"]); none by default
     # the decoder deployment (Ray Serve)
     decoder_replicas: int = Field(1, ge=1)

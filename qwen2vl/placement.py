@@ -33,7 +33,7 @@ class Stage:
 @dataclass(frozen=True)
 class DeviceMap:
     """Where each part of a Qwen2VL lives: the decoder layers in `stages` (contiguous, in order, covering every layer
-    once); `visual` None: the caller keeps no vision tower (a decoder replica answers from stored tokens)."""
+    once); `visual` None: the caller keeps no vision tower."""
     embed: torch.device
     stages: tuple[Stage, ...]
     norm: torch.device
@@ -158,8 +158,10 @@ def _balanced_counts(n_layers: int, layer_bytes: int, fixed: list[int]) -> list[
     return counts[::-1]
 
 
-def plan_gpus(config: Qwen2VLConfig | str | Path, gpus: int, dtype: torch.dtype) -> DeviceMap | None:
-    """The layers over cuda:0..gpus-1 (the GPUs Ray gave this process), None for one GPU. Each GPU may hold
+def plan_gpus(config: Qwen2VLConfig | str | Path, gpus: int, dtype: torch.dtype, *,
+              visual: bool = True) -> DeviceMap | None:
+    """The layers over cuda:0..gpus-1 (the GPUs Ray gave this process), None for one GPU; visual: the vision tower
+    goes on cuda:0 beside the embeddings (its image tokens enter there), False: no tower. Each GPU may hold
     WEIGHT_SHARE of its memory in weights; ValueError when fewer GPUs are visible or the model does not fit."""
     if gpus == 1:
         return None
@@ -169,7 +171,7 @@ def plan_gpus(config: Qwen2VLConfig | str | Path, gpus: int, dtype: torch.dtype)
     if visible < gpus:
         raise ValueError(f"{gpus} GPUs asked for but this process sees {visible}")
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
-    return plan_devices(config, [f"cuda:{i}" for i in range(gpus)], dtype=dtype,
+    return plan_devices(config, [f"cuda:{i}" for i in range(gpus)], dtype=dtype, visual="cuda:0" if visual else None,
                         memory_per_device=int(memory * WEIGHT_SHARE))
 
 

@@ -45,7 +45,8 @@ def kv_bytes_per_token(config: Qwen2VLConfig, dtype: torch.dtype) -> int:
 
 
 def serving_table(prompt_tokens: int, answer_tokens: int) -> list[dict]:
-    """Rows per size x dtype: GiB of weights (decoder replica: text only; encoder actor: the tower), MiB of KV per
+    """Rows per size x dtype: GiB of weights (decoder replica: text and tower, which it runs on uploaded images;
+    encoder actor: the tower), MiB of KV per
     1,000 cached visual tokens, and GiB per concurrent question whose footage no other question shares (a prompt
     of `prompt_tokens` and an answer of `answer_tokens`)."""
     rows = []
@@ -55,7 +56,7 @@ def serving_table(prompt_tokens: int, answer_tokens: int) -> list[dict]:
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             per_token = kv_bytes_per_token(config, dtype)
             rows.append({"checkpoint": f"Qwen2-VL-{size}-Instruct", "dtype": name,
-                         "decoder_weights_gib": counts["text"] * BYTES[dtype] / 2**30,
+                         "decoder_weights_gib": (counts["text"] + counts["vision"]) * BYTES[dtype] / 2**30,
                          "encoder_weights_gib": counts["vision"] * BYTES[dtype] / 2**30,
                          "kv_per_1k_tokens_mib": 1000 * per_token / 2**20,
                          "per_question_gib": (prompt_tokens + answer_tokens) * per_token / 2**30})

@@ -86,7 +86,7 @@ def test_answer_equals_direct_generate_contiguous_window(world, tmp_path):
                               QUESTION)
     assert result["answer"] == expected and len(expected) > 0
     assert "".join(pieces) == result["answer"] and len(pieces) > 1                  # streamed piece by piece
-    assert dec.model.visual is None                                                   # no vision tower at all
+    assert dec.images.tower_runs == 0                         # footage answers come from stored tokens only
     fast = [m for m in dec.model.model.layers.modules() if isinstance(m, OneDNNLinear)]
     assert len(fast) == (7 * len(dec.model.model.layers) if onednn_available() else 0)     # the answer came from them
     assert result["model"] == world["mid"] and result["narrowed"] is False and result["stream_entry"] is None

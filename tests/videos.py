@@ -16,7 +16,8 @@ import numpy as np
 INDEX_BITS = 12                 # frames 0..4095 carry their index
 CODE_MIN_WIDTH = 2 * INDEX_BITS  # bars of at least 2 px
 CODE_MIN_HEIGHT = 12
-PATTERNS = ("moving", "noise")
+PATTERNS = ("moving", "noise", "solid")
+SOLID_COLOURS = ((200, 30, 30), (30, 180, 40), (40, 60, 210), (230, 220, 40))   # "solid": colour number `seed`
 VFR_PERIOD_CYCLE = (0.5, 1.0, 1.5, 1.0)   # frame durations in nominal periods: the mean rate stays `fps`
 AUDIO_RATE = 16_000
 YUV420_CODECS = ("libx264", "libx265", "h264", "mpeg4", "libvpx", "libvpx-vp9", "mjpeg")
@@ -63,6 +64,10 @@ def frame_pixels(i: int, width: int, height: int, pattern: str = "moving", seed:
         img[y0:y0 + box, x0:x0 + box] = 255
     elif pattern == "noise":
         img = np.random.default_rng(seed * 100_003 + i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    elif pattern == "solid":                  # one still colour: a scene whose every frame looks the same
+        img = np.empty((height, width, 3), np.uint8)
+        img[:] = SOLID_COLOURS[seed % len(SOLID_COLOURS)]
+        return img
     else:
         raise ValueError(f"unknown pattern {pattern!r}, expected one of {PATTERNS}")
     if width >= CODE_MIN_WIDTH and height >= CODE_MIN_HEIGHT:

@@ -1,4 +1,5 @@
-"""Ask (/v1/ask): a question answered from footage, as one JSON answer or streamed as server-sent events."""
+"""Ask (/v1/ask): a question answered from footage and uploaded images, as one JSON answer or streamed as server-sent
+events."""
 import asyncio
 import json
 from typing import Any, Callable
@@ -8,8 +9,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import (ScopedRoute, ServiceContext, Time, check_length, check_window, reader_key, service,
-                             sources_for)
+from deploy.api.deps import (ScopedRoute, ServiceContext, Time, check_length, check_window, reader_key,
+                             request_images, service, sources_for)
 from deploy.api.errors import error_responses, overload_response, raise_decoder_error
 from deploy.auth import Caller
 from deploy.generation import FIELDS, LIMITS
@@ -36,6 +37,10 @@ class AskRequest(BaseModel):
                                              le=LIMITS["repetition_penalty"][1])
     seed: int | None = Field(None, ge=LIMITS["seed"][0], le=LIMITS["seed"][1])
     stream: bool = False
+    images: list[str] | None = Field(None, description=(
+        "images asked about, shown to the model before the footage: each base64, or a data:image/...;base64, URL "
+        "(JPEG, PNG, WebP, GIF, BMP, TIFF; at most api_max_images of api_max_image_bytes each). With images, the "
+        "footage (source or sources) may be left out."))
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -70,17 +75,19 @@ async def ask(body: AskRequest, caller: Caller = Depends(reader_key), context: S
     s = context.settings
     if body.source is not None and body.sources is not None:
         raise HTTPException(422, "give either source or sources, not both")
-    if body.source is None and body.sources is None:
-        raise HTTPException(422, "give the footage to ask about: source (one id) or sources (a list of ids)")
-    sources = await asyncio.to_thread(sources_for, context, caller,
-                                      [body.source] if body.source is not None else body.sources)
+    if body.source is None and body.sources is None and not body.images:
+        raise HTTPException(422, "give the footage to ask about: source (one id) or sources (a list of ids), "
+                                 "or images")
+    images = request_images(body.images or [], s)
+    sources = [] if body.source is None and body.sources is None else await asyncio.to_thread(
+        sources_for, context, caller, [body.source] if body.source is not None else body.sources)
     check_length("question", body.question, s.api_max_question_chars, "api_max_question_chars")
     start, end = check_window(body.start, body.end, s)
     max_new = body.max_new_tokens            # None: the checkpoint's default, else api_default_new_tokens
     if max_new is not None and max_new > s.api_max_new_tokens:
         raise HTTPException(422, f"max_new_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
                                  "(api_max_new_tokens)")
-    req = {"question": body.question, "sources": sources, "start": start, "end": end,
+    req = {"question": body.question, "sources": sources, "start": start, "end": end, "images": images,
            "max_new_tokens": max_new, "generation": {name: getattr(body, name) for name in FIELDS}}
     # Caught here, not by an exception handler: Serve installs its own handler for BackPressureError (a 503
     # without our message or Retry-After) over any the app registers.

@@ -219,3 +219,19 @@ def check_window(start, end, settings: Settings) -> tuple[float | None, float | 
 def check_length(what: str, text: str, limit: int, setting: str) -> None:
     if len(text) > limit:
         raise HTTPException(422, f"{what} has {len(text)} characters; the limit is {limit} ({setting})")
+
+
+def request_images(images: list[str], settings: Settings, what: str = "images") -> list[bytes]:
+    """The bytes of a request's base64 images (deploy.images.image_bytes): 422 past api_max_images or for text that
+    is not base64, 413 for an image over api_max_image_bytes. Whether the bytes are an image the decoder says (422)."""
+    from deploy.images import ImageTooLarge, image_bytes
+
+    if len(images) > settings.api_max_images:
+        raise HTTPException(422, f"{what}: {len(images)} images; the limit is {settings.api_max_images} "
+                                 "(api_max_images)")
+    try:
+        return [image_bytes(text, settings.api_max_image_bytes, f"{what}[{i}]") for i, text in enumerate(images)]
+    except ImageTooLarge as e:
+        raise HTTPException(413, str(e)) from None
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None

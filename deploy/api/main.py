@@ -12,7 +12,7 @@ from deploy.api import (alerts, ask, clips, console, feeds, health, jobs, openai
                         summarize)
 from deploy.api.deps import ScopedRoute, ServiceContext
 from deploy.api.errors import install_error_handlers
-from deploy.api.middleware import RequestGuard
+from deploy.api.middleware import RequestGuard, image_body_bytes
 
 ROUTERS = (health.router, feeds.router, jobs.router, sources.router, search.router, ask.router, summarize.router,
            alerts.router,
@@ -33,8 +33,10 @@ def create_api(context: ServiceContext) -> FastAPI:
                               "{\"error\": ...}.")
     api.state.service = context
     install_error_handlers(api)
-    api.add_middleware(RequestGuard, max_request_bytes=context.settings.api_max_request_bytes,
-                       body_timeout_s=context.settings.api_body_timeout_seconds)
+    s = context.settings
+    api.add_middleware(RequestGuard, max_request_bytes=s.api_max_request_bytes,
+                       body_timeout_s=s.api_body_timeout_seconds,
+                       max_image_request_bytes=s.api_max_request_bytes + image_body_bytes(s))
     for router in ROUTERS:
         api.include_router(router)
     return api

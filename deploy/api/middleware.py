@@ -9,21 +9,37 @@ from deploy.api.openai import openai_route, reshaped
 from pipeline import metrics
 
 
-class RequestGuard:
-    """Refuses bodies over max_request_bytes (413, setting api_max_request_bytes) and bodies that have not fully
-    arrived body_timeout_s after the request started (408 and the connection closed, api_body_timeout_seconds),
-    and records every request's endpoint, status and latency (pipeline.metrics.record_query)."""
+# routes whose bodies may carry images (docs/architecture.md, "Images")
+IMAGE_PATHS = frozenset({"/v1/ask", "/v1/search", "/v1/chat/completions"})
 
-    def __init__(self, app, max_request_bytes: int, body_timeout_s: float):
+
+def image_body_bytes(settings) -> int:
+    """Room for api_max_images base64 images of api_max_image_bytes each (and a data: URL prefix each)."""
+    return settings.api_max_images * ((settings.api_max_image_bytes + 2) // 3 * 4 + 64)
+
+
+class RequestGuard:
+    """Refuses bodies over max_request_bytes (413, setting api_max_request_bytes; max_image_request_bytes on the
+    routes that take images) and bodies that have not fully arrived body_timeout_s after the request started (408
+    and the connection closed, api_body_timeout_seconds), and records every request's endpoint, status and latency
+    (pipeline.metrics.record_query)."""
+
+    def __init__(self, app, max_request_bytes: int, body_timeout_s: float, max_image_request_bytes: int | None = None):
         self.app = app
         self.max_request_bytes = int(max_request_bytes)
+        self.max_image_request_bytes = int(max_image_request_bytes or max_request_bytes)
         self.body_timeout_s = float(body_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_request_bytes
-        too_big = f"request body over {limit} bytes (api_max_request_bytes)"
+        if scope.get("path") in IMAGE_PATHS:
+            limit = self.max_image_request_bytes
+            too_big = (f"request body over {limit} bytes (api_max_request_bytes plus api_max_images images of "
+                       "api_max_image_bytes)")
+        else:
+            limit = self.max_request_bytes
+            too_big = f"request body over {limit} bytes (api_max_request_bytes)"
         status_seen: list[int] = []
         t0 = time.perf_counter()
 

@@ -1,8 +1,11 @@
 """OpenAI-compatible routes (/v1/chat/completions, /v1/models): existing OpenAI and vLLM clients ask about indexed
 footage through the same decoder, plans and limits as /v1/ask. docs/architecture.md, "OpenAI-compatible API".
 
-A question is the last user turn's text (system and developer messages go before it); the footage is every
-`video_url` part of the user turns, tubescope://SOURCE?start=...&end=..., all naming one window. Earlier turns'
+A question is the last user turn's text (system and developer messages go before it); the images are the
+`image_url` parts of the user turns (data:image/...;base64, URLs, and this API's own thumbnail URLs
+/v1/segments/{id}/thumbnail, absolute or relative: the service fetches nothing else), shown first in the order given;
+the footage is every `video_url` part of the user turns, tubescope://SOURCE?start=...&end=..., all naming one
+window. Earlier turns'
 text and the assistant's turns are not replayed: each request is one question over its footage. Errors are in
 OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
@@ -11,19 +14,25 @@ import json
 import time
 import uuid
 from typing import Any, Callable
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.exceptions import BackPressureError
 
-from deploy.api.deps import ScopedRoute, ServiceContext, check_length, check_window, reader_key, service, sources_for
+from deploy.api.deps import (ScopedRoute, ServiceContext, check_length, check_window, reader_key, request_images,
+                             service, sources_for)
 from deploy.api.errors import ERROR_STATUSES, overload_response, raise_decoder_error
 from deploy.api.openai_models import ChatCompletionRequest, ImagePart, OpenAIErrorBody, TextPart, VideoPart
+from deploy.api.segments import visible_source
 from deploy.auth import Caller
+from pipeline.thumbnails import ThumbnailStore
 from pipeline.settings import Settings
 
 VIDEO_SCHEME = "tubescope://"
+THUMBNAIL_PREFIX, THUMBNAIL_SUFFIX = "/v1/segments/", "/thumbnail"
+IMAGE_URLS = ("image_url takes data:image/...;base64, URLs and this API's own segment thumbnails "
+              "(/v1/segments/{segment_id}/thumbnail, relative or on this server); other URLs are never fetched")
 MODEL_ALIAS = "tubescope"          # accepted in requests besides the served model's name
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                503: "service_unavailable_error"}
@@ -129,22 +138,54 @@ def parse_video_url(url: str) -> tuple[str, str | None, str | None]:
     return unquote(source), fields.get("start", [None])[0], fields.get("end", [None])[0]
 
 
-def question_and_footage(body: ChatCompletionRequest) -> tuple[str, list[str], str | None, str | None]:
-    """(question, sources, start, end) of the conversation: see the module's docstring."""
+def thumbnail_segment(url: str, host: str | None) -> str | None:
+    """The segment id of a thumbnail URL of this API (a relative path, or an http(s) URL on `host`, the Host the
+    request came to); None for any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme or parts.netloc:
+        if parts.scheme not in ("http", "https") or host is None or parts.netloc.lower() != host.lower():
+            return None
+    path = parts.path
+    if parts.query or parts.fragment or not path.startswith(THUMBNAIL_PREFIX) or not path.endswith(THUMBNAIL_SUFFIX):
+        return None
+    segment_id = unquote(path[len(THUMBNAIL_PREFIX):-len(THUMBNAIL_SUFFIX)])
+    return segment_id or None
+
+
+def image_of(url: str, context: ServiceContext, caller: Caller, host: str | None) -> bytes:
+    """The bytes of an image_url: a data: URL's, or the JPEG of a thumbnail of this API, under the thumbnail route's
+    scope (a segment of a source the key may not see is a 404 like a missing one)."""
+    if url.startswith("data:"):
+        try:
+            return request_images([url], context.settings, "image_url")[0]
+        except HTTPException as e:      # 413/422 of request_images, with OpenAI's param
+            raise OpenAIRequestError(e.status_code, str(e.detail), "messages") from None
+    segment_id = thumbnail_segment(url, host)
+    if segment_id is None:
+        raise OpenAIRequestError(422, f"{IMAGE_URLS}; got {url[:100]!r}", "messages")
+    not_found = f"no thumbnail for segment {segment_id!r}"
+    visible_source(caller, segment_id, not_found)
+    try:
+        return ThumbnailStore(context.index).read(segment_id)
+    except KeyError:
+        raise OpenAIRequestError(404, not_found, "messages") from None
+
+
+def question_and_footage(body: ChatCompletionRequest) -> tuple[str, list[str], str | None, str | None, list[str]]:
+    """(question, sources, start, end, image URLs) of the conversation: see the module's docstring."""
     if body.messages[-1].role != "user":
         raise OpenAIRequestError(422, "the last message must be the user's question", "messages")
-    instructions, question, videos = [], [], []
+    instructions, question, videos, images = [], [], [], []
     for i, message in enumerate(body.messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) \
             else message.content or []
         for part in parts:
+            if isinstance(part, (ImagePart, VideoPart)) and message.role != "user":
+                raise OpenAIRequestError(422, f"{part.type} parts belong in user messages, not {message.role}",
+                                         "messages")
             if isinstance(part, ImagePart):
-                raise OpenAIRequestError(422, "image_url parts are not supported yet: name footage with a video_url "
-                                              f"part ({VIDEO_SCHEME}SOURCE?start=...&end=...)", "messages")
-            if isinstance(part, VideoPart):
-                if message.role != "user":
-                    raise OpenAIRequestError(422, f"video_url parts belong in user messages, not {message.role}",
-                                             "messages")
+                images.append(part.image_url.url)
+            elif isinstance(part, VideoPart):
                 videos.append(parse_video_url(part.video_url.url))
             elif message.role in ("system", "developer"):
                 instructions.append(part.text)
@@ -152,19 +193,20 @@ def question_and_footage(body: ChatCompletionRequest) -> tuple[str, list[str], s
                 question.append(part.text)
     if not "".join(question).strip():
         raise OpenAIRequestError(422, "the last user message has no question: give a text part", "messages")
-    if not videos:
-        raise OpenAIRequestError(422, f"no footage: give a video_url part {VIDEO_SCHEME}SOURCE?start=...&end=...",
-                                 "messages")
-    windows = {(start, end) for _, start, end in videos}
+    if not videos and not images:
+        raise OpenAIRequestError(422, f"no footage: give a video_url part {VIDEO_SCHEME}SOURCE?start=...&end=... "
+                                      "or an image_url part", "messages")
+    windows = {(start, end) for _, start, end in videos} or {(None, None)}
     if len(windows) > 1:
         raise OpenAIRequestError(422, "all video_url parts must name the same start and end (one window per "
                                       f"question); got {sorted(windows, key=str)}", "messages")
     (start, end), = windows
     text = "\n\n".join(["\n".join(instructions)] * bool(instructions) + ["\n".join(question)])
-    return text, list(dict.fromkeys(source for source, _, _ in videos)), start, end
+    return text, list(dict.fromkeys(source for source, _, _ in videos)), start, end, images
 
 
-def decoder_request(body: ChatCompletionRequest, context: ServiceContext, caller: Caller) -> dict:
+def decoder_request(body: ChatCompletionRequest, context: ServiceContext, caller: Caller,
+                    host: str | None = None) -> dict:
     """The DecoderServer request of /v1/ask for this chat request (reads the index: call it off the event loop)."""
     s = context.settings
     unsupported = {"stop": body.stop, "presence_penalty": body.presence_penalty,
@@ -172,10 +214,14 @@ def decoder_request(body: ChatCompletionRequest, context: ServiceContext, caller
     for name, value in unsupported.items():
         if value:                     # None, 0, false and [] are the defaults clients send
             raise OpenAIRequestError(422, f"{name} is not supported: leave it out", name)
-    question, names, start, end = question_and_footage(body)
+    question, names, start, end, image_urls = question_and_footage(body)
     check_length("question", question, s.api_max_question_chars, "api_max_question_chars")
     start, end = check_window(start, end, s)
-    sources = sources_for(context, caller, names)
+    if len(image_urls) > s.api_max_images:
+        raise OpenAIRequestError(422, f"{len(image_urls)} image_url parts; the limit is {s.api_max_images} "
+                                      "(api_max_images)", "messages")
+    images = [image_of(url, context, caller, host) for url in image_urls]
+    sources = sources_for(context, caller, names) if names else []
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_new is not None and max_new > s.api_max_new_tokens:
         raise OpenAIRequestError(422, f"max_tokens {max_new} is over the maximum {s.api_max_new_tokens} "
@@ -183,7 +229,7 @@ def decoder_request(body: ChatCompletionRequest, context: ServiceContext, caller
     generation = {"temperature": body.temperature, "top_p": body.top_p, "repetition_penalty": body.repetition_penalty,
                   "seed": body.seed, "top_k": 0 if body.top_k == -1 else body.top_k}
     return {"question": question, "sources": sources, "start": start, "end": end, "max_new_tokens": max_new,
-            "generation": generation}
+            "generation": generation, "images": images}
 
 
 # ---- answers ----------------------------------------------------------------------------------------------------------
@@ -241,10 +287,10 @@ def chunks(first: dict, stream, model: str, include_usage: bool):
 
 
 @router.post("/v1/chat/completions", responses=openai_responses(404, 408, 413, 422, 503))
-async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(reader_key),
+async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller = Depends(reader_key),
                            context: ServiceContext = Depends(service)):
     model = check_model(body.model, context.settings)
-    req = await asyncio.to_thread(decoder_request, body, context, caller)
+    req = await asyncio.to_thread(decoder_request, body, context, caller, request.headers.get("host"))
     retry_after = context.settings.api_retry_after_seconds
     # BackPressureError is caught here: Serve's own handler for it would answer over ours (deploy/api/ask.py)
     if not body.stream:

@@ -25,10 +25,10 @@ class VideoPart(BaseModel):
 
 
 class ImagePart(BaseModel):
-    """Accepted by the schema only to be refused with a clear message: images are not answered yet."""
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["image_url"]
-    image_url: MediaURL
+    image_url: MediaURL = Field(description="data:image/...;base64,... or this API's /v1/segments/{id}/thumbnail "
+                                            "(relative, or absolute on this server); no other URL is fetched")
 
 
 Part = Annotated[Union[TextPart, VideoPart, ImagePart], Field(discriminator="type")]

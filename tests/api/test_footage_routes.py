@@ -334,6 +334,41 @@ def test_an_unwritable_index_is_503_in_healthz(served):
     assert not [p for p in Path(served["settings"].index_root).iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_ask_and_search_with_images(served, tmp_path):
+    """/v1/ask over images alone and /v1/search by a segment's own thumbnail, which ranks that segment first; the
+    client and CLI send image files."""
+    import base64
+
+    from click.testing import CliRunner
+
+    from deploy.cli import cli
+    with http(served, READER) as c:
+        jpeg = c.get(f"/v1/segments/{SOURCE}%3A2000/thumbnail").content
+        image = base64.b64encode(jpeg).decode()
+        found = c.post("/v1/search", json={"image": "data:image/jpeg;base64," + image, "sources": [SOURCE]}).json()
+        assert found["results"][0]["segment_id"] == f"{SOURCE}:2000"
+        assert found["results"][0]["thumbnail_url"] == f"/v1/segments/{SOURCE}%3A2000/thumbnail"
+        assert found["coverage"] == {"segments": 2, "compared": 2, "sampled": False, "by": "image"}
+        asked = c.post("/v1/ask", json={"question": "What is this?", "images": [image], "max_new_tokens": 2})
+        assert asked.status_code == 200 and asked.json()["plan"]["kind"] == "none", asked.text
+        err(c.post("/v1/search", json={"sources": [SOURCE]}), 422, "give a query, an image, or both")
+        err(c.post("/v1/ask", json={"question": "What?", "images": [image] * 3}), 422, "the limit is 2 (api_max_images)")
+        err(c.post("/v1/ask", json={"question": "What?", "images": ["A" * 21_852]}), 413, "api_max_image_bytes")
+        err(c.post("/v1/ask", json={"question": "What?", "images": [base64.b64encode(b"text").decode()]}), 422,
+            "not an image")
+    photo = tmp_path / "thumb.jpg"
+    photo.write_bytes(jpeg)
+    client = TubescopeClient(served["url"], READER)
+    assert client.search(image=photo, sources=[SOURCE], limit=1)[0]["segment_id"] == f"{SOURCE}:2000"
+    assert client.ask("What is this?", images=[photo], max_new_tokens=2)["answer"] == asked.json()["answer"]
+    result = CliRunner().invoke(cli, ["search", "--image", str(photo), "-s", SOURCE, "--limit", "1", "--json",
+                                      "--url", served["url"], "--key", READER])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["segment_id"] == f"{SOURCE}:2000", result.output
+    result = CliRunner().invoke(cli, ["ask", "What is this?", "--image", str(photo), "--max-new-tokens", "2",
+                                      "--no-stream", "--url", served["url"], "--key", READER])
+    assert result.exit_code == 0 and "plan: the images only" in result.output, result.output
+
+
 def test_ask_limits_and_bad_requests(served):
     with http(served, READER) as c:
         q = {"question": "What moves?", "source": SOURCE}
@@ -348,15 +383,15 @@ def test_ask_limits_and_bad_requests(served):
         err(c.post("/v1/ask", json={**q, "start": 100, "end": 200}), 404, "")
         err(c.post("/v1/ask", json={"question": ""}), 422, "question")
         err(c.post("/v1/ask", content=b"{not json", headers={"content-type": "application/json"}), 422, "invalid")
-        big = {**q, "question": "x" * 5000}
-        err(c.post("/v1/ask", json=big), 413, "request body over 4096 bytes")
+        big = {**q, "question": "x" * 50_000}                 # over 4096 plus room for two images
+        err(c.post("/v1/ask", json=big), 413, "request body over 47920 bytes")
 
         def chunks():                                         # no Content-Length: counted as it arrives
             yield b'{"question": "'
-            for _ in range(10):
+            for _ in range(50):
                 yield b"x" * 1000
             yield b'", "source": "clip"}'
-        err(c.post("/v1/ask", content=chunks(), headers={"content-type": "application/json"}), 413, "4096 bytes")
+        err(c.post("/v1/ask", content=chunks(), headers={"content-type": "application/json"}), 413, "47920 bytes")
 
 
 def test_overload_is_503_with_retry_after(served):

@@ -71,9 +71,6 @@ def test_openai_errors_reach_the_clients_exceptions(served):
     refused(openai.PermissionDeniedError, "may not access source 'clip'", CAM_READER)
     assert refused(openai.NotFoundError, "'gpt-4o' does not exist", **chat(model="gpt-4o")).code == "model_not_found"
     refused(openai.NotFoundError, "nope", **chat(url="tubescope://nope", stream=True))   # before the stream
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    refused(openai.UnprocessableEntityError, "image_url parts are not supported yet",
-            **chat(messages=[{"role": "user", "content": [image, {"type": "text", "text": "What?"}]}]))
     assert refused(openai.UnprocessableEntityError, "over the maximum 64", **chat(max_tokens=65)).param == \
         "max_tokens"
     refused(openai.UnprocessableEntityError, "same start and end", **chat(messages=[{"role": "user", "content": [
@@ -81,7 +78,7 @@ def test_openai_errors_reach_the_clients_exceptions(served):
         {"type": "video_url", "video_url": {"url": f"tubescope://{SOURCE}?start=2"}},
         {"type": "text", "text": "What?"}]}]))
     refused(openai.UnprocessableEntityError, "start must be a time", **chat(url=f"tubescope://{SOURCE}?start=soon"))
-    assert refused(openai.APIStatusError, "request body over 4096 bytes", **chat(text="x" * 5000)).status_code == 413
+    assert refused(openai.APIStatusError, "request body over 47920 bytes", **chat(text="x" * 50_000)).status_code == 413
     assert refused(openai.UnprocessableEntityError, "not supported", **chat(stop=["."])).param == "stop"
     refused(openai.UnprocessableEntityError, "no footage", **chat(messages=[{"role": "user", "content": "What?"}]))
     refused(openai.UnprocessableEntityError, "messages", **chat(messages=[{"role": "tool", "content": "x"}]))
@@ -90,3 +87,54 @@ def test_openai_errors_reach_the_clients_exceptions(served):
         openai_client(served).models.retrieve("gpt-4o")
     with pytest.raises(openai.AuthenticationError):
         openai_client(served, "not-a-real-key-0000").models.list()
+
+
+def test_openai_image_parts_data_urls_and_own_thumbnails(served):
+    """image_url parts: a data: URL and this API's thumbnail URLs (absolute or relative) are answered like /v1/ask
+    over the same image bytes; any other URL, a non-image and another source's thumbnail are refused."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (60, 40), (30, 180, 40)).save(out, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    thumbnail = f"/v1/segments/{SOURCE}%3A2000/thumbnail"
+
+    def parts(*urls: str, text: str = "What is shown?") -> list[dict]:
+        return [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in urls),
+                                             {"type": "text", "text": text}]}]
+
+    client = openai_client(served)
+    answer = client.chat.completions.create(model="tubescope", max_tokens=4,
+                                            messages=parts(data_url, served["url"] + thumbnail))
+    with http(served, READER) as c:
+        jpeg = c.get(thumbnail).content
+        asked = c.post("/v1/ask", json={"question": "What is shown?", "max_new_tokens": 4, "images": [
+            data_url, base64.b64encode(jpeg).decode()]}).json()
+    extra = answer.model_extra["tubescope"]
+    assert answer.choices[0].message.content == asked["answer"]
+    assert answer.usage.prompt_tokens == asked["timings"]["prompt_tokens"]
+    assert extra["timings"]["visual_tokens"] == asked["timings"]["visual_tokens"] > 0
+    assert extra["plan"]["kind"] == "none" and extra["evidence"] == []
+    # a relative thumbnail URL with footage: the image first, then the footage
+    both = client.chat.completions.create(model="tubescope", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": thumbnail}},
+        {"type": "video_url", "video_url": {"url": f"tubescope://{SOURCE}?start=0&end=2"}},
+        {"type": "text", "text": "Is this in the footage?"}]}])
+    assert [e["segment_id"] for e in both.model_extra["tubescope"]["evidence"]] == [f"{SOURCE}:0"]
+
+    def refused(error: type, words: str, url: str, key: str = READER) -> None:
+        with pytest.raises(error) as info:
+            openai_client(served, key).chat.completions.create(model="tubescope", max_tokens=2, messages=parts(url))
+        assert words in info.value.body["message"], info.value.body
+
+    for foreign in ("http://example.com/cat.png", "file:///etc/passwd", f"http://elsewhere:1{thumbnail}",
+                    thumbnail + "?x=1", "/v1/sources/clip/segments"):
+        refused(openai.UnprocessableEntityError, "other URLs are never fetched", foreign)
+    refused(openai.UnprocessableEntityError, "not an image", "data:image/png;base64,"
+            + base64.b64encode(b"no picture here").decode())
+    refused(openai.NotFoundError, "no thumbnail for segment 'clip:2000'", thumbnail, CAM_READER)
+    refused(openai.NotFoundError, "no thumbnail for segment 'clip:4000'", f"/v1/segments/{SOURCE}%3A4000/thumbnail")
