@@ -61,7 +61,9 @@ class SlotCache:
         capacity = max(length, 2 * self.capacity, 64) if length > self.capacity else self.capacity
         for store in (self._keys, self._values):
             for i in range(self.num_layers):
-                grown = torch.empty(new_rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype,
+                # zeros, not empty: a masked key or value still enters the attention products (times a zero
+                # weight), and uninitialised memory may hold NaN, which survives that
+                grown = torch.zeros(new_rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype,
                                     device=self.device)
                 if store and self.rows:
                     n = self.seq_len

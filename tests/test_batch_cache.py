@@ -57,6 +57,11 @@ def test_a_batched_step_equals_each_rows_own_forward(model):
             assert int(logits[b].argmax()) == int(own.argmax())
         tokens = logits.argmax(-1)
     assert slots.capacity == 128 and slots.lengths == [10, 68, 17]
+    # past each row's length the buffers hold zeros, never uninitialised memory: a masked NaN key would still
+    # poison the attention products of its row
+    for i in range(slots.num_layers):
+        for row, n in enumerate(slots.lengths):
+            assert not slots._keys[i][row, :, n:].any() and not slots._values[i][row, :, n:].any()
 
 
 @torch.no_grad()
