@@ -168,11 +168,20 @@ class Batcher:
     def _decode_loop(self) -> None:
         while True:
             with self.lock:
-                self._leave([r for r in self._rows if r.cancelled])
-                if not self._rows:
+                try:
+                    self._leave([r for r in self._rows if r.cancelled])
+                    if not self._rows:
+                        self._thread = None
+                        return
+                    self._step()
+                except BaseException as e:  # a bug here must not leave askers waiting forever: all rows end
+                    for row in self._rows:
+                        row.out.put(e)
+                        self._free.release()
+                    self._rows = []
+                    self.slots = SlotCache.for_model(self.model, self.max_rows)
                     self._thread = None
-                    return
-                self._step()
+                    raise
 
     def _step(self) -> None:
         rows = list(self._rows)

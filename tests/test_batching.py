@@ -169,3 +169,15 @@ def test_a_failing_question_leaves_the_others_undisturbed(world, tmp_path, seque
     again.join()
     assert not again.errors and _answer(again.results["other"]) == sequential["other"]
     assert dec.stats()["batch"]["peak_rows"] == 2
+
+
+def test_a_search_runs_between_decode_steps_not_after_the_answer(world, tmp_path):  # noqa: F811
+    dec = _decoder(world, tmp_path)
+    asks = Asks(dec)
+    asks.start("long")
+    assert asks.first_piece["long"].wait(60)
+    hits = dec.search(QUESTION, ["cam1"], limit=3)          # its scoring takes the model lock between two steps
+    searched_at = time.perf_counter()
+    asks.join()
+    assert len(hits) == 3 and not asks.errors
+    assert searched_at < asks.pieces["long"][-1][0]         # the answer was still decoding
