@@ -15,20 +15,21 @@ from tests.test_decoder import QUESTION, _decoder, world  # noqa: F401 - world i
 pytestmark = pytest.mark.timeout(180)
 SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.3, "seed": 7}
 # name -> (sources, start, end, max_new_tokens, generation): different footage and prefix lengths (3 or 6
-# segments, one or two video blocks), lengths and sampling; "sampled" ends on a stop id before its limit
+# segments, one or two video blocks), lengths and sampling; "stopper" ends on a stop id before its limit
 JOBS = {
     "long": (["cam2"], 0.0, 6.0, 40, None),
     "short": (["cam1", "cam2"], 0.0, 6.0, 5, {"repetition_penalty": 1.5}),
     "penalised": (["cam1"], None, None, 16, {"repetition_penalty": 1.5}),
-    "sampled": (["cam1"], 0.0, 6.0, 64, SAMPLED),
-    "other": (["cam2"], None, None, 12, {"repetition_penalty": 1.2}),
+    "sampled": (["cam1"], 0.0, 6.0, 24, SAMPLED),
+    "stopper": (["cam1", "cam2"], 0.0, 6.0, 40, None),
 }
 COMPLETE = ("Describe a quiet street.", 10)
 
 
-def _ask(dec, name: str, on_token=None) -> dict:
+def _ask(dec, name: str, on_token=None, max_new_tokens: int | None = None) -> dict:
     sources, start, end, n, generation = JOBS[name]
-    return dec.ask(QUESTION, sources, start, end, max_new_tokens=n, generation=generation, on_token=on_token)
+    return dec.ask(QUESTION, sources, start, end, max_new_tokens=max_new_tokens or n, generation=generation,
+                   on_token=on_token)
 
 
 def _answer(result: dict) -> tuple:
@@ -41,7 +42,7 @@ def sequential(world, tmp_path_factory):  # noqa: F811
     dec = _decoder(world, tmp_path_factory.mktemp("sequential"), decoder_max_ongoing_requests=1)
     out = {name: _answer(_ask(dec, name)) for name in JOBS}
     out["complete"] = dec.complete(*COMPLETE)
-    assert out["sampled"][2] == "stop" and out["long"][2] == "length"        # both ways of ending are covered
+    assert out["stopper"][2] == "stop" and out["long"][2] == "length"        # both ways of ending are covered
     return out
 
 
@@ -54,7 +55,7 @@ class Asks:
         self.done_at: dict[str, float] = {}
         self.first_piece: dict[str, threading.Event] = {}
 
-    def start(self, name: str, fail_at: int | None = None) -> None:
+    def start(self, name: str, fail_at: int | None = None, max_new_tokens: int | None = None) -> None:
         self.pieces[name], self.first_piece[name] = [], threading.Event()
 
         def on_token(piece: str) -> None:
@@ -68,7 +69,7 @@ class Asks:
                 if name == "complete":
                     self.results[name] = self.dec.complete(*COMPLETE)
                 else:
-                    self.results[name] = _ask(self.dec, name.split("#")[0], on_token)
+                    self.results[name] = _ask(self.dec, name.split("#")[0], on_token, max_new_tokens)
             except Exception as e:  # noqa: BLE001 - the test looks at it
                 self.errors[name] = e
             self.done_at[name] = time.perf_counter()
@@ -107,19 +108,19 @@ def test_questions_joining_mid_generation_answer_as_when_asked_one_by_one(world,
         assert dec.batcher.stats()["rows"] == 1 and "long" not in asks.done_at
     _paused(dec, asks, ["short", "penalised", "sampled"], already_waiting=1)    # 1: the decode thread
     assert asks.first_piece["sampled"].wait(60)
-    asks.start("other")                              # joins whenever it is ready, others still decoding
+    asks.start("stopper")                            # joins whenever it is ready, others still decoding
     asks.start("complete")
     asks.join()
     assert not asks.errors
     for name in JOBS:
         assert _answer(asks.results[name]) == sequential[name], name
         assert asks.streamed(name) == asks.results[name]["answer"]
-    assert asks.results["sampled"]["finish_reason"] == "stop"
+    assert asks.results["stopper"]["finish_reason"] == "stop"
     assert asks.results["complete"] == sequential["complete"]
     batch = dec.stats()["batch"]
     assert batch["peak_rows"] >= 4 and batch["rows"] == 0
     cache = dec.stats()["prefix_cache"]
-    assert cache["misses"] == 4 and cache["hits"] == 1       # cam2, both 0-6 s, cam1 gapped, cam1 0-6 s; "other" hits
+    assert cache["misses"] == 4 and cache["hits"] == 1       # cam2, both 0-6 s, cam1 gapped, cam1 0-6 s; "stopper" hits
 
 
 def test_each_stream_ends_on_its_own(world, tmp_path, sequential):  # noqa: F811
@@ -140,7 +141,7 @@ def test_each_stream_ends_on_its_own(world, tmp_path, sequential):  # noqa: F811
 def test_the_batch_never_holds_more_than_decoder_max_ongoing_requests(world, tmp_path, sequential):  # noqa: F811
     dec = _decoder(world, tmp_path, decoder_max_ongoing_requests=2)
     asks = Asks(dec)
-    names = ["long", "short", "penalised", "other", "short#2"]
+    names = ["long", "short", "penalised", "stopper", "short#2"]
     for name in names:
         asks.start(name)
     asks.join()
@@ -165,16 +166,16 @@ def test_a_failing_question_leaves_the_others_undisturbed(world, tmp_path, seque
     assert dec.stats()["failed"] == 1 and dec.stats()["batch"]["rows"] == 0
     # its row was given back: two questions still fit at once
     again = Asks(dec)
-    _paused(dec, again, ["short", "other"], already_waiting=0)
+    _paused(dec, again, ["short", "stopper"], already_waiting=0)
     again.join()
-    assert not again.errors and _answer(again.results["other"]) == sequential["other"]
+    assert not again.errors and _answer(again.results["stopper"]) == sequential["stopper"]
     assert dec.stats()["batch"]["peak_rows"] == 2
 
 
 def test_a_search_runs_between_decode_steps_not_after_the_answer(world, tmp_path):  # noqa: F811
     dec = _decoder(world, tmp_path)
     asks = Asks(dec)
-    asks.start("long")
+    asks.start("long", max_new_tokens=160)
     assert asks.first_piece["long"].wait(60)
     hits = dec.search(QUESTION, ["cam1"], limit=3)          # its scoring takes the model lock between two steps
     searched_at = time.perf_counter()
