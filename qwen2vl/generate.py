@@ -139,7 +139,8 @@ def pick_tokens(model, hidden: torch.Tensor, choices: list[TokenChoice]) -> list
     and processed row by row. A row whose choice fails (e.g. non-finite scores when sampling) gets the exception
     instead of a token, so the other rows keep theirs."""
     head = model.argmax_head()
-    fast = [b for b, c in enumerate(choices) if head is not None and not c.needs_logits]
+    plain = [b for b, c in enumerate(choices) if not c.needs_logits]
+    fast = plain if head is not None else []
     full = [b for b in range(len(choices)) if b not in set(fast)]
     out: list[int | Exception] = [0] * len(choices)
     if fast:
@@ -147,7 +148,13 @@ def pick_tokens(model, hidden: torch.Tensor, choices: list[TokenChoice]) -> list
             out[b] = token
     if full:
         logits = model.lm_head(hidden[full]).float()                          # (len(full), V)
+        argmax = [j for j, b in enumerate(full) if not choices[b].needs_logits]
+        if argmax:                                                            # one device sync for all of them
+            for j, token in zip(argmax, logits[argmax].argmax(dim=-1).tolist()):
+                out[full[j]] = token
         for j, b in enumerate(full):
+            if not choices[b].needs_logits:
+                continue
             try:
                 out[b] = int(choices[b].pick(logits[j:j + 1]))
             except Exception as e:  # noqa: BLE001 - one row's failure is that row's answer, not the batch's
