@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.test_decoder import QUESTION, _decoder, world  # noqa: F401 - world is the shared fixture
+from tests.test_decoder import QUESTION, _decoder, build_world
 
 pytestmark = pytest.mark.timeout(180)
 SAMPLED = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.3, "seed": 7}
@@ -37,7 +37,12 @@ def _answer(result: dict) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def sequential(world, tmp_path_factory):  # noqa: F811
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("batching"))
+
+
+@pytest.fixture(scope="module")
+def sequential(world, tmp_path_factory):
     """Every job asked one by one, on a decoder that decodes one question at a time."""
     dec = _decoder(world, tmp_path_factory.mktemp("sequential"), decoder_max_ongoing_requests=1)
     out = {name: _answer(_ask(dec, name)) for name in JOBS}
@@ -99,7 +104,7 @@ def _paused(dec, asks: Asks, names: list[str], already_waiting: int) -> None:
             time.sleep(0.005)
 
 
-def test_questions_joining_mid_generation_answer_as_when_asked_one_by_one(world, tmp_path, sequential):  # noqa: F811
+def test_questions_joining_mid_generation_answer_as_when_asked_one_by_one(world, tmp_path, sequential):
     dec = _decoder(world, tmp_path, decoder_max_ongoing_requests=8)
     asks = Asks(dec)
     asks.start("long")
@@ -123,7 +128,7 @@ def test_questions_joining_mid_generation_answer_as_when_asked_one_by_one(world,
     assert cache["misses"] == 4 and cache["hits"] == 1       # cam2, both 0-6 s, cam1 gapped, cam1 0-6 s; "stopper" hits
 
 
-def test_each_stream_ends_on_its_own(world, tmp_path, sequential):  # noqa: F811
+def test_each_stream_ends_on_its_own(world, tmp_path, sequential):
     dec = _decoder(world, tmp_path, decoder_max_ongoing_requests=4)
     asks = Asks(dec)
     _paused(dec, asks, ["long", "short"], already_waiting=0)
@@ -138,7 +143,7 @@ def test_each_stream_ends_on_its_own(world, tmp_path, sequential):  # noqa: F811
     assert dec.stats()["batch"]["peak_rows"] == 2
 
 
-def test_the_batch_never_holds_more_than_decoder_max_ongoing_requests(world, tmp_path, sequential):  # noqa: F811
+def test_the_batch_never_holds_more_than_decoder_max_ongoing_requests(world, tmp_path, sequential):
     dec = _decoder(world, tmp_path, decoder_max_ongoing_requests=2)
     asks = Asks(dec)
     names = ["long", "short", "penalised", "stopper", "short#2"]
@@ -152,7 +157,7 @@ def test_the_batch_never_holds_more_than_decoder_max_ongoing_requests(world, tmp
     assert batch["peak_rows"] == 2 and batch["max_rows"] == 2 and batch["rows"] == 0
 
 
-def test_a_failing_question_leaves_the_others_undisturbed(world, tmp_path, sequential):  # noqa: F811
+def test_a_failing_question_leaves_the_others_undisturbed(world, tmp_path, sequential):
     dec = _decoder(world, tmp_path, decoder_max_ongoing_requests=2)
     asks = Asks(dec)
     with dec._lock:
@@ -172,7 +177,7 @@ def test_a_failing_question_leaves_the_others_undisturbed(world, tmp_path, seque
     assert dec.stats()["batch"]["peak_rows"] == 2
 
 
-def test_a_search_runs_between_decode_steps_not_after_the_answer(world, tmp_path):  # noqa: F811
+def test_a_search_runs_between_decode_steps_not_after_the_answer(world, tmp_path):
     dec = _decoder(world, tmp_path)
     asks = Asks(dec)
     asks.start("long", max_new_tokens=160)
