@@ -12,11 +12,15 @@ Ray-free core; deploy/app.py wraps it in a Serve deployment. Per question:
           temporal M-RoPE ids from the tubes' times (deploy.footage)
   prefill the video prefix's KV comes from the PrefixCache when the same footage was asked about before, else one
           forward over the prefix (no output layer at all) which is then cached; then the question
-  decode  greedy, the checkpoint's stop ids, text pieces streamed to on_token (clean text: a box's label, never its
-          markup; deploy.boxes places the boxes on the footage shown)
+  decode  in the replica's running batch (deploy.batching: up to decoder_max_ongoing_requests questions decode
+          together, each joining at the next step and leaving on its own stop id or max_new_tokens), under the
+          checkpoint's sampling or the request's; text pieces streamed to on_token (clean text: a box's label, never
+          its markup; deploy.boxes places the boxes on the footage shown)
   record  one entry in the Redis stream tubescope:answers (through the EventSink), whose id the result carries
-The vision tower runs only on uploaded images: indexed footage is never re-encoded. One lock serialises model calls
-(CPU threads gain nothing from running two forwards at once); cached prefixes are cloned before being extended.
+The vision tower runs only on uploaded images: indexed footage is never re-encoded. One lock, granted in
+arrival order, serialises model calls (CPU threads gain nothing from running two forwards at once); the batch
+takes it for one decode step at a time, so searches and alert scoring run between steps. Cached prefixes are
+copied into the question's row of the batch before being extended.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from deploy.batching import Batcher, FairLock, Prompt
 from deploy.boxes import answer_boxes
 from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
                             group_blocks, list_window)
@@ -50,7 +55,6 @@ from pipeline.thumbnails import ThumbnailStore
 from pipeline.times import with_times
 from qwen2vl.checkpoint import load_pretrained
 from qwen2vl.dtypes import resolve_dtype
-from qwen2vl.generate import generate
 from qwen2vl.grounding import MARKERS as GROUNDING_MARKERS, Grounded, parse_grounding
 from qwen2vl.onednn_linear import use_onednn_linears_
 from qwen2vl.placement import plan_gpus
@@ -85,8 +89,8 @@ class Decoder:
         self.events = events
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.tube_seconds = self.model.config.vision.temporal_patch_size / settings.fps
-        self._lock = threading.Lock()     # model calls
-        self._scratch = None              # KVCache whose buffers each question reuses (under _lock)
+        self._lock = FairLock()           # model calls; the batch holds it for one decode step at a time
+        self.batcher = Batcher(self.model, self._lock, settings.decoder_max_ongoing_requests)
         self._count_lock = threading.Lock()
         self.prompt_memo = PrefixMemo()   # tokenized prefixes (pure function results, shared with search)
         self.ranker = SegmentRanker(self.model, self.processor, self.prefix_cache, self.model_id, self.tube_seconds,
@@ -224,17 +228,17 @@ class Decoder:
         ids = self.processor.tokenizer.encode(self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "text", "text": prompt}]}], add_generation_prompt=True))
         stream = TextStream(self.processor.tokenizer, None, self.model.generation_config.eos_token_id)
-        with self._lock:
-            generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
-                     streamer=stream.put,
-                     **answer_sampling(self.model.generation_config).generate_kwargs(self.model.output_device))
+        prompt = Prompt(prefill=lambda cache: None, prefix_len=0, suffix_ids=ids, prompt_ids=ids,
+                        sampling=answer_sampling(self.model.generation_config), max_new_tokens=max_new_tokens)
+        for token in self.batcher.stream(prompt):
+            stream.put(token)
         return stream.text
 
     def stats(self) -> dict:
         with self._count_lock:
             counts = dict(self.counts)
         return {"model": self.model_id, "prefix_cache": self.prefix_cache.stats(), "images": self.images.stats(),
-                "segments_scored": self.ranker.segments_scored, **counts}
+                "segments_scored": self.ranker.segments_scored, "batch": self.batcher.stats(), **counts}
 
     # ---- one question ---------------------------------------------------------------------------------------------
     def _ask(self, question, sources, start, end, max_new_tokens, on_token, t_start, record, with_captions,
@@ -267,24 +271,26 @@ class Decoder:
         # Read tokens outside the lock when the prefix is not cached yet; look the cache up inside it, so concurrent
         # first questions over the same footage prefill it once.
         embeds = None if key in self.prefix_cache else self._plan_tokens(plan)
-        stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
-        with self._lock:
-            # The prefix is copied into the scratch cache (its buffers are reused: no fresh pages per question),
-            # which the question and answer then extend in place; only one generate runs at a time (this lock).
-            room = len(plan.suffix_ids) + max_new_tokens
-            cache = self.prefix_cache.get(key, spare=room, into=self._scratch)
-            hit = cache is not None
+        hit = False
+
+        def prefill(row_cache) -> None:
+            """The prefix into the question's row of the batch (under the model lock)."""
+            nonlocal hit, embeds
+            hit = self.prefix_cache.get(key, spare=len(plan.suffix_ids) + 1, into=row_cache) is not None
             if not hit:
                 if embeds is None:                          # evicted since the check
                     embeds = self._plan_tokens(plan)
                 cache = self._prefill_prefix(plan, embeds)
-                self.prefix_cache.put(key, cache)           # stored as is; this request extends a copy
-                cache = cache.clone(spare=room, into=self._scratch)
-            self._scratch = cache
-            suffix = torch.tensor([plan.suffix_ids], device=self.device)
-            new_ids = generate(self.model, suffix, past_key_values=cache, max_new_tokens=max_new_tokens,
-                               streamer=stream.put, prompt_ids=torch.tensor([plan.input_ids], device=self.device),
-                               **sampling.generate_kwargs(self.model.output_device))[0].tolist()
+                self.prefix_cache.put(key, cache)           # stored as is; the row extends a copy
+                cache.clone(spare=len(plan.suffix_ids) + 1, into=row_cache)
+
+        stream = TextStream(self.processor.tokenizer, on_token, self.model.generation_config.eos_token_id)
+        prompt = Prompt(prefill=prefill, prefix_len=len(plan.prefix_ids), suffix_ids=list(plan.suffix_ids),
+                        prompt_ids=list(plan.input_ids), sampling=sampling, max_new_tokens=max_new_tokens)
+        new_ids = []
+        for token in self.batcher.stream(prompt):
+            new_ids.append(token)
+            stream.put(token)
         stream.finish()
         t_end = time.perf_counter()
 
@@ -411,10 +417,9 @@ class TextStream:
         self.stopped = False
         self.first_token_at: float | None = None
 
-    def put(self, tokens: torch.Tensor) -> None:
+    def put(self, token: int) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        token = int(tokens.reshape(-1)[0])
         if self.stopped or token in self.stop_ids:
             self.stopped = True
             return

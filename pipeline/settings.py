@@ -166,7 +166,9 @@ class Settings(BaseSettings):
     decoder_cpus: float = Field(0.25, ge=0)       # per replica; a fraction leaves room for Serve and Ray Data on 2 CPUs
     # GPUs per replica when the cluster has GPUs; >1 splits the decoder's layers over them (qwen2vl/placement.py)
     decoder_gpus: int = Field(1, ge=1, le=16)
-    decoder_max_ongoing_requests: int = Field(1, ge=1)   # per replica; more wait in Serve's queue
+    # per replica: the questions decoding together in its batch, and the requests Serve lets in at once (searches
+    # and alert scoring included); more wait in Serve's queue (docs/architecture.md, "Batched answers")
+    decoder_max_ongoing_requests: int = Field(8, ge=1)
     decoder_max_queued_requests: int = Field(16, ge=1)   # beyond this Serve refuses: 503 with Retry-After
     api_retry_after_seconds: int = Field(5, ge=1)        # the Retry-After of a 503
     api_metrics_public: bool = False              # /metrics without a key (it names every source); else admin key

@@ -5,6 +5,7 @@ Stop ids default to the checkpoint's generation_config.json (model.generation_co
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -49,7 +50,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     object with put(tokens) / end() such as TokenIteratorStreamer.
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
-    stop_ids = _stop_ids(model, eos_token_id)
+    stop_ids = model_stop_ids(model, eos_token_id)
     pad_id = model.generation_config.pad_token_id
     if pad_id is None:
         pad_id = stop_ids[0] if stop_ids else 0
@@ -63,6 +64,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 image_embeds=image_embeds, video_embeds=video_embeds, past_key_values=cache, use_cache=True,
                 logits_to_keep=1, rope_deltas=rope_deltas, compute_logits=head is None)
     seen = input_ids if prompt_ids is None else prompt_ids.to(input_ids.device)   # for the repetition penalty
+    choice = TokenChoice(seen, do_sample, temperature, top_p, top_k, repetition_penalty, generator)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
@@ -71,13 +73,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if head is not None:
                 token = head(out.hidden[:, -1])                             # (B,)
             else:
-                scores = out.logits[:, -1].float()                      # (B, V)
-                if repetition_penalty != 1.0:
-                    scores = _penalize_repeats(scores, seen.to(scores.device), repetition_penalty)
-                if do_sample:
-                    token = _sample(scores, temperature, top_k, top_p, generator)
-                else:
-                    token = scores.argmax(dim=-1)
+                token = choice.pick(out.logits[:, -1].float())             # (B,)
             token = token.to(finished.device)       # from the output layer's device (placement: the last one)
             token = torch.where(finished, torch.full_like(token, pad_id), token)   # (B,)
             new_tokens.append(token)
@@ -85,7 +81,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             finished |= torch.isin(token, stop)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            seen = torch.cat([seen, token[:, None]], dim=1)
+            choice.seen = torch.cat([choice.seen, token[:, None]], dim=1)
             out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1,
                         compute_logits=head is None)
     finally:
@@ -93,12 +89,80 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return torch.stack(new_tokens, dim=1)
 
 
-def _stop_ids(model, eos_token_id) -> list[int]:
+def model_stop_ids(model, eos_token_id=None) -> list[int]:
+    """The ids that end an answer: eos_token_id when given, else the checkpoint's generation_config.json."""
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id or model.config.eos_token_id
     if eos_token_id is None:
         return []
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+
+@dataclass
+class TokenChoice:
+    """How one sequence of a batch picks its next token: its own sampling settings, generator and seen ids, so a
+    sequence decoded beside others picks what it would pick alone (deploy/batching.py).
+
+    seen (1, n): the prompt's ids and the answer so far, which the repetition penalty counts; `observe` extends it."""
+    seen: torch.Tensor
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        _check_sampling(1, self.do_sample, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+
+    @property
+    def needs_logits(self) -> bool:
+        """False: the argmax of the logits is the token (the screened head may pick it)."""
+        return self.do_sample or self.repetition_penalty != 1.0
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The token (1,) for fp32 scores (1, V) of this sequence's last position, on the device of `seen` (the
+        input's, where the generator lives; a split model's logits come from its last device)."""
+        scores = scores.to(self.seen.device)
+        if self.repetition_penalty != 1.0:
+            scores = _penalize_repeats(scores, self.seen, self.repetition_penalty)
+        if self.do_sample:
+            return _sample(scores, self.temperature, self.top_k, self.top_p, self.generator)
+        return scores.argmax(dim=-1)
+
+    def observe(self, token: int) -> None:
+        if self.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([[token]])], dim=1)
+
+
+@torch.no_grad()
+def pick_tokens(model, hidden: torch.Tensor, choices: list[TokenChoice]) -> list[int | Exception]:
+    """Next token of each row of final hidden states (B, D), row b chosen by choices[b]: rows that only need the
+    argmax go through the screened head (fp32 weights) together, the others get full logits, computed together
+    and processed row by row. A row whose choice fails (e.g. non-finite scores when sampling) gets the exception
+    instead of a token, so the other rows keep theirs."""
+    head = model.argmax_head()
+    plain = [b for b, c in enumerate(choices) if not c.needs_logits]
+    fast = plain if head is not None else []
+    full = [b for b in range(len(choices)) if b not in set(fast)]
+    out: list[int | Exception] = [0] * len(choices)
+    if fast:
+        for b, token in zip(fast, head(hidden[fast]).tolist()):
+            out[b] = token
+    if full:
+        logits = model.lm_head(hidden[full]).float()                          # (len(full), V)
+        argmax = [j for j, b in enumerate(full) if not choices[b].needs_logits]
+        if argmax:                                                            # one device sync for all of them
+            for j, token in zip(argmax, logits[argmax].argmax(dim=-1).tolist()):
+                out[full[j]] = token
+        for j, b in enumerate(full):
+            if not choices[b].needs_logits:
+                continue
+            try:
+                out[b] = int(choices[b].pick(logits[j:j + 1]))
+            except Exception as e:  # noqa: BLE001 - one row's failure is that row's answer, not the batch's
+                out[b] = e
+    return out
 
 
 def _streamer_hooks(streamer) -> tuple[Callable, Callable]:

@@ -20,6 +20,14 @@ class KVCache:
         self.key_mask: torch.Tensor | None = None                       # (B, S) bool, None = no padding
         self.rope_deltas: torch.Tensor | None = None                    # (B, 1) long
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "KVCache":
+        """An empty cache that writes into the given per-layer buffers (B, kv_heads, capacity, head_dim), e.g. views
+        of one row of a larger store, until it outgrows them (then it moves to buffers of its own)."""
+        out = cls(len(keys))
+        out._keys, out._values = list(keys), list(values)
+        return out
+
     @property
     def seq_len(self) -> int:
         return self.lengths[0]

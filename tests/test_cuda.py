@@ -209,3 +209,15 @@ def test_split_over_two_gpus_equals_one_gpu(tmp_path):
     for cache in (b.past_key_values, b.past_key_values.clone(spare=4), b.past_key_values.repeat(2)):
         assert [cache.layer(i)[0].device.index for i in range(4)] == on_layer_devices
     assert torch.equal(whole.generate(ids, max_new_tokens=12), split.generate(ids, max_new_tokens=12))
+    # continuous batching over the split model: each layer's slot buffers on its layer's device
+    from qwen2vl.batch_cache import SlotCache, decode_step
+    hidden = []
+    for m in (whole, split):
+        slots = SlotCache.for_model(m, max_rows=2)
+        for prompt in (ids, ids[:, :5]):
+            row, view = slots.add_row(prompt.shape[1] + 1)
+            m(prompt, past_key_values=view, use_cache=True, logits_to_keep=1, compute_logits=False)
+            slots.adopt(row, view)
+        assert [slots._keys[i].device.index for i in range(4)] == ([0] * 4 if m is whole else on_layer_devices)
+        hidden.append(decode_step(m, slots, torch.tensor([5, 6], device="cuda:0")).to("cuda:0"))
+    assert torch.equal(hidden[0], hidden[1])

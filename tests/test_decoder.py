@@ -31,7 +31,11 @@ N_NEW = 12
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoder")
+    return build_world(tmp_path_factory.mktemp("decoder"))
+
+
+def build_world(root) -> dict:
+    """An answering tiny checkpoint and an index of real clips: cam1 at 0..6 s and 100..106 s, cam2 at 0..6 s."""
     ckpt = answering_checkpoint(root / "tiny")
     model = qwen2vl.load_pretrained(ckpt)
     mid = model_id(ckpt)
