@@ -24,7 +24,7 @@ from pipeline.settings import Settings
 from qwen2vl.geometry import FACTOR, PATCH_SIZE, smart_resize
 from qwen2vl.rope import get_rope_index
 
-GOALS = {"tower_fraction_of_gemm_peak": 0.45}
+GOALS = {"tower_fraction_of_gemm_peak": 0.45, "decode_32_concurrent_vs_single_stream": 10.0}
 PREFILL_TUBE = (32, 32)           # patches of one 448x448 tube: 256 visual tokens
 TOWER_SOURCES = {"448x448": (448, 448), "480p": (480, 640), "720p": (720, 1280), "1080p": (1080, 1920),
                  "720p portrait": (1280, 720)}
@@ -279,4 +279,33 @@ def generate_report(run: Run, ours: dict, ref: dict | None) -> dict:
         report["first_token_difference"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     else:
         ours.pop("tokens")
+    return report
+
+
+# ---- concurrent decode ---------------------------------------------------------------------------------------------
+
+def decode_ours(run: Run, model) -> dict:
+    """Aggregate decode tokens/s of 1, 8 and 32 questions through the continuous-batching scheduler, against the same
+    questions asked one by one in the same run (bench/batching.py). Answers run to their full length (no stop id),
+    so every level decodes the same number of tokens per question."""
+    from bench.batching import concurrent_decode
+
+    stop = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [-1]                       # an id no token has
+    levels = {}
+    try:
+        for n in run.args.decode_levels:
+            if run.left() <= 0:
+                break
+            log(f"[{run.size}] decode: {n} concurrent questions, {run.args.new_tokens} new tokens each")
+            levels[str(n)] = concurrent_decode(model, n, max_new_tokens=run.args.new_tokens,
+                                               prefix_tokens=run.args.prompt_tokens, suffix_tokens=8,
+                                               rounds=run.args.reps)
+    finally:
+        model.generation_config.eos_token_id = stop
+    report = {"levels": levels}
+    if "1" in levels and "32" in levels:
+        single = levels["1"]["concurrent_tok_s"]
+        report["aggregate_32_vs_single_stream"] = round(levels["32"]["concurrent_tok_s"] / single, 2)
+        report["goal"] = goal("decode_32_concurrent_vs_single_stream", report["aggregate_32_vs_single_stream"])
     return report

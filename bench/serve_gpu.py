@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._same_weights import build_ours, build_reference, release  # noqa: E402
-from bench._serve_sections import (GOALS, Run, generate_ours, generate_reference, generate_report,  # noqa: E402
-                                   log, prefill_ours, prefill_reference, prefill_report, streams_ours,
+from bench._serve_sections import (GOALS, Run, decode_ours, generate_ours, generate_reference,  # noqa: E402
+                                   generate_report, log, prefill_ours, prefill_reference, prefill_report, streams_ours,
                                    tower_ours, tower_reference, tower_report)
 from qwen2vl.checkpoint import tiny_config  # noqa: E402
 from qwen2vl.dtypes import resolve_dtype  # noqa: E402
@@ -71,10 +71,9 @@ SECTIONS: dict[str, Section] = {
     "tower": Section(tower_ours, tower_reference, tower_report),
     "streams": Section(streams_ours),
     "generate": Section(generate_ours, generate_reference, generate_report),
+    "decode": Section(decode_ours),          # ours only: the reference has no continuous batching to compare
 }
-# DECODE HOOK: decode tokens/s at 1, 8 and 32 concurrent questions is bench/batching.py's concurrent_decode (the
-# continuous-batching decoder). It is wired here as SECTIONS["decode"] = Section(ours=...), with its goal in GOALS
-# (32 concurrent >= 10x the single-stream tokens/s, in aggregate); until then the report has no decode section.
+
 
 
 def measured(run: Run, fn: Callable[[Run, object], dict], model) -> dict:
@@ -149,7 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tower-tubes", type=int, help="tubes per frame size in the tower's batch (16; tiny 1)")
     ap.add_argument("--stream-tubes", type=int, help="streams encoded at once per resolution (48; tiny 2)")
     ap.add_argument("--new-tokens", type=int, help="new tokens per generate call (64; tiny 8)")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="generate's text prompt")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="generate's text prompt (decode: the cached prefix)")
+    ap.add_argument("--decode-levels", type=int, nargs="+", default=[1, 8, 32],
+                    help="concurrent questions of the decode section")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement, after a warm-up")
     ap.add_argument("--timeout-budget", type=float, help="seconds for the whole run, shared evenly by the sizes "
                                                          "(480; tiny 300)")

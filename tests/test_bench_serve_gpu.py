@@ -8,7 +8,7 @@ import pytest
 from bench import serve_gpu
 
 SMALL = ["--tiny", "--visual-tokens", "256", "--tower-tubes", "1", "--stream-tubes", "1", "--new-tokens", "3",
-         "--prompt-tokens", "16", "--reps", "1", "--gemm-n", "256"]
+         "--prompt-tokens", "16", "--reps", "1", "--gemm-n", "256", "--decode-levels", "1", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,12 @@ def test_unknown_section_is_refused(capsys):
     with pytest.raises(SystemExit):
         serve_gpu.main(["--tiny", "--sections", "prefill,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_decode_runs_questions_together_and_one_by_one(report):
+    levels = report["sizes"]["tiny"]["decode"]["levels"]
+    assert list(levels) == ["1", "4"]
+    for n, level in levels.items():
+        assert level["concurrency"] == int(n) and level["same_tokens"]
+        assert level["new_tokens"] == 3 * int(n)                     # no stop id: every answer runs its full length
+        assert level["concurrent_tok_s"] > 0 and level["sequential_tok_s"] > 0
