@@ -8,8 +8,8 @@
 /healthz answers; `stop_app` shuts Serve down. deploy/serve.yaml names `deploy.app:app_from_env` for clusters.
 Errors are JSON {"error": message}. Overload of the decoder is a 503 with Retry-After (Serve's max_queued_requests).
 """
+import asyncio
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -90,22 +90,39 @@ class DecoderServer:
             granularity=req.get("granularity"), max_new_tokens=req["max_new_tokens"],
             on_line=lambda line: put({"line": line})))
 
-    def _streamed(self, name: str, work_fn):
-        items: queue.Queue = queue.Queue()
-        done = object()
+    async def _streamed(self, name: str, work_fn):
+        """The items work_fn(put) puts, as it puts them, then what it returns. work_fn runs in a thread; when the
+        consumer goes away (Serve cancels this generator: the client closed its stream), the next put raises
+        Cancelled there, so a question leaves the batch at its next step instead of decoding for nobody."""
+        from deploy.batching import Cancelled       # the replica has the model's imports; the API process does not
+
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        done, gone = object(), threading.Event()
+
+        def put(item) -> None:
+            if gone.is_set():
+                raise Cancelled(f"the {name} stream's client went away")
+            loop.call_soon_threadsafe(items.put_nowait, item)
 
         def work():
             try:
-                out = work_fn(items.put)
+                out = work_fn(put)
+            except Cancelled:
+                out = None
             except Exception as e:  # noqa: BLE001 - the stream must end with an error event, never hang
                 log.exception("streamed %s failed", name)
                 out = {"error": f"internal error: {type(e).__name__}: {e}"[:1000], "status": 500}
-            items.put(out)
-            items.put(done)
+            if not gone.is_set():
+                loop.call_soon_threadsafe(items.put_nowait, out)
+                loop.call_soon_threadsafe(items.put_nowait, done)
 
         threading.Thread(target=work, name=f"{name}-stream", daemon=True).start()
-        while (item := items.get()) is not done:
-            yield item
+        try:
+            while (item := await items.get()) is not done:
+                yield item
+        finally:                        # finished, cancelled or closed: nothing reads the pieces any more
+            gone.set()
 
     def stats(self) -> dict:
         return self.decoder.stats()

@@ -29,6 +29,11 @@ from qwen2vl.generate import TokenChoice, model_stop_ids, pick_tokens
 from qwen2vl.text import KVCache
 
 
+class Cancelled(Exception):
+    """Raised by a consumer of answer pieces whose asker went away (a closed HTTP stream): its row leaves the batch
+    at the next step and the question counts as cancelled, not failed."""
+
+
 class FairLock:
     """A mutex granted in the order it was asked for. A plain Lock lets the decode thread take it back right after
     releasing it, which would starve a waiting search for a whole answer."""

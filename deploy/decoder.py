@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from deploy.batching import Batcher, FairLock, Prompt
+from deploy.batching import Batcher, Cancelled, FairLock, Prompt
 from deploy.boxes import answer_boxes
 from deploy.footage import (WINDOW_NOTES, PrefixMemo, PromptPlan, build_prompt, check_question, format_span,
                             group_blocks, list_window)
@@ -111,7 +111,7 @@ class Decoder:
 
             self._query_model = Captioner(settings.resolved_caption_model_path(), dtype=dtype, device=self.device)
             self.caption_model_id = self._query_model.model_id
-        self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "new_tokens": 0}
+        self.counts = {"asks": 0, "searches": 0, "narrowed": 0, "failed": 0, "cancelled": 0, "new_tokens": 0}
 
     # ---- public -----------------------------------------------------------------------------------------------
     def ask(self, question: str, sources: list[str], start: float | None = None, end: float | None = None,
@@ -131,6 +131,9 @@ class Decoder:
         try:
             result = self._ask(question, sources, start, end, max_new_tokens, on_token, t_start, record,
                                with_captions, generation, images or [])
+        except Cancelled:
+            self._count("cancelled")
+            raise
         except Exception:
             self._count("failed")
             raise

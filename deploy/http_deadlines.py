@@ -3,6 +3,8 @@
 - Request head: a connection must deliver a complete request head (request line and headers) within
   api_header_timeout_seconds of connecting, or of the first byte of its next request on a kept-alive connection (the
   idle wait between requests is the keep-alive timeout's); past that the proxy answers 408 and closes it.
+- Head size: a request head larger than MAX_HEAD_BYTES is answered 431 and the connection closed (httptools keeps
+  any head it is sent in memory; h11 has its own, smaller bound, uvicorn's h11_max_incomplete_event_size).
 - Send stall: a connection whose client reads nothing for api_keep_alive_seconds while a response waits in the
   proxy's write buffer is dropped (its buffer freed, its request task ended as for a disconnect).
 uvicorn keeps neither: its only timer, keep-alive, runs between a response's end and the next request's first
@@ -31,6 +33,7 @@ except ImportError:                          # httptools not installed: uvicorn'
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 TIMEOUT_ENV = "TUBESCOPE_API_HEADER_TIMEOUT_SECONDS"
 CALLBACK = "deploy.http_deadlines:install"
+MAX_HEAD_BYTES = 64 * 1024           # a request line and headers; browsers and clients send a few KiB
 
 
 def proxy_env(header_timeout_s: float) -> dict[str, str]:
@@ -46,6 +49,13 @@ def timeout_response(timeout_s: float) -> bytes:
             b"content-length: %d\r\n\r\n" % len(body)) + body
 
 
+def too_large_response() -> bytes:
+    """The raw 431 written to a connection whose head outgrows MAX_HEAD_BYTES, then close."""
+    body = json.dumps({"error": f"the request head is larger than {MAX_HEAD_BYTES} bytes"}).encode()
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+
+
 class HttpDeadlines:
     """Mixin over a uvicorn HTTP protocol. Both implementations start a new request cycle (self.cycle) the moment a
     head is complete, from data_received or, for a pipelined request under h11, from on_response_complete: the head
@@ -54,6 +64,7 @@ class HttpDeadlines:
     header_timeout_s: float = 10.0
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
+    _head_bytes: int = 0                 # bytes of the head under way (while _head_timer runs)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -65,6 +76,10 @@ class HttpDeadlines:
         cycle = self.cycle
         super().data_received(data)
         self._end_if_head_done(cycle)
+        if self._head_timer is not None:     # the head is still incomplete after these bytes
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._head_too_large()
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
@@ -95,6 +110,7 @@ class HttpDeadlines:
 
     def _arm_head(self) -> None:
         _cancelled(self._head_timer)
+        self._head_bytes = 0
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_overdue)
 
     def _head_overdue(self) -> None:
@@ -106,6 +122,12 @@ class HttpDeadlines:
         metrics.record_http_timeout("head")
         if self._between_requests():        # no response of this connection under way: a 408 fits in
             self.transport.write(timeout_response(self.header_timeout_s))
+        self.transport.close()
+
+    def _head_too_large(self) -> None:
+        self._head_timer = _cancelled(self._head_timer)
+        if self._between_requests():
+            self.transport.write(too_large_response())
         self.transport.close()
 
     def _send_stalled(self) -> None:

@@ -56,6 +56,32 @@ def test_a_trickled_head_is_cut_off_whatever_each_byte_does(port):
         assert_cut_off(sock)
 
 
+def test_an_oversized_head_is_refused_and_a_large_one_served(port, request):
+    """A head past MAX_HEAD_BYTES is refused at once, 431, and the connection closed, though its deadline is far
+    (httptools would keep any head; h11 stops earlier, at uvicorn's own 16 KiB bound, with a 400 that a reset may
+    overtake). A head of 12 KiB is served on both."""
+    with connect(port) as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 12_000 + b"\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+    h11 = "h11" in request.node.callspec.id
+    with connect(port) as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * (http_deadlines.MAX_HEAD_BYTES + 1000))
+        t0 = time.monotonic()
+        try:
+            data, _ = read_until_closed(sock, HEADER_TIMEOUT_S + 5)
+        except ConnectionResetError:         # h11 closes with the rest of the head unread
+            assert h11
+            data = b""
+        closed_after = time.monotonic() - t0
+    assert closed_after < HEADER_TIMEOUT_S, closed_after          # refused for its size, not its time
+    if not h11:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431") and b"connection: close" in head.lower(), data[:300]
+        assert b"larger than 65536 bytes" in body, data
+    else:
+        assert data == b"" or data.startswith(b"HTTP/1.1 400"), data[:300]
+
+
 def test_kept_alive_connections_idle_up_to_the_keep_alive_then_the_deadline_runs_again(port):
     with connect(port) as sock:
         for pause in (0.0, HEADER_TIMEOUT_S * 2):       # longer than the deadline, shorter than the keep-alive

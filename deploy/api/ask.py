@@ -52,19 +52,20 @@ def sse_response(first: dict, stream, kind: str, payload: Callable[[Any], Any] =
     (its data is payload(value)), then `result`, or `error` if the stream ends with one."""
     async def events():
         item = first
-        while True:
-            if kind in item:
+        try:
+            while kind in item:
                 yield sse(kind, payload(item[kind]))
-            elif "error" in item:
-                yield sse("error", item)
-                return
-            else:
-                yield sse("result", item["result"])
-                return
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                return
+                try:
+                    item = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+        finally:
+            if kind in item:            # the client went away mid-stream: the decoder stops work on it
+                stream.cancel()
+        if "error" in item:
+            yield sse("error", item)
+        else:
+            yield sse("result", item["result"])
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

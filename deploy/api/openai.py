@@ -266,12 +266,16 @@ def chunks(first: dict, stream, model: str, include_usage: bool):
     async def events():
         yield data(delta({"role": "assistant", "content": ""}))
         item = first
-        while "token" in item:
-            yield data(delta({"content": item["token"]}))
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                return
+        try:
+            while "token" in item:
+                yield data(delta({"content": item["token"]}))
+                try:
+                    item = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+        finally:
+            if "token" in item:         # the client went away mid-stream: the decoder stops work on it
+                stream.cancel()
         if "error" in item:             # after the status line: the error travels as a data line, as vLLM's do
             status = int(item.get("status", 500))
             yield f"data: {json.dumps(json.loads(openai_error(status, item['error']).body))}\n\n".encode()

@@ -27,7 +27,8 @@ def served(tmp_path_factory, ray_local):
         api_keys=[{"key": ADMIN, "role": "admin"}, {"key": READER, "role": "reader"},
                   {"key": CAM_READER, "role": "reader", "sources": ["cam1"]},
                   {"key": CAM_ADMIN, "role": "admin", "sources": ["cam1"]}],
-        api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=64, api_max_request_bytes=4096,
+        api_max_question_chars=200, api_max_window_seconds=3600, api_max_new_tokens=1024, api_max_request_bytes=4096,
+        api_default_new_tokens=64,
         api_max_images=2, api_max_image_bytes=16384,     # image routes: 4096 + 2 base64 images = 47920 bytes
         decoder_cpus=0, decoder_max_ongoing_requests=1, decoder_max_queued_requests=1, api_retry_after_seconds=7,
         feed_reconcile_seconds=0.5, job_reconcile_seconds=0.5, caption_max_new_tokens=8, caption_poll_seconds=0.5,

@@ -278,6 +278,26 @@ def test_ask_streams_tokens_as_server_sent_events(served):
         assert info.value.status == 404
 
 
+def test_a_client_that_closes_its_stream_frees_the_decoder(served):
+    """Closing a streamed answer's connection cancels it down to the decoder replica: the question leaves the batch
+    at its next step, counted as cancelled, instead of decoding its remaining tokens for nobody (the tiny model takes
+    seconds for 1024)."""
+    def decoder() -> dict:
+        with http(served, ADMIN) as c:
+            return c.get("/v1/status").json()["decoder"]
+
+    before = decoder()
+    with http(served, READER) as c:
+        with c.stream("POST", "/v1/ask", json={"question": "What moves?", "sources": [SOURCE], "max_new_tokens": 1024,
+                                               "stream": True}) as r:
+            assert next(parse_sse(r.iter_lines()))[0] == "token"
+    # the connection is closed here, with most of the answer still to come
+    after = wait_for(lambda: (d := decoder())["cancelled"] > before["cancelled"] and d["batch"]["rows"] == 0 and d,
+                     20, what="the closed stream's question cancelled")
+    assert after["asks"] == before["asks"] and after["failed"] == before["failed"]
+    assert after["batch"]["steps"] - before["batch"]["steps"] < 1000
+
+
 def test_summarize_streams_lines_then_the_summary_and_reuses_them(served):
     lines: list[dict] = []
     with TubescopeClient(served["url"], READER) as tc:
@@ -375,7 +395,8 @@ def test_ask_limits_and_bad_requests(served):
         err(c.post("/v1/ask", json={**q, "question": "x" * 201}), 422, "question has 201 characters; the limit is 200")
         err(c.post("/v1/ask", json={**q, "start": 0, "end": 7200}), 422, "longer than the limit 3600 s")
         err(c.post("/v1/ask", json={**q, "start": 5, "end": 5}), 422, "must be after start")
-        err(c.post("/v1/ask", json={**q, "max_new_tokens": 65}), 422, "max_new_tokens 65 is over the maximum 64")
+        err(c.post("/v1/ask", json={**q, "max_new_tokens": 1025}), 422,
+            "max_new_tokens 1025 is over the maximum 1024")
         err(c.post("/v1/ask", json={**q, "max_new_tokens": 0}), 422, "max_new_tokens")
         err(c.post("/v1/ask", json={**q, "sources": [SOURCE]}), 422, "either source or sources")
         err(c.post("/v1/ask", json={"question": "What?"}), 422, "source (one id) or sources")

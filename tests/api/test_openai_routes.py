@@ -71,7 +71,7 @@ def test_openai_errors_reach_the_clients_exceptions(served):
     refused(openai.PermissionDeniedError, "may not access source 'clip'", CAM_READER)
     assert refused(openai.NotFoundError, "'gpt-4o' does not exist", **chat(model="gpt-4o")).code == "model_not_found"
     refused(openai.NotFoundError, "nope", **chat(url="tubescope://nope", stream=True))   # before the stream
-    assert refused(openai.UnprocessableEntityError, "over the maximum 64", **chat(max_tokens=65)).param == \
+    assert refused(openai.UnprocessableEntityError, "over the maximum 1024", **chat(max_tokens=1025)).param == \
         "max_tokens"
     refused(openai.UnprocessableEntityError, "same start and end", **chat(messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"tubescope://{SOURCE}?start=0"}},
