@@ -228,7 +228,8 @@ def test_follower_scores_live_segments_with_cooldown_captions_and_webhooks(world
     assert follower.counts["segments"] == 3 + len(sq) and follower.counts["cooled"] == 1
     # webhooks: the answering one got both of its hits, the hanging one failed after its attempts
     wait_for(lambda: len(hooks.bodies) == 2 and follower.webhooks.stats()["failed"] == len(sq), 20, 0.1, "webhooks")
-    assert hooks.bodies == hits[:2]
+    key = lambda hit: hit["segment_id"]                                 # noqa: E731 - senders race each other
+    assert sorted(hooks.bodies, key=key) == sorted(hits[:2], key=key)
 
     # a restarted follower resumes from the stored cursor, and the cooldown of the last hit holds across it
     follower.stop()
