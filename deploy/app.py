@@ -76,19 +76,21 @@ class DecoderServer:
         """Standing alerts: scores of new segments for their alerts' queries, on this replica's model (no copy)."""
         return self._call(self.decoder.score_segments, req["segments"], req["queries"])
 
-    def ask_stream(self, req: dict):
+    async def ask_stream(self, req: dict):
         """Yields {"token": text}... then {"result": answer}, or one {"error", "status"}. ask runs in a thread."""
-        return self._streamed("ask", lambda put: self._call(
+        async for item in self._streamed("ask", lambda put: self._call(
             self.decoder.ask, req["question"], req["sources"], start=req.get("start"), end=req.get("end"),
             max_new_tokens=req.get("max_new_tokens"), generation=req.get("generation"), images=req.get("images"),
-            on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)})))
+            on_token=lambda t: put({"token": t if isinstance(t, str) else str(t)}))):
+            yield item
 
-    def summarize_stream(self, req: dict):
+    async def summarize_stream(self, req: dict):
         """Yields {"line": summary line}... as each is made, then {"result": summary}, or one {"error", "status"}."""
-        return self._streamed("summarize", lambda put: self._call(
+        async for item in self._streamed("summarize", lambda put: self._call(
             self.summarizer.summarize, req["sources"], req.get("start"), req.get("end"),
             granularity=req.get("granularity"), max_new_tokens=req["max_new_tokens"],
-            on_line=lambda line: put({"line": line})))
+            on_line=lambda line: put({"line": line}))):
+            yield item
 
     async def _streamed(self, name: str, work_fn):
         """The items work_fn(put) puts, as it puts them, then what it returns. work_fn runs in a thread; when the
