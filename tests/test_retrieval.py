@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.index import SegmentIndex
 from pipeline.records import segment_id_for
-from pipeline.retrieval import FOLDER, MAX_QUERY_CHARS, RetrievalIndex, RetrievalUnavailable
+from pipeline.retrieval import FOLDER, RetrievalIndex, RetrievalUnavailable
+from pipeline.retrieval_rows import MAX_QUERY_CHARS
 from tests.test_index import make_segment
 
 DIM = 64                                   # the tiny test model's hidden size
@@ -38,7 +39,7 @@ def unit(rng, n, dim=DIM) -> np.ndarray:
 def rows_for(source: str, n: int, seed: int, t_base: float = T0, dim: int = DIM) -> list[dict]:
     rng = np.random.default_rng(seed)
     words = vocabulary(rng)
-    vectors = unit(rng, n, dim)
+    vectors, visuals = unit(rng, n, dim), unit(rng, n, dim)
     out = []
     for i in range(n):
         t0 = t_base + 8.0 * i
@@ -48,7 +49,7 @@ def rows_for(source: str, n: int, seed: int, t_base: float = T0, dim: int = DIM)
         elif i % 89 == 7:
             caption += " a forklift parked by the wall"
         out.append({"segment_id": segment_id_for(source, t0), "source_id": source, "t0": t0, "t1": t0 + 8.0,
-                    "caption": caption, "vector": vectors[i], "model_id": MODEL})
+                    "caption": caption, "vector": vectors[i], "model_id": MODEL, "visual": visuals[i]})
     return out
 
 
