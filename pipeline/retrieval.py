@@ -8,13 +8,15 @@ The footage index stays the truth; this table is derived from it and `rebuild` r
 Why this shape:
 - Rows are keyed by segment_id and written by merge-insert: a re-caption replaces its row, never duplicates it.
 - Search is BM25 full-text over captions plus nearest neighbours over the vectors (dot product of unit vectors),
-  fused by reciprocal rank (LanceDB's hybrid query with its RRF reranker). Each row also holds the segment's pooled
-  visual tokens (`visual`), searched by nearest neighbours alone for search by image (`nearest_visual`). The source and window filter is a
+  fused by reciprocal rank (LanceDB's hybrid query with its RRF reranker). The source and window filter is a
   prefilter in both legs: each leg ranks only the rows in scope, so other sources' rows can never crowd a
   window's matches out of the top `limit`, and nothing out of scope reaches the results or the counts.
+- Each row also holds the segment's pooled visual tokens (`visual`), searched by nearest neighbours alone, with the
+  same prefilter, for search by image (`nearest_visual`).
 - New rows are searchable as soon as a write returns: LanceDB searches the rows its indexes do not cover yet by
   brute force. `optimize` folds them into the indexes (and compacts small files) after enough writes; it also
-  builds the ANN indexes of both vector columns once the table reaches ANN_MIN_ROWS (below that brute force is fast enough and exact).
+  builds the ANN indexes of both vector columns once the table reaches ANN_MIN_ROWS (below that brute force is
+  fast enough and exact).
 - Every write is a new immutable table version (MVCC): readers, in this process or others, see whole versions.
   Within a process, writes are serialised by a lock and reads need none. Across processes, readers see other
   processes' writes after `read_consistency_s`; concurrent writers are safe on local disks (commits are atomic
