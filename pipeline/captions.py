@@ -15,7 +15,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.index import SegmentIndex
 from pipeline.index_files import CAPTION_PREFIX, SUFFIX, _h
@@ -32,6 +31,8 @@ CAPTION_SCHEMA = pa.schema([
 def pooled_visual(tokens) -> np.ndarray:
     """The L2-normalised mean of visual tokens (n, D) (a torch tensor or an array, any float dtype, any device), as
     float32 [D]: the vector search by image compares, for segments and uploaded images alike."""
+    import torch         # here: readers of caption files (listings, the CLI) need no torch
+
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))     # a copy: stored tokens are read-only
     mean = tokens.float().mean(dim=0).cpu()

@@ -285,8 +285,7 @@ class RetrievalIndex:
     # ---- writing -----------------------------------------------------------------------------------------------
     def upsert(self, rows: Iterable[Mapping]) -> int:
         """Insert or replace rows by segment_id (keys: segment_id, source_id, t0, t1, caption, vector, model_id,
-        visual).
-        Returns the rows written. Searchable when this returns."""
+        visual). Returns the rows written. Searchable when this returns."""
         with self._lock:
             table = self._open()
             data = rows_table(rows, self._dim)
