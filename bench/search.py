@@ -80,7 +80,8 @@ class Corpus:
                         cap = f"{cap} {PHRASES[phrase[j]]}"
                     t0 = T_BASE + (i0 + j) * SEG_S
                     yield {"segment_id": f"{src}:{round(t0 * 1000)}", "source_id": src, "t0": t0, "t1": t0 + SEG_S,
-                           "caption": cap, "vector": v[j], "model_id": "bench@synthetic"}
+                           "caption": cap, "vector": v[j], "model_id": "bench@synthetic",
+                           "visual": v[j][::-1]}            # a pooled visual vector: any unit vector will do
 
     def query(self, rng) -> dict:
         words = list(rng.choice(self.words[:500], size=int(rng.integers(2, 5)), p=self.p[:500] / self.p[:500].sum()))

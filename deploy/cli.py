@@ -267,7 +267,8 @@ def captions_reindex(ctx: click.Context) -> None:
     dim = config.text.hidden_size                # the width of the captioner's vectors
     with _bar("rows", None) as bar:
         n = rebuild_retrieval(store, RetrievalIndex(settings.index_root), mid, dim=dim,
-                              progress=lambda total: bar.update(total - bar.n))
+                              progress=lambda total: bar.update(total - bar.n),
+                              token_model_id=model_id(settings.resolved_model_path()))
     click.echo(f"retrieval index rebuilt: {n} caption(s) of {mid}")
 
 

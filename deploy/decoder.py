@@ -97,13 +97,14 @@ class Decoder:
                                     settings.max_gap_seconds, lock=self._lock, dtype=dtype, device=self.device,
                                     memo=self.prompt_memo)
         self.images = ImageEncoder(self.model, self.processor, self._lock, settings.api_max_image_pixels)
-        self.image_ranker = ImageRanker(self._segment_tokens, self.model_id, settings.search_image_segments)
         self.captions = CaptionStore(index)
         self.thumbnails = ThumbnailStore(index)
         self.long_tier = LongTier(index, settings.long_pixels) if settings.long_pixels else None
         # captions on: searches and over-budget asks consider every captioned segment through the retrieval index;
         # queries are embedded by the checkpoint that wrote the caption vectors (this one unless configured)
         self.retrieval = RetrievalIndex(settings.index_root) if settings.captions else None
+        self.image_ranker = ImageRanker(self._segment_tokens, self.model_id, settings.search_image_segments,
+                                        self.retrieval, settings.search_candidates)
         self.caption_model_id, self._query_model = self.model_id, None
         if settings.captions and settings.caption_model_path is not None \
                 and checkpoint_model_id(settings.resolved_caption_model_path()) != self.model_id:
@@ -164,7 +165,7 @@ class Decoder:
         if image_tokens is None:
             ranked, coverage = self._ranked(query, rows, start, end)
         else:
-            ranked, coverage = self.image_ranker.rank(image_tokens.tokens, rows)
+            ranked, coverage = self.image_ranker.rank(image_tokens.tokens, rows, self._uncaptioned(rows), start, end)
             if query is not None:
                 candidates = [r for r, _ in ranked[:self.settings.search_candidates]]
                 ranked = self.ranker.rerank(query, candidates, self._segment_tokens)
@@ -209,7 +210,7 @@ class Decoder:
         retrieval index, whose best `search_candidates` are reranked by the yes/no scorer together with an even
         sample of the segments not captioned yet. With captions off, or nothing captioned yet, the sampled scan of
         SegmentRanker.rank. RetrievalUnavailable (a 503) when captions exist but the retrieval index cannot be read."""
-        pending = rows if self.retrieval is None else self.captions.uncaptioned(rows, self.caption_model_id)
+        pending = self._uncaptioned(rows)
         coverage = {"segments": len(rows), "captioned": len(rows) - len(pending), "retrieval": False}
         if len(pending) == len(rows):
             return self.ranker.rank(query, rows, self._segment_tokens), coverage
@@ -223,6 +224,10 @@ class Decoder:
         candidates += [pending[i] for i in evenly_spaced(len(pending), self.ranker.sample_cap)]
         coverage.update(retrieval=True, reranked=len(candidates))
         return self.ranker.rerank(query, candidates, self._segment_tokens), coverage
+
+    def _uncaptioned(self, rows: list[dict]) -> list[dict]:
+        """The rows not captioned yet (all of them with captions off)."""
+        return rows if self.retrieval is None else self.captions.uncaptioned(rows, self.caption_model_id)
 
     def complete(self, prompt: str, max_new_tokens: int = 128) -> str:
         """A text-only turn (no footage): the model's reply to `prompt` under the checkpoint's own sampling

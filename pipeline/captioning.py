@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from pipeline import metrics
-from pipeline.captions import Caption, CaptionStore
+from pipeline.captions import Caption, CaptionStore, pooled_visual
 from pipeline.events import CAPTIONS_STREAM, ERRORS_STREAM
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def caption_event(c: Caption) -> dict:
 
 
 def describe_rows(index, captioner, rows: list[dict]) -> list[Caption]:
-    """Captions of footage rows (SegmentIndex.list rows) from their stored tokens; rows deleted meanwhile (retention)
-    are skipped."""
+    """Captions of footage rows (SegmentIndex.list rows) from their stored tokens, each with the segment's pooled
+    visual tokens; rows deleted meanwhile (retention) are skipped."""
     segments = []
     for r in rows:
         try:
@@ -43,7 +43,7 @@ def describe_rows(index, captioner, rows: list[dict]) -> list[Caption]:
         except KeyError:
             continue
     return [Caption(segment_id=s.segment_id, source_id=s.source_id, t0=s.t0, t1=s.t1, caption=text, vector=vector,
-                    model_id=captioner.model_id)
+                    model_id=captioner.model_id, visual=pooled_visual(s.tokens))
             for s, (text, vector) in zip(segments, captioner.describe(segments))]
 
 
@@ -233,30 +233,50 @@ class CaptionFollower:
 
 
 # ---- the retrieval index, derived from the truth --------------------------------------------------------------------
+def with_visual(store: CaptionStore, captions: Iterable[Caption], token_model_id: str | None) -> Iterator[Caption]:
+    """Captions with their pooled visual vector: as stored, else (a caption file written before they were kept) from
+    the segment's stored tokens (of `token_model_id`, else of the only model that stored them). A segment whose
+    tokens are gone (deleted meanwhile) is left out."""
+    for c in captions:
+        if c.visual is None:
+            try:
+                try:
+                    tokens = store.index.tokens(c.segment_id, token_model_id or c.model_id)
+                except KeyError:
+                    tokens = store.index.tokens(c.segment_id)
+            except (KeyError, ValueError) as e:
+                log.warning("caption of %s left out of the retrieval index: %s", c.segment_id, e)
+                continue
+            c.visual = pooled_visual(tokens)
+        yield c
+
+
 def rebuild_retrieval(store: CaptionStore, retrieval, model_id: str, dim: int | None = None,
-                      progress: Callable[[int], None] | None = None) -> int:
-    """Recreate the retrieval index from the captions `model_id` wrote into the footage index. Returns rows."""
-    rows = (c.to_row(0.0) for s in store.index.sources() for c in store.read(s["source_id"], model_id))
+                      progress: Callable[[int], None] | None = None, token_model_id: str | None = None) -> int:
+    """Recreate the retrieval index from the captions `model_id` wrote into the footage index (their pooled visual
+    vectors filled from the stored tokens where a caption file lacks them: `with_visual`). Returns rows."""
+    captions = (c for s in store.index.sources() for c in store.read(s["source_id"], model_id))
+    rows = (c.to_row(0.0) for c in with_visual(store, captions, token_model_id))
     return retrieval.rebuild(rows, dim=dim, progress=progress)
 
 
-def open_retrieval(store: CaptionStore, root, model_id: str, dim: int):
-    """The retrieval index beside the footage index at `root`, ready for writes: opened when it is there, readable
-    and of this model's width; otherwise rebuilt from the footage index (never an empty table that silently lacks
-    what was captioned before)."""
+def open_retrieval(store: CaptionStore, root, model_id: str, dim: int, token_model_id: str | None = None):
+    """The retrieval index beside the footage index at `root`, ready for writes: opened when it is there, readable,
+    of this model's width and holding pooled visual vectors; otherwise rebuilt from the footage index (never an
+    empty table that silently lacks what was captioned before)."""
     from pipeline.retrieval import RetrievalIndex, RetrievalUnavailable
 
     retrieval = RetrievalIndex(root)
     try:
         retrieval.count()
-        if retrieval.dim == dim:
+        if retrieval.dim == dim and retrieval.has_visual():
             return retrieval
-        log.warning("retrieval index holds %s-dimensional vectors, the captioning model writes %d: rebuilding",
-                    retrieval.dim, dim)
+        log.warning("retrieval index holds %s-dimensional vectors (%s pooled visual vectors), the captioning model "
+                    "writes %d: rebuilding", retrieval.dim, "with" if retrieval.has_visual() else "without", dim)
     except RetrievalUnavailable as e:
         log.warning("retrieval index unavailable (%s): rebuilding it from the footage index", e)
     retrieval = RetrievalIndex(root)
-    rebuild_retrieval(store, retrieval, model_id, dim=dim)
+    rebuild_retrieval(store, retrieval, model_id, dim=dim, token_model_id=token_model_id)
     return retrieval
 
 
@@ -265,7 +285,7 @@ def caption_follower(settings, index, pool, events=None, *, sources: Iterable[st
     """A CaptionFollower of `index` for `pool`, writing to the retrieval index (opened, or rebuilt from the footage
     index) and to `events`, sized by the caption settings."""
     store = CaptionStore(index)
-    retrieval = open_retrieval(store, settings.index_root, pool.model_id, pool.dim)
+    retrieval = open_retrieval(store, settings.index_root, pool.model_id, pool.dim, pool.token_model_id)
     return CaptionFollower(store, pool, CaptionWriter(store, retrieval, events), batch_size=settings.caption_batch_size,
                            queue_segments=settings.caption_queue_segments, sources=sources,
                            poll_s=settings.caption_poll_seconds if poll_s is None else poll_s,

@@ -24,7 +24,19 @@ CAPTION_SCHEMA = pa.schema([
     pa.field("t0", pa.float64()), pa.field("t1", pa.float64()),
     pa.field("caption", pa.string()), pa.field("vector", pa.list_(pa.float32())),
     pa.field("model_id", pa.string()), pa.field("captioned_at", pa.float64()),
+    pa.field("visual", pa.list_(pa.float32())),     # null in files written before pooled vectors were kept
 ])
+
+
+def pooled_visual(tokens) -> np.ndarray:
+    """The L2-normalised mean of visual tokens (n, D) (a torch tensor or an array, any float dtype, any device), as
+    float32 [D]: the vector search by image compares, for segments and uploaded images alike."""
+    import torch         # here: readers of caption files (listings, the CLI) need no torch
+
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))     # a copy: stored tokens are read-only
+    mean = tokens.float().mean(dim=0).cpu()
+    return (mean / mean.norm().clamp_min(1e-12)).numpy()
 
 
 def caption_file_name(segment_id: str, model_id: str) -> str:
@@ -33,7 +45,8 @@ def caption_file_name(segment_id: str, model_id: str) -> str:
 
 @dataclass
 class Caption:
-    """What the captioner wrote for one segment: a sentence, a unit vector, and the checkpoint that wrote them."""
+    """What the captioner wrote for one segment: a sentence, a unit vector, and the checkpoint that wrote them; with
+    the segment's pooled visual tokens (`pooled_visual`), which search by image compares."""
     segment_id: str
     source_id: str
     t0: float
@@ -41,6 +54,7 @@ class Caption:
     caption: str
     vector: np.ndarray              # float32 [D], L2-normalised
     model_id: str
+    visual: np.ndarray | None = None   # float32 [D], L2-normalised; None when read from a file written without it
 
     def __post_init__(self):
         if not isinstance(self.caption, str):
@@ -54,16 +68,23 @@ class Caption:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id must be a non-empty str, got {self.model_id!r}")
         self.vector = v
+        if self.visual is not None:
+            visual = np.asarray(self.visual, dtype=np.float32)
+            if visual.ndim != 1 or visual.size == 0 or not np.all(np.isfinite(visual)):
+                raise ValueError(f"visual must be a finite 1-d float array, got shape {visual.shape}")
+            self.visual = visual
 
     def to_row(self, captioned_at: float) -> dict:
         return {"segment_id": self.segment_id, "source_id": self.source_id, "t0": float(self.t0),
                 "t1": float(self.t1), "caption": self.caption, "vector": self.vector.tolist(),
-                "model_id": self.model_id, "captioned_at": float(captioned_at)}
+                "model_id": self.model_id, "captioned_at": float(captioned_at),
+                "visual": None if self.visual is None else self.visual.tolist()}
 
     @classmethod
     def from_row(cls, row: dict) -> "Caption":
         return cls(segment_id=row["segment_id"], source_id=row["source_id"], t0=row["t0"], t1=row["t1"],
-                   caption=row["caption"], vector=np.asarray(row["vector"], np.float32), model_id=row["model_id"])
+                   caption=row["caption"], vector=np.asarray(row["vector"], np.float32), model_id=row["model_id"],
+                   visual=None if row.get("visual") is None else np.asarray(row["visual"], np.float32))
 
 
 class CaptionStore:

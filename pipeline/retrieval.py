@@ -11,9 +11,12 @@ Why this shape:
   fused by reciprocal rank (LanceDB's hybrid query with its RRF reranker). The source and window filter is a
   prefilter in both legs: each leg ranks only the rows in scope, so other sources' rows can never crowd a
   window's matches out of the top `limit`, and nothing out of scope reaches the results or the counts.
+- Each row also holds the segment's pooled visual tokens (`visual`), searched by nearest neighbours alone, with the
+  same prefilter, for search by image (`nearest_visual`).
 - New rows are searchable as soon as a write returns: LanceDB searches the rows its indexes do not cover yet by
   brute force. `optimize` folds them into the indexes (and compacts small files) after enough writes; it also
-  builds the ANN vector index once the table reaches ANN_MIN_ROWS (below that brute force is fast enough and exact).
+  builds the ANN indexes of both vector columns once the table reaches ANN_MIN_ROWS (below that brute force is
+  fast enough and exact).
 - Every write is a new immutable table version (MVCC): readers, in this process or others, see whole versions.
   Within a process, writes are serialised by a lock and reads need none. Across processes, readers see other
   processes' writes after `read_consistency_s`; concurrent writers are safe on local disks (commits are atomic
@@ -41,13 +44,12 @@ from lancedb.index import FTS, IvfSq  # noqa: E402
 
 from pipeline.index import check_number
 from pipeline.index_files import MARKER
-from pipeline.retrieval_rows import rows_table, scope_filter, table_schema, unit_vector
+from pipeline.retrieval_rows import (check_limit, check_query_text, rows_table, scope_filter, table_schema,
+                                     unit_vector)
 
 FOLDER = "_retrieval"
 TABLE = "segments"
 COLUMNS = ["segment_id", "source_id", "t0", "t1", "caption"]      # what a hit carries (plus its score)
-MAX_QUERY_CHARS = 2000
-MAX_LIMIT = 1000
 # From this many rows on, vectors get an IVF_SQ index: exact search over a camera-day (10,800 x 1536) took p95
 # 124 ms here, IVF_SQ 17 ms at recall@32 0.99 with the source/window prefilter (bench/search.py). Below it, exact
 # search is fast enough and, unlike ANN, finds every row.
@@ -143,8 +145,7 @@ class RetrievalIndex:
                                        "rebuilt): rebuild it from the footage index")
         try:
             table = self._connect().open_table(TABLE)
-            field = table.schema.field("vector")
-            dim = field.type.list_size
+            dim = table.schema.field("vector").type.list_size        # `visual` has the same width (table_schema)
         except Exception as e:                                     # noqa: BLE001 - see _unavailable
             raise self._unavailable(e) from e
         if self._dim is not None and dim != self._dim:
@@ -172,7 +173,15 @@ class RetrievalIndex:
                 pass
         return self._dim
 
-    # ---- filters -----------------------------------------------------------------------------------------------
+    def has_visual(self) -> bool:
+        """Whether the table holds pooled visual vectors (a table written before they were kept does not, until
+        `open_retrieval` rebuilds it). RetrievalUnavailable when it cannot be read."""
+        table = self._open()
+        try:
+            return "visual" in table.schema.names
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+
     # ---- reading -----------------------------------------------------------------------------------------------
     def search(self, query_text: str | None = None, query_vector=None, *, sources: list[str],
                start: float | None = None, end: float | None = None, limit: int = 10) -> list[dict]:
@@ -184,24 +193,17 @@ class RetrievalIndex:
         Only rows of `sources` in the window are ranked at all (a prefilter). ValueError for a bad query;
         RetrievalUnavailable when the table is missing or unreadable.
         """
-        if query_text is not None:
-            if not isinstance(query_text, str):
-                raise ValueError(f"query_text must be a str or None, got {type(query_text).__name__}")
-            if not query_text.strip():
-                raise ValueError("query_text is empty")
-            if len(query_text) > MAX_QUERY_CHARS:
-                raise ValueError(f"query_text has {len(query_text)} characters, at most {MAX_QUERY_CHARS}")
+        check_query_text(query_text)
         if query_text is None and query_vector is None:
             raise ValueError("a search needs query_text, query_vector or both")
-        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or not 1 <= limit <= MAX_LIMIT:
-            raise ValueError(f"limit must be an int in [1, {MAX_LIMIT}], got {limit!r}")
+        limit = check_limit(limit)
         where = scope_filter(sources, start, end, sources_required=True)
         vector = unit_vector("query_vector", query_vector, None) if query_vector is not None else None
         table = self._open()
         if vector is not None:
             vector = unit_vector("query_vector", vector, self._dim)
         try:
-            return self._search(table, query_text, vector, where, int(limit))
+            return self._search(table, query_text, vector, where, limit)
         except ValueError:
             raise
         except Exception as e:                                     # noqa: BLE001 - see _unavailable
@@ -231,6 +233,25 @@ class RetrievalIndex:
         hits = result.select(COLUMNS).to_pylist()
         for h, s in zip(hits, scores):
             h["score"] = offset + sign * float(s)
+        return hits
+
+    def nearest_visual(self, query_vector, *, sources: list[str], start: float | None = None,
+                       end: float | None = None, limit: int = 10) -> list[dict]:
+        """The `limit` rows of `sources` overlapping [start, end) whose pooled visual vectors are nearest the query
+        (an uploaded image's), best first: [{segment_id, source_id, t0, t1, caption, visual}], visual as float32
+        [D]. The order may be approximate (the ANN index of a large table); callers compare `visual` exactly."""
+        limit = check_limit(limit)
+        where = scope_filter(sources, start, end, sources_required=True)
+        table = self._open()
+        vector = unit_vector("query_vector", query_vector, self._dim)
+        try:
+            result = (table.search(vector, query_type="vector", vector_column_name="visual").distance_type(DISTANCE)
+                      .select(COLUMNS + ["visual", "_distance"]).where(where, prefilter=True).limit(limit).to_arrow())
+        except Exception as e:                                     # noqa: BLE001 - see _unavailable
+            raise self._unavailable(e) from e
+        hits = result.select(COLUMNS).to_pylist()
+        for h, v in zip(hits, result.column("visual").to_pylist()):
+            h["visual"] = np.asarray(v, np.float32)
         return hits
 
     def captions(self, sources: list[str], start: float | None = None, end: float | None = None) -> dict[str, str]:
@@ -263,8 +284,8 @@ class RetrievalIndex:
 
     # ---- writing -----------------------------------------------------------------------------------------------
     def upsert(self, rows: Iterable[Mapping]) -> int:
-        """Insert or replace rows by segment_id (keys: segment_id, source_id, t0, t1, caption, vector, model_id).
-        Returns the rows written. Searchable when this returns."""
+        """Insert or replace rows by segment_id (keys: segment_id, source_id, t0, t1, caption, vector, model_id,
+        visual). Returns the rows written. Searchable when this returns."""
         with self._lock:
             table = self._open()
             data = rows_table(rows, self._dim)
@@ -415,13 +436,15 @@ class RetrievalIndex:
         t = time.perf_counter()
         rows = table.count_rows()
         built = []
-        names = {i.index_type: i for i in table.list_indices()}
-        if rows and "FTS" not in names:
+        indices = table.list_indices()
+        indexed = {c for i in indices for c in i.columns}
+        if rows and not any(i.index_type == "FTS" for i in indices):
             table.create_index("caption", config=FTS(with_position=False))
             built.append("fts")
-        if rows >= ANN_MIN_ROWS and not any(k.upper().startswith("IVF") for k in names):
-            table.create_index("vector", config=IvfSq(distance_type=DISTANCE))
-            built.append("vector")
+        for column in ("vector", "visual"):
+            if rows >= ANN_MIN_ROWS and column not in indexed and column in table.schema.names:
+                table.create_index(column, config=IvfSq(distance_type=DISTANCE))
+                built.append(column)
         table.optimize(cleanup_older_than=KEEP_VERSIONS)
         self._writes = self._rows_written = 0
         return {"rows": rows, "built": built, "seconds": time.perf_counter() - t}

@@ -11,6 +11,8 @@ from pipeline.index import check_number
 from pipeline.records import source_of
 
 MAX_CAPTION_CHARS = 10_000
+MAX_QUERY_CHARS = 2000
+MAX_LIMIT = 1000
 
 
 def table_schema(dim: int) -> pa.Schema:
@@ -22,7 +24,25 @@ def table_schema(dim: int) -> pa.Schema:
         ("caption", pa.string()),
         ("vector", pa.list_(pa.float32(), dim)),      # L2-normalised
         ("model_id", pa.string()),                    # the checkpoint that wrote the caption and vector
+        ("visual", pa.list_(pa.float32(), dim)),      # the segment's pooled visual tokens (captions.pooled_visual)
     ])
+
+
+def check_query_text(text) -> None:
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise ValueError(f"query_text must be a str or None, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("query_text is empty")
+    if len(text) > MAX_QUERY_CHARS:
+        raise ValueError(f"query_text has {len(text)} characters, at most {MAX_QUERY_CHARS}")
+
+
+def check_limit(limit) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be an int in [1, {MAX_LIMIT}], got {limit!r}")
+    return int(limit)
 
 
 def check_window(start, end) -> tuple[float | None, float | None]:
@@ -102,8 +122,12 @@ def rows_table(rows: Iterable[Mapping], dim: int) -> pa.Table:
         by_id[sid] = r
     n = len(by_id)
     vectors = np.empty((n, dim), dtype=np.float32)
+    visuals = np.empty((n, dim), dtype=np.float32)
     for i, (sid, r) in enumerate(by_id.items()):
         vectors[i] = unit_vector(f"vector of {sid!r}", r.get("vector"), dim)
+        if r.get("visual") is None:
+            raise ValueError(f"segment {sid!r}: visual (its pooled visual tokens) is missing")
+        visuals[i] = unit_vector(f"visual of {sid!r}", r["visual"], dim)
     vals = list(by_id.values())
     return pa.table({
         "segment_id": pa.array(list(by_id), pa.string()),
@@ -113,4 +137,5 @@ def rows_table(rows: Iterable[Mapping], dim: int) -> pa.Table:
         "caption": pa.array([r["caption"] for r in vals], pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
         "model_id": pa.array([r["model_id"] for r in vals], pa.string()),
+        "visual": pa.FixedSizeListArray.from_arrays(pa.array(visuals.reshape(-1), pa.float32()), dim),
     }, schema=table_schema(dim))

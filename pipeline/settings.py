@@ -119,8 +119,8 @@ class Settings(BaseSettings):
     num_caption_actors: int = Field(1, ge=1)
     caption_cpus: float = Field(0.0, ge=0)        # CPUs Ray reserves per caption actor (GPUs: gpus_per_encoder rule)
     caption_poll_seconds: float = Field(2.0, gt=0)   # how often an idle caption service looks for new segments
-    search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits the yes/no scorer reranks per search
-    search_image_segments: int = Field(2048, ge=1)     # segments a search by image compares; more are sampled
+    search_candidates: int = Field(32, ge=1, le=256)   # retrieval hits reranked (text) or compared (image) per search
+    search_image_segments: int = Field(2048, ge=1)     # image search: segments compared beyond retrieval; more sampled
 
     # ---- live feeds -------------------------------------------------------------------------------------------
     # registered feeds per live encoder actor (each its own vision tower, and GPU: gpus_per_encoder rule); the

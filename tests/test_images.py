@@ -153,7 +153,8 @@ def test_search_by_image_ranks_the_footage_it_shows_first(world):
     _, frame = world["colours"]["green"][1]                 # a frame of the green scene, as a PNG upload
     found = decoder.search_window(None, ["red", "green", "blue"], image=png(np.asarray(frame)), limit=3)
     assert [r["source"] for r in found["results"]][0] == "green"
-    assert found["coverage"] == {"segments": 3, "compared": 3, "sampled": False, "by": "image"}
+    assert found["coverage"] == {"segments": 3, "captioned": 0, "retrieval": False, "compared": 3, "sampled": False,
+                                 "by": "image"}
     scores = [r["score"] for r in found["results"]]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.99
 
@@ -163,8 +164,117 @@ def test_search_by_image_ranks_the_footage_it_shows_first(world):
         sampled = decoder.search_window(None, ["red", "green", "blue"], image=png(np.asarray(frame)))
     finally:
         decoder.image_ranker.max_segments = decoder.settings.search_image_segments
-    assert sampled["coverage"] == {"segments": 3, "compared": 2, "sampled": True, "by": "image"}
+    assert sampled["coverage"] == {"segments": 3, "captioned": 0, "retrieval": False, "compared": 2, "sampled": True,
+                                   "by": "image"}
 
     # with a query too: the image's candidates reranked by the query's yes/no score
     both = decoder.search_window("a green wall", ["red", "green", "blue"], image=png(np.asarray(frame)))
     assert both["coverage"]["reranked"] == 3 and len(both["results"]) == 3
+
+
+# ---- search by image through the retrieval index -------------------------------------------------------------------
+YARD, GREEN_AT = 12, 9             # 12 segments of red and blue, green at 9: not in an even sample of 4 (0, 4, 7, 11)
+
+
+@pytest.fixture(scope="module")
+def yard(world, tmp_path_factory):
+    """A source of 12 segments (tokens of the solid scenes, copied), the first 11 captioned by the caption path
+    (each row with its pooled visual vector), searched by a decoder that compares at most 4 segments a window."""
+    from pipeline.captioner import Captioner
+    from pipeline.captioning import CaptionWriter, describe_rows, open_retrieval
+    from pipeline.captions import CaptionStore
+    from pipeline.records import IndexedSegment
+
+    root = tmp_path_factory.mktemp("yard")
+    index = SegmentIndex(root / "index")
+    scenes = {c: world["index"].get(world["index"].list(c)[0]["segment_id"]) for c in ("red", "green", "blue")}
+    for k in range(YARD):
+        scene = scenes["green" if k == GREEN_AT else ("red", "blue")[k % 2]]
+        index.add([IndexedSegment(segment_id="", source_id="yard", t0=2.0 * k, t1=2.0 * k + 2.0,
+                                  grid_thw=scene.grid_thw, tube_ts=[2.0 * k + ts for ts in scene.tube_ts],
+                                  tokens=scene.tokens, model_id=scene.model_id)])
+    captioner = Captioner(world["ckpt"], device="cpu", max_new_tokens=2)
+    store = CaptionStore(index)
+    retrieval = open_retrieval(store, root / "index", captioner.model_id, captioner.hidden_size)
+    CaptionWriter(store, retrieval).write(describe_rows(index, captioner, index.list("yard")[:YARD - 1]))
+    settings = load_settings(data_dir=root / "data", index_dir=str(root / "index"), model_path=world["ckpt"],
+                             search_image_segments=4, search_candidates=4)
+    return {"root": root, "index": index, "store": store, "captioner": captioner,
+            "decoder": Decoder(settings, world["ckpt"], index=index),
+            "green": png(np.asarray(world["colours"]["green"][1][1])),
+            "green_id": index.list("yard")[GREEN_AT]["segment_id"]}
+
+
+def test_search_by_image_considers_every_captioned_segment_through_retrieval(yard):
+    decoder = yard["decoder"]
+    found = decoder.search_window(None, ["yard"], image=yard["green"], limit=YARD)
+    assert found["coverage"] == {"segments": YARD, "captioned": YARD - 1, "retrieval": True,
+                                 "compared": 4 + 1, "sampled": False, "by": "image"}   # 4 nearest + 1 pending
+    assert found["results"][0]["segment_id"] == yard["green_id"] and found["results"][0]["score"] > 0.99
+    assert found["results"][0]["caption"] is not None
+
+    # the exact path compares the same pooled vectors: over every segment the same order and scores; over an even
+    # sample of 4 the green segment is never seen
+    ranker = decoder.image_ranker
+    ranker.retrieval, ranker.max_segments = None, YARD
+    try:
+        exact = decoder.search_window(None, ["yard"], image=yard["green"], limit=YARD)
+        ranker.max_segments = 4
+        sampled = decoder.search_window(None, ["yard"], image=yard["green"], limit=YARD)
+    finally:
+        ranker.retrieval, ranker.max_segments = decoder.retrieval, decoder.settings.search_image_segments
+    assert exact["coverage"] == {"segments": YARD, "captioned": YARD - 1, "retrieval": False, "compared": YARD,
+                                 "sampled": False, "by": "image"}
+    assert exact["results"][0]["segment_id"] == yard["green_id"]
+    scores = {r["segment_id"]: r["score"] for r in exact["results"]}
+    for r in found["results"]:
+        assert r["score"] == pytest.approx(scores[r["segment_id"]], abs=1e-5)
+    assert sampled["coverage"]["sampled"] is True
+    assert yard["green_id"] not in {r["segment_id"] for r in sampled["results"]}
+
+
+def test_a_retrieval_table_without_pooled_vectors_still_answers_and_is_rebuilt_with_them(yard, tmp_path):
+    """A table and caption files written before pooled vectors were kept: search by image takes the exact path
+    until the caption service opens the table, which rebuilds it with vectors filled from the stored tokens."""
+    import os
+    import shutil
+
+    import lancedb
+    import pyarrow as pa
+
+    from pipeline.captioning import open_retrieval
+    from pipeline.captions import CaptionStore, pooled_visual
+    from pipeline.retrieval import RetrievalIndex
+    from pipeline.retrieval_rows import table_schema
+
+    shutil.copytree(yard["root"] / "index", tmp_path / "index")
+    index, dim = SegmentIndex(tmp_path / "index"), yard["captioner"].hidden_size
+    store = CaptionStore(index)
+    old = []
+    for c in store.read("yard"):                      # caption files without the visual column's values
+        c.visual = None
+        old.append(c)
+    for f in (tmp_path / "index").rglob("cap-*.parquet"):
+        os.remove(f)
+    store.add(old)
+    shutil.rmtree(tmp_path / "index" / "_retrieval")
+    schema = pa.schema([f for f in table_schema(dim) if f.name != "visual"])
+    lancedb.connect(str(tmp_path / "index" / "_retrieval")).create_table(
+        "segments", data=pa.Table.from_pylist([c.to_row(0.0) for c in old], schema=schema), schema=schema)
+    assert not RetrievalIndex(tmp_path / "index").has_visual()
+
+    settings = load_settings(data_dir=tmp_path / "data", index_dir=str(tmp_path / "index"),
+                             model_path=yard["decoder"].model_path, search_image_segments=4, search_candidates=4)
+    decoder = Decoder(settings, yard["decoder"].model_path, index=index)
+    before = decoder.search_window(None, ["yard"], image=yard["green"])
+    assert before["coverage"] == {"segments": YARD, "captioned": YARD - 1, "retrieval": False, "compared": 4,
+                                  "sampled": True, "by": "image"}
+    assert decoder.search_window("a green wall", ["yard"], limit=3)["coverage"]["retrieval"] is True   # text too
+
+    migrated = open_retrieval(store, tmp_path / "index", yard["captioner"].model_id, dim)
+    assert migrated.has_visual() and migrated.count() == YARD - 1
+    hit = migrated.nearest_visual(pooled_visual(index.tokens(yard["green_id"])), sources=["yard"], limit=1)[0]
+    assert hit["segment_id"] == yard["green_id"]
+    assert np.allclose(hit["visual"], pooled_visual(index.tokens(yard["green_id"])), atol=1e-6)
+    after = decoder.search_window(None, ["yard"], image=yard["green"])
+    assert after["coverage"]["retrieval"] is True and after["results"][0]["segment_id"] == yard["green_id"]

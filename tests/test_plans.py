@@ -252,7 +252,8 @@ def test_a_window_too_long_to_sample_is_answered_from_retrieval_with_captions_of
     dim = world["model"].model.embed_tokens.weight.shape[1]            # query vectors are hidden states
     captions = [Caption(segment_id=r["segment_id"], source_id="cam1", t0=r["t0"], t1=r["t1"],
                         caption="a square moves right" if r["t0"] < 50 else "the square is gone",
-                        vector=np.ones(dim, np.float32) / np.sqrt(dim), model_id=world["mid"]) for r in rows]
+                        vector=np.ones(dim, np.float32) / np.sqrt(dim), model_id=world["mid"],
+                        visual=np.ones(dim, np.float32) / np.sqrt(dim)) for r in rows]
     CaptionStore(world["index"]).add(captions)                   # the truth, and the retrieval table built from it
     retrieval = RetrievalIndex(index_root, dim=dim, create=True)
     retrieval.upsert(c.to_row(0.0) for c in captions)

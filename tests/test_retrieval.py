@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.index import SegmentIndex
 from pipeline.records import segment_id_for
-from pipeline.retrieval import FOLDER, MAX_QUERY_CHARS, RetrievalIndex, RetrievalUnavailable
+from pipeline.retrieval import FOLDER, RetrievalIndex, RetrievalUnavailable
+from pipeline.retrieval_rows import MAX_QUERY_CHARS
 from tests.test_index import make_segment
 
 DIM = 64                                   # the tiny test model's hidden size
@@ -38,7 +39,7 @@ def unit(rng, n, dim=DIM) -> np.ndarray:
 def rows_for(source: str, n: int, seed: int, t_base: float = T0, dim: int = DIM) -> list[dict]:
     rng = np.random.default_rng(seed)
     words = vocabulary(rng)
-    vectors = unit(rng, n, dim)
+    vectors, visuals = unit(rng, n, dim), unit(rng, n, dim)
     out = []
     for i in range(n):
         t0 = t_base + 8.0 * i
@@ -48,7 +49,7 @@ def rows_for(source: str, n: int, seed: int, t_base: float = T0, dim: int = DIM)
         elif i % 89 == 7:
             caption += " a forklift parked by the wall"
         out.append({"segment_id": segment_id_for(source, t0), "source_id": source, "t0": t0, "t1": t0 + 8.0,
-                    "caption": caption, "vector": vectors[i], "model_id": MODEL})
+                    "caption": caption, "vector": vectors[i], "model_id": MODEL, "visual": visuals[i]})
     return out
 
 
@@ -188,7 +189,8 @@ def test_writes_validate_rows(tmp_path):
     good = rows_for("cam", 1, seed=4)[0]
     bad = [dict(good, source_id="other"), dict(good, t1=good["t0"]), dict(good, t0=float("nan")),
            dict(good, caption=None), dict(good, model_id=""), dict(good, vector=np.zeros(DIM)),
-           dict(good, vector=np.ones(DIM + 1)), dict(good, segment_id="no-colon"), "not a row"]
+           dict(good, vector=np.ones(DIM + 1)), dict(good, segment_id="no-colon"), dict(good, visual=None),
+           dict(good, visual=np.ones(DIM + 1)), "not a row"]
     for r in bad:
         with pytest.raises(ValueError):
             ix.upsert([good, r])
@@ -366,10 +368,13 @@ def test_past_the_ann_threshold_vectors_are_indexed_and_still_found(tmp_path, mo
     ix = make_index(tmp_path)
     rows = rows_for("cam", 800, seed=12)
     ix.rebuild(rows)
-    assert any(i.index_type.upper().startswith("IVF") for i in ix._open().list_indices())
+    ann = {c for i in ix._open().list_indices() if i.index_type.upper().startswith("IVF") for c in i.columns}
+    assert ann == {"vector", "visual"}                         # caption vectors and pooled visual vectors
     assert ix.optimize()["built"] == []                        # built once, not again
     for k in (0, 399, 799):                                   # a row's own vector finds it first, anywhere
         assert ix.search(None, rows[k]["vector"], sources=["cam"], limit=5)[0]["segment_id"] == rows[k]["segment_id"]
+        hit = ix.nearest_visual(rows[k]["visual"], sources=["cam"], limit=5)[0]
+        assert hit["segment_id"] == rows[k]["segment_id"] and np.allclose(hit["visual"], rows[k]["visual"], atol=1e-6)
     narrow = ix.search(None, rows[0]["vector"], sources=["cam"], start=rows[500]["t0"], end=rows[503]["t1"], limit=10)
     assert [h["segment_id"] for h in narrow] and all(rows[500]["t0"] <= h["t0"] < rows[503]["t1"] for h in narrow)
     assert len(narrow) == 4                                   # a narrow window still returns all it holds

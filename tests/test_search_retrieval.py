@@ -15,7 +15,7 @@ import torch
 
 import qwen2vl
 from deploy.decoder import Decoder
-from pipeline.captions import Caption, CaptionStore
+from pipeline.captions import Caption, CaptionStore, pooled_visual
 from pipeline.checkpoints import model_id
 from pipeline.index import SegmentIndex
 from pipeline.records import IndexedSegment
@@ -42,7 +42,8 @@ def _captions(segs, mid, needle_at=None, seed=0):
     for k, s in enumerate(segs):
         text = NEEDLE if k == needle_at else " ".join(rng.choice(WORDS, 5))
         v = rng.standard_normal(64).astype(np.float32)
-        out.append(Caption(s.segment_id, s.source_id, s.t0, s.t1, text, v / np.linalg.norm(v), mid))
+        out.append(Caption(s.segment_id, s.source_id, s.t0, s.t1, text, v / np.linalg.norm(v), mid,
+                           pooled_visual(s.tokens)))
     return out
 
 

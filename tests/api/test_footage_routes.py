@@ -368,7 +368,9 @@ def test_ask_and_search_with_images(served, tmp_path):
         found = c.post("/v1/search", json={"image": "data:image/jpeg;base64," + image, "sources": [SOURCE]}).json()
         assert found["results"][0]["segment_id"] == f"{SOURCE}:2000"
         assert found["results"][0]["thumbnail_url"] == f"/v1/segments/{SOURCE}%3A2000/thumbnail"
-        assert found["coverage"] == {"segments": 2, "compared": 2, "sampled": False, "by": "image"}
+        # captioned by the caption service (test above): compared through the retrieval index's pooled vectors
+        assert found["coverage"] == {"segments": 2, "captioned": 2, "retrieval": True, "compared": 2,
+                                     "sampled": False, "by": "image"}
         asked = c.post("/v1/ask", json={"question": "What is this?", "images": [image], "max_new_tokens": 2})
         assert asked.status_code == 200 and asked.json()["plan"]["kind"] == "none", asked.text
         err(c.post("/v1/search", json={"sources": [SOURCE]}), 422, "give a query, an image, or both")
