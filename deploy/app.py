@@ -260,7 +260,8 @@ class CaptionService:
         except RetrievalUnavailable:
             pass
         self.state = "rebuilding"
-        rebuild_retrieval(follower.store, retrieval, follower.pool.model_id, dim=follower.pool.dim)
+        rebuild_retrieval(follower.store, retrieval, follower.pool.model_id, dim=follower.pool.dim,
+                          token_model_id=follower.pool.token_model_id)
         self.state = "running"
 
     def status(self) -> dict:
