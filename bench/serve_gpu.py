@@ -86,6 +86,18 @@ def measured(run: Run, fn: Callable[[Run, object], dict], model) -> dict:
     return result
 
 
+def measure_sections(run: Run, model, names: list[str], side: str, skipped: list[str]) -> dict[str, dict]:
+    """Each named section's `side` ("ours" or "reference") on `model`, while the size's budget lasts; the rest go to
+    `skipped`."""
+    results = {}
+    for name in names:
+        if run.left() <= 0:
+            skipped.append(f"{name}{'' if side == 'ours' else ' ' + side}: time budget spent")
+            continue
+        results[name] = measured(run, getattr(SECTIONS[name], side), model)
+    return results
+
+
 def run_size(run: Run, names: list[str]) -> dict:
     """Ours for every section, freed; then the reference for the sections that have one, freed; then the reports."""
     a = run.args
@@ -95,11 +107,7 @@ def run_size(run: Run, names: list[str]) -> dict:
     t0 = time.perf_counter()
     model, out["weights_checksum"] = build_ours(run.config, run.dtype, run.device, a.seed)
     out["build_s"] = {"ours": round(time.perf_counter() - t0, 2)}
-    for name in names:
-        if run.left() <= 0:
-            out["skipped"].append(f"{name}: time budget spent")
-            continue
-        results["ours"][name] = measured(run, SECTIONS[name].ours, model)
+    results["ours"] = measure_sections(run, model, names, "ours", out["skipped"])
     del model
     release(run.device)
     with_reference = [n for n in results["ours"] if SECTIONS[n].reference is not None]
@@ -111,11 +119,7 @@ def run_size(run: Run, names: list[str]) -> dict:
         if abs(total - out["weights_checksum"]) > 1e-6 * max(1.0, abs(total)):
             raise RuntimeError(f"the reference's weights differ from ours (checksums {total} and "
                                f"{out['weights_checksum']})")
-        for name in with_reference:
-            if run.left() <= 0:
-                out["skipped"].append(f"{name} reference: time budget spent")
-                continue
-            results["reference"][name] = measured(run, SECTIONS[name].reference, ref)
+        results["reference"] = measure_sections(run, ref, with_reference, "reference", out["skipped"])
         del ref
         release(run.device)
     elif with_reference:
