@@ -26,7 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 REPORT_INTERVAL_MS = 1000           # Ray's metrics report interval in the workload (default 10 s)
-PROMETHEUS = "/usr/bin/prometheus"
 
 # ---------------------------------------------------------------- the workload (runs in a subprocess)
 
@@ -260,65 +259,17 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "workload":
 # ---------------------------------------------------------------- tests
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 
 from pipeline import metric_catalog  # noqa: E402
+from prometheus import PROMETHEUS, query, query_scalar, query_values, start_prometheus  # noqa: E402
 from test_dashboards import DASHBOARD_FILES, expressions  # noqa: E402
 
 
 # ---------------------------------------------------------------- end to end through Prometheus
 
-def _prom_query(base: str, expr: str) -> list[dict]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.load(resp)
-    if body.get("status") != "success":
-        raise AssertionError(f"Prometheus rejected {expr!r}: {body}")
-    return body["data"]["result"]
-
-
-def _values(base: str, expr: str, label: str | None = None) -> dict:
-    """{label value (or None): float} of an instant query."""
-    return {(r["metric"].get(label) if label else None): float(r["value"][1]) for r in _prom_query(base, expr)}
-
-
-def _scalar(base: str, expr: str) -> float:
-    """The single value of an aggregating query; AssertionError (so _poll retries) while it has no data yet."""
-    values = _values(base, expr)
-    assert list(values) == [None], f"{expr!r} returned {values}"
-    return values[None]
-
-
 def _panel_expr(expr: str) -> str:
     """A dashboard expression as Grafana would send it, with the variables at their defaults."""
     return expr.replace("$__rate_interval", "1m").replace("$feed", ".*")
-
-
-def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen, str]:
-    from streams import free_tcp_port, wait_for
-
-    config = yaml.safe_load((ROOT / "dashboards" / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    for job in config["scrape_configs"]:                 # the shipped rules, with the test cluster's port
-        job.pop("file_sd_configs", None)
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump(config))
-    port = free_tcp_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return urllib.request.urlopen(f"{base}/-/ready", timeout=1).status == 200
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            return False
-    wait_for(ready, 30, 0.1, "Prometheus to be ready")
-    return proc, base
 
 
 def _read_ready(proc: subprocess.Popen, timeout_s: float, errlog: Path) -> dict:
@@ -354,7 +305,7 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
     from streams import free_tcp_port
 
     metrics_port = free_tcp_port()
-    prom, base = _start_prometheus(tmp_path, metrics_port)
+    prom, base = start_prometheus(tmp_path, metrics_port)
     errlog = tmp_path / "workload.log"
     env = {**os.environ, **RAY_TEST_ENV, "RAY_metrics_report_interval_ms": str(REPORT_INTERVAL_MS),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
@@ -370,58 +321,60 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
         t_ready = time.monotonic()
 
         def exact_values():
-            assert _values(base, 'sum(tubescope_segments_processed_total{pipeline="archive"})') == \
+            assert query_values(base, 'sum(tubescope_segments_processed_total{pipeline="archive"})') == \
                 {None: done["archive_segments"]}
-            assert _values(base, 'sum(tubescope_visual_tokens_total{pipeline="archive"})') == \
+            assert query_values(base, 'sum(tubescope_visual_tokens_total{pipeline="archive"})') == \
                 {None: done["archive_tokens"]}
-            assert _values(base, 'sum(tubescope_patches_processed_total{pipeline="archive"})') == \
+            assert query_values(base, 'sum(tubescope_patches_processed_total{pipeline="archive"})') == \
                 {None: 4 * done["archive_tokens"]}
-            assert _values(base, "sum by (kind) (tubescope_decode_errors_total)", "kind") == \
+            assert query_values(base, "sum by (kind) (tubescope_decode_errors_total)", "kind") == \
                 {kind: 1.0 for kind in BAD_FILES.values()}
-            assert _values(base, "sum by (reason) (tubescope_index_retention_deletions_total)", "reason") == \
+            assert query_values(base, "sum by (reason) (tubescope_index_retention_deletions_total)", "reason") == \
                 {"size": done["deleted_size"], "age": done["deleted_age"]}
             yard = done["yard"]
-            assert _values(base, 'max(tubescope_index_segments{source="yard"})') == {None: yard["segments"]}
-            assert _values(base, 'max(tubescope_index_bytes{source="yard"})') == {None: yard["bytes"]}
-            assert _values(base, 'max(tubescope_index_segments{source="gate"})') == {None: 0.0}
-            assert _values(base, "sum(tubescope_events_dropped_total)") == {None: 2.0}
-            assert _values(base, "sum(tubescope_events_outbox_events)") == {None: 1.0}
+            assert query_values(base, 'max(tubescope_index_segments{source="yard"})') == {None: yard["segments"]}
+            assert query_values(base, 'max(tubescope_index_bytes{source="yard"})') == {None: yard["bytes"]}
+            assert query_values(base, 'max(tubescope_index_segments{source="gate"})') == {None: 0.0}
+            assert query_values(base, "sum(tubescope_events_dropped_total)") == {None: 2.0}
+            assert query_values(base, "sum(tubescope_events_outbox_events)") == {None: 1.0}
             asks = done["asks"]
-            assert _values(base, "sum(tubescope_prefix_cache_hits_total)") == {None: float(sum(h for h, _ in asks))}
-            assert _values(base, "sum(tubescope_prefix_cache_misses_total)") == \
+            cache_hits = float(sum(h for h, _ in asks))
+            assert query_values(base, "sum(tubescope_prefix_cache_hits_total)") == {None: cache_hits}
+            assert query_values(base, "sum(tubescope_prefix_cache_misses_total)") == \
                 {None: float(sum(not h for h, _ in asks))}
-            assert _values(base, "sum(tubescope_generated_tokens_total)") == {None: float(sum(n for _, n in asks))}
-            assert _values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(asks))}
-            assert _values(base, "sum by (status) (tubescope_requests_total)", "status") == \
+            assert query_values(base, "sum(tubescope_generated_tokens_total)") == {None: float(sum(n for _, n in asks))}
+            assert query_values(base, "sum(tubescope_ask_duration_seconds_count)") == {None: float(len(asks))}
+            assert query_values(base, "sum by (status) (tubescope_requests_total)", "status") == \
                 {"200": float(len(asks) + 1), "404": 1.0, "500": 1.0}
-            assert _values(base, "sum by (phase) (tubescope_http_timeouts_total)", "phase") == \
+            assert query_values(base, "sum by (phase) (tubescope_http_timeouts_total)", "phase") == \
                 {"head": 1.0, "send": 1.0}
-            assert _values(base, "max by (feed) (tubescope_feed_up)", "feed") == \
+            assert query_values(base, "max by (feed) (tubescope_feed_up)", "feed") == \
                 {"lobby": 1.0, "dead": 0.0, "door": 1.0}
             lobby = done["lobby"]
-            assert _scalar(base, 'sum(tubescope_feed_dropped_segments_total{feed="lobby"})') >= lobby["drops"]
-            assert _scalar(base, 'sum(tubescope_feed_reconnects_total{feed="door"})') >= 1
-            assert _values(base, 'sum(tubescope_feed_reconnects_total{feed="lobby"})') == {}   # loops are no faults
-            assert _scalar(base, 'sum(tubescope_live_lost_segments_total{feed="lobby"})') == lobby["lost"]
-            assert _scalar(base, "sum(tubescope_feed_registry_restores_total)") == 1
-            assert _scalar(base, 'sum(tubescope_feed_frames_sampled_total{feed="lobby"})') >= \
+            assert query_scalar(base, 'sum(tubescope_feed_dropped_segments_total{feed="lobby"})') >= lobby["drops"]
+            assert query_scalar(base, 'sum(tubescope_feed_reconnects_total{feed="door"})') >= 1
+            # loops are no faults
+            assert query_values(base, 'sum(tubescope_feed_reconnects_total{feed="lobby"})') == {}
+            assert query_scalar(base, 'sum(tubescope_live_lost_segments_total{feed="lobby"})') == lobby["lost"]
+            assert query_scalar(base, "sum(tubescope_feed_registry_restores_total)") == 1
+            assert query_scalar(base, 'sum(tubescope_feed_frames_sampled_total{feed="lobby"})') >= \
                 lobby["frames_sampled"]
-            assert 0 <= _scalar(base, 'max(tubescope_feed_lag_seconds{feed="lobby"})') < 10
+            assert 0 <= query_scalar(base, 'max(tubescope_feed_lag_seconds{feed="lobby"})') < 10
             hits = float(done["alert_hits"])
-            assert _values(base, "sum(tubescope_alert_hits_total)") == {None: hits}
-            assert _values(base, "sum by (result) (tubescope_alert_webhook_total)", "result") == {"failed": hits}
-            assert _values(base, "sum(tubescope_alert_scoring_seconds_count)") == {None: 2.0}
-            live = _scalar(base, 'sum(tubescope_segments_processed_total{pipeline="live"})')
-            assert live >= 2 and _scalar(base, 'sum(tubescope_live_segment_latency_seconds_count)') >= live
+            assert query_values(base, "sum(tubescope_alert_hits_total)") == {None: hits}
+            assert query_values(base, "sum by (result) (tubescope_alert_webhook_total)", "result") == {"failed": hits}
+            assert query_values(base, "sum(tubescope_alert_scoring_seconds_count)") == {None: 2.0}
+            live = query_scalar(base, 'sum(tubescope_segments_processed_total{pipeline="live"})')
+            assert live >= 2 and query_scalar(base, 'sum(tubescope_live_segment_latency_seconds_count)') >= live
 
         _poll(exact_values, 30)
         visible_s = time.monotonic() - t_ready
 
         def every_metric_exported():
             missing = [s.name for s in metric_catalog.METRICS.values()
-                       if not _prom_query(base, f'count({{__name__="{s.series_names()[-1]}"}})')]
+                       if not query(base, f'count({{__name__="{s.series_names()[-1]}"}})')]
             assert not missing, f"defined but never exported by the workload: {missing}"
-            assert _prom_query(base, 'count({__name__=~"ray_.+", job="ray"})'), "Ray's own metrics are not scraped"
+            assert query(base, 'count({__name__=~"ray_.+", job="ray"})'), "Ray's own metrics are not scraped"
             assert {"lobby", "dead"} <= set(_label_values(base, "feed", "tubescope_feed_up"))
 
         _poll(every_metric_exported, 20)
@@ -430,7 +383,7 @@ def test_dashboards_show_a_real_workload_through_prometheus(tmp_path, redis_serv
             empty = []
             for path in DASHBOARD_FILES:
                 for expr in expressions(json.loads(path.read_text())):
-                    if not _prom_query(base, _panel_expr(expr)):
+                    if not query(base, _panel_expr(expr)):
                         empty.append(f"{path.name}: {expr}")
             assert not empty, "panels without data:\n" + "\n".join(empty)
 
