@@ -185,20 +185,34 @@ def stalled_post(app, body_sent: bytes) -> socket.socket:
     return sock
 
 
+def trickle(sock: socket.socket, payload: bytes, every_s: float, stop: threading.Event) -> None:
+    """Send payload one byte every every_s seconds from a thread, until it is sent, stop is set or the send fails:
+    each byte arrives in time, the whole never does."""
+    def run():
+        for byte in payload:
+            if stop.wait(every_s):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+    threading.Thread(target=run, daemon=True).start()
+
+
+def assert_408_and_closed(sock: socket.socket, setting: str, within_s: float) -> None:
+    """The server answers 408 naming `setting`, with Connection: close, and closes within within_s."""
+    data, closed_after = read_until_closed(sock, within_s + 10)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), data[:300]
+    assert b"connection: close" in head.lower() and setting.encode() in body, data
+    assert closed_after < within_s
+
+
 def test_a_stalled_or_trickled_body_is_408_and_closed_while_others_are_served(app):
     stalled = stalled_post(app, b'{"paths": [')
     trickled = stalled_post(app, b"")
     stop = threading.Event()
-
-    def trickle():                           # one byte every 0.2 s: each arrives in time, the body never does
-        for byte in b'{"paths": ["' + b"x" * 190:
-            if stop.wait(0.2):
-                return
-            try:
-                trickled.sendall(bytes([byte]))
-            except OSError:
-                return
-    threading.Thread(target=trickle, daemon=True).start()
+    trickle(trickled, b'{"paths": ["' + b"x" * 190, 0.2, stop)
     try:
         with http(app, READER) as c:         # meanwhile everyone else is answered at once
             t0 = time.monotonic()
@@ -206,11 +220,7 @@ def test_a_stalled_or_trickled_body_is_408_and_closed_while_others_are_served(ap
             assert c.get("/healthz").status_code == 200
             assert time.monotonic() - t0 < BODY_TIMEOUT_S
         for sock in (stalled, trickled):
-            data, closed_after = read_until_closed(sock, BODY_TIMEOUT_S + 10)
-            head, _, body = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 408"), data[:300]
-            assert b"connection: close" in head.lower() and b"api_body_timeout_seconds" in body, data
-            assert closed_after < BODY_TIMEOUT_S + 5
+            assert_408_and_closed(sock, "api_body_timeout_seconds", BODY_TIMEOUT_S + 5)
     finally:
         stop.set()
         stalled.close()
@@ -234,27 +244,14 @@ def test_a_trickled_or_silent_request_head_is_408_and_closed_while_others_are_se
     trickled, silent = raw_connection(app), raw_connection(app)
     trickled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
     stop = threading.Event()
-
-    def trickle():
-        for byte in b"X-Slow: " + b"a" * 60:
-            if stop.wait(1.0):
-                return
-            try:
-                trickled.sendall(bytes([byte]))
-            except OSError:
-                return
-    threading.Thread(target=trickle, daemon=True).start()
+    trickle(trickled, b"X-Slow: " + b"a" * 60, 1.0, stop)
     try:
         with http(app, None) as c:
             t0 = time.monotonic()
             assert c.get("/healthz").status_code == 200
             assert time.monotonic() - t0 < HEADER_TIMEOUT_S
         for sock in (trickled, silent):
-            data, closed_after = read_until_closed(sock, HEADER_TIMEOUT_S + 10)
-            head, _, body = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 408"), data[:300]
-            assert b"connection: close" in head.lower() and b"api_header_timeout_seconds" in body, data
-            assert closed_after < HEADER_TIMEOUT_S + 1.5
+            assert_408_and_closed(sock, "api_header_timeout_seconds", HEADER_TIMEOUT_S + 1.5)
     finally:
         stop.set()
         trickled.close()
