@@ -40,7 +40,7 @@ GOAL = {"speedup_at_32": 10.0}       # issue: decode at 32 concurrent >= 10x sin
 def build_model(config: str, dtype: torch.dtype, device: torch.device):
     """The tiny random checkpoint, or random weights of a released config (no download), text model only."""
     import qwen2vl
-    from qwen2vl.model import Qwen2VL
+    from bench._same_weights import build_ours
     from qwen2vl.onednn_linear import use_onednn_linears_
     from qwen2vl.sizes import released_config
 
@@ -48,16 +48,7 @@ def build_model(config: str, dtype: torch.dtype, device: torch.device):
         model = qwen2vl.load_pretrained(qwen2vl.write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"),
                                         dtype=dtype, device=device)
     else:
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen2VL(released_config(config.upper())).eval()
-                with torch.no_grad():                    # default inits blow activations up over 28 layers
-                    for p in model.parameters():
-                        p.normal_(0.0, 0.02)
-        finally:
-            torch.set_default_dtype(default)
+        model, _ = build_ours(released_config(config.upper()), dtype, device, seed=0)
     model.visual = None
     model.generation_config.eos_token_id = [-1]          # an id no token has: fixed-length answers
     model.argmax_head()
