@@ -144,7 +144,7 @@ def pick_tokens(model, hidden: torch.Tensor, choices: list[TokenChoice]) -> list
     head = model.argmax_head()
     plain = [b for b, c in enumerate(choices) if not c.needs_logits]
     fast = plain if head is not None else []
-    full = [b for b in range(len(choices)) if b not in set(fast)]
+    full = sorted(set(range(len(choices))) - set(fast))
     out: list[int | Exception] = [0] * len(choices)
     if fast:
         for b, token in zip(fast, head(hidden[fast]).tolist()):
